@@ -1,0 +1,3 @@
+"""The package version (one place, read by the manifest writer)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,531 @@
+"""The Lightning callback: decides *when* to save and *what to keep*; the manager does the rest.
+
+:class:`CheckpointCallback` takes ModelCheckpoint's keyword arguments with their meaning, plus
+``storage_options``. At every save it hands the Trainer's full checkpoint (weights, optimizer
+and scheduler states, loops, callbacks, epoch, step) to :class:`ManagedCheckpointIO`, which
+commits it crash-safely with a manifest; retention then deletes only committed checkpoints this
+callback wrote, never the newest one nor the one the run resumed from. ``ckpt_path="last"``
+resolves to the newest checkpoint that verifies (or a fresh start when there is none yet);
+``"best"`` to the best one, also in a new process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.checkpoint import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning, ConfigurationError, MonitorNotFoundError
+from lightning_ckpt.integrity import Manifest, metrics_to_floats
+from lightning_ckpt.io import SAVE_META_KEY, ManagedCheckpointIO
+from lightning_ckpt.manager import CheckpointManager
+from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template
+from lightning_ckpt.policies import (
+    MODES,
+    EveryInterval,
+    EveryNEpochs,
+    EveryNSteps,
+    KeepAll,
+    KeepLatest,
+    KeepTopK,
+    RetentionPolicy,
+    SaveTrigger,
+)
+from lightning_ckpt.storage import RetryPolicy, Storage, split_url
+
+__all__ = ["CheckpointCallback"]
+
+
+class CheckpointCallback(ModelCheckpoint):
+    """Save Lightning checkpoints to any fsspec URL, crash-safely and verified.
+
+    Arguments keep the meaning they have in :class:`lightning.pytorch.callbacks.ModelCheckpoint`:
+
+    Args:
+        dirpath: directory path or URL (``/runs/x``, ``file://``, ``memory://``, ``s3://``, ``gs://``,
+            ``az://`` ...). ``None``: ``<log_dir>/checkpoints`` as in Lightning.
+        filename: name template, e.g. ``"{epoch}-{val_loss:.3f}"``; default ``"{epoch}-{step}"``.
+        monitor: logged metric to rank checkpoints by (also ``"epoch"`` or ``"step"``);
+            ``None`` keeps the latest.
+        mode: ``"min"`` or ``"max"``.
+        save_top_k: how many to keep: ``k`` best, ``-1`` all, ``0`` none (with ``monitor=None``
+            only ``-1``, ``0`` or ``1``).
+        save_last: also keep ``last.ckpt``, refreshed at every save event.
+        every_n_epochs: save at the end of every n-th epoch (default 1 when no other trigger).
+        every_n_train_steps: save every n optimizer steps.
+        train_time_interval: save when this much wall time passed since the last save.
+        save_weights_only: save only the model weights (no optimizer, loops or callbacks).
+        save_on_train_epoch_end: save at train-epoch end rather than after validation
+            (``None``: decided as in Lightning).
+        storage_options: fsspec options (endpoint, credentials, ...) used for every operation.
+        verbose: print a line at every save, Keras-style.
+        retry: retry policy for transient storage errors.
+
+    Attributes ``best_model_path``, ``best_model_score``, ``last_model_path``, ``best_k_models`` and
+    ``kth_best_model_path`` are maintained as in Lightning and rebuilt from storage on resume.
+
+    This class subclasses ``ModelCheckpoint`` only so that ``Trainer.fit(ckpt_path="last")`` asks
+    it for the last checkpoint; it does not run ModelCheckpoint's constructor or saving code.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool | None = None,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        save_weights_only: bool = False,
+        save_on_train_epoch_end: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
+        verbose: bool = False,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        Checkpoint.__init__(self)
+        if mode not in MODES:
+            raise ConfigurationError(f"mode={mode!r} must be one of {MODES}")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigurationError(f"save_top_k={save_top_k!r} must be an integer >= -1")
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise ConfigurationError(
+                f"save_top_k={save_top_k} with monitor=None has no quantity to rank by: "
+                "pass monitor=... or use save_top_k in (-1, 0, 1)"
+            )
+        if save_last not in (None, True, False):
+            raise ConfigurationError(f"save_last={save_last!r} must be True, False or None")
+        if filename is not None:
+            validate_template(filename)
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ConfigurationError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigurationError(f"{arg}={value!r} must be a non-negative integer")
+        if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+            raise ConfigurationError("train_time_interval must be a datetime.timedelta")
+        chosen = [
+            name
+            for name, on in (
+                ("every_n_epochs", bool(every_n_epochs)),
+                ("every_n_train_steps", bool(every_n_train_steps)),
+                ("train_time_interval", train_time_interval is not None),
+            )
+            if on
+        ]
+        if len(chosen) > 1:
+            raise ConfigurationError(f"{' and '.join(chosen)} are mutually exclusive: choose one save trigger")
+
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        self.save_weights_only = save_weights_only
+        self.filename = filename
+        self.verbose = verbose
+        self.storage_options = dict(storage_options or {})
+        self.retry = retry
+        self._save_on_train_epoch_end = save_on_train_epoch_end
+        self._every_n_train_steps = every_n_train_steps or 0
+        self._train_time_interval = train_time_interval
+        if every_n_epochs is None:
+            every_n_epochs = 0 if (every_n_train_steps or train_time_interval) else 1
+        self._every_n_epochs = every_n_epochs
+        self.trigger: SaveTrigger | None = _trigger(every_n_epochs, every_n_train_steps, train_time_interval)
+        self.retention: RetentionPolicy = _retention(save_top_k, monitor, mode)
+
+        self.dirpath: str | None = None
+        self._dirpath_arg = os.fspath(dirpath) if dirpath is not None else None
+        if self._dirpath_arg is not None:
+            # parse the URL now: an unknown protocol or a missing fsspec backend fails here
+            self.dirpath = Storage(self._dirpath_arg, self.storage_options, retry).url
+        self._manager: CheckpointManager | None = None
+
+        # Lightning-compatible bookkeeping
+        self.best_k_models: dict[str, torch.Tensor] = {}
+        self.kth_best_model_path = ""
+        self.best_model_score: torch.Tensor | None = None
+        self._best_model_path = ""
+        self.last_model_path = ""
+        self.current_score: torch.Tensor | None = None
+        self.kth_value = torch.tensor(math.inf if mode == "min" else -math.inf)
+        self.resumed_from: str | None = None
+        self._protected: set[str] = set()
+        self._records: list[Manifest] = []
+        self._last_global_step_saved = 0
+        self._last_time_saved = time.monotonic()
+        self._last_saved_name: tuple[int, str] | None = None
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._every_n_epochs,
+            train_time_interval=self._train_time_interval,
+        )
+
+    @property
+    def owner(self) -> str:
+        """The tag written into manifests so retention only ever touches this callback's files."""
+        return f"{type(self).__name__}{{monitor={self.monitor},mode={self.mode},filename={self.filename}}}"
+
+    @property
+    def manager(self) -> CheckpointManager:
+        """The manager of ``dirpath`` (available once the trainer set the callback up)."""
+        if self._manager is None:
+            if self.dirpath is None:
+                raise ConfigurationError("dirpath is not resolved yet: the callback has not been set up")
+            self._manager = CheckpointManager(self.dirpath, self.storage_options, self.retry)
+        return self._manager
+
+    @property
+    def best_model_path(self) -> str:
+        """Path of the best checkpoint; in a new process, looked up in storage on first use."""
+        if not self._best_model_path and self.monitor is not None and self.dirpath is not None:
+            best = self._discover_best()
+            if best is not None:
+                self._best_model_path = self.manager.url_of(best.name)
+        return self._best_model_path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self._best_model_path = value
+
+    # -- setup and resume -----------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
+        self._install_io(trainer)
+        if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
+            removed = self.manager.cleanup()
+            if removed:
+                rank_zero_info(f"lightning-ckpt: removed leftovers of interrupted saves: {', '.join(removed)}")
+
+    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _install_io(self, trainer: pl.Trainer) -> ManagedCheckpointIO:
+        strategy = trainer.strategy
+        current = strategy._checkpoint_io
+        if not isinstance(current, ManagedCheckpointIO):
+            if current is not None and type(current).__name__ != "TorchCheckpointIO":
+                warnings.warn(
+                    f"lightning-ckpt replaces the strategy's {type(current).__name__} to save and verify "
+                    "checkpoints; remove the plugin to silence this warning",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+            current = ManagedCheckpointIO(self.storage_options)
+            strategy.checkpoint_io = current
+        current.register(self.manager)
+        return current
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """Lightning's hook for ``ckpt_path="last"``: the newest checkpoint that verifies."""
+        if self.dirpath is None:
+            self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
+        io = self._install_io(trainer)
+        latest = self.manager.latest(keep=True)
+        if latest is None:
+            rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
+            return set()
+        url = self.manager.url_of(latest.name)
+        rank_zero_info(f"lightning-ckpt: resuming from {url} (epoch {latest.epoch}, step {latest.global_step})")
+        # Lightning stats the path with a filesystem built without storage options
+        return {url if not self.storage_options else io.resume_pointer(url)}
+
+    def _discover_best(self) -> Manifest | None:
+        assert self.monitor is not None
+        return self.manager.best(self.monitor, self.mode, owner=self.owner, keep=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        io = trainer.strategy._checkpoint_io
+        loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
+        self.resumed_from = loaded
+        self._last_time_saved = time.monotonic()
+        self._protected = set()
+        if loaded is None:
+            return
+        self._last_global_step_saved = trainer.global_step
+        directory, name = split_url(loaded)
+        if Storage(directory, self.storage_options).url == self.dirpath:
+            # resuming this callback's own run: continue its bookkeeping from what storage holds,
+            # and never let retention delete the checkpoint we resumed from
+            self._protected = {name}
+            self._reconcile(trainer)
+
+    def _reconcile(self, trainer: pl.Trainer) -> None:
+        """Rebuild top-k, best and last from what storage actually holds (rank 0 decides)."""
+        records = self.manager.manifests(owner=self.owner) if trainer.is_global_zero else None
+        records = trainer.strategy.broadcast(records)
+        self._records = list(records or [])
+        self._refresh_bookkeeping()
+        last = [m for m in (self.manager.manifests(owner=self._last_owner) if trainer.is_global_zero else [])]
+        last = trainer.strategy.broadcast(last)
+        if last:
+            self.last_model_path = self.manager.url_of(last[-1].name)
+
+    # -- triggers (Lightning's semantics) -------------------------------------------------
+
+    def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
+        return (
+            bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or self._last_global_step_saved == trainer.global_step
+        )
+
+    def _should_save_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
+        if self._save_on_train_epoch_end is not None:
+            return self._save_on_train_epoch_end
+        if trainer.check_val_every_n_epoch != 1:
+            return False
+        num_val_batches = trainer.num_val_batches
+        total = sum(num_val_batches) if isinstance(num_val_batches, list) else num_val_batches
+        if total == 0:
+            return True
+        return trainer.val_check_interval == 1.0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.trigger is None or self._should_skip_saving_checkpoint(trainer):
+            return
+        due = self.trigger.due_on_step(trainer.global_step, time.monotonic(), self._last_time_saved)
+        if self._train_time_interval is not None:
+            due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
+        if not due:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk(trainer, candidates)
+        self._save_last(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
+            self._save_on_epoch(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_on_epoch(trainer)
+
+    def _save_on_epoch(self, trainer: pl.Trainer) -> None:
+        candidates = self._monitor_candidates(trainer)
+        if self.trigger is not None and self.trigger.due_on_epoch(trainer.current_epoch):
+            self._save_topk(trainer, candidates)
+        self._save_last(trainer, candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing to do: every save already committed (ModelCheckpoint's end-of-run save is not ours)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Nothing to flush: a save is committed before its hook returns, or never visible."""
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, float]:
+        metrics: dict[str, float] = metrics_to_floats(trainer.callback_metrics)
+        metrics["epoch"] = trainer.current_epoch  # ints, so "{epoch}" formats as epoch=3
+        metrics["step"] = trainer.global_step
+        return metrics
+
+    def _save_topk(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
+        if self.save_top_k == 0:
+            return
+        if self.monitor is not None:
+            if self.monitor not in candidates:
+                message = (
+                    f"CheckpointCallback(monitor={self.monitor!r}) could not find {self.monitor!r} among the "
+                    f"logged metrics {sorted(candidates)}; did you call self.log({self.monitor!r}, ...)?"
+                )
+                if trainer.fit_loop.epoch_loop.val_loop._has_run:
+                    raise MonitorNotFoundError(message)
+                warnings.warn(message, CheckpointWarning, stacklevel=2)
+                return
+            current = candidates[self.monitor]
+            assert isinstance(self.retention, (KeepTopK, KeepAll))
+            if isinstance(self.retention, KeepTopK) and not self.retention.admits(current, self._records):
+                if self.verbose:
+                    self._say(trainer, f"{self.monitor} did not improve from {self._kth_text()}")
+                return
+            previous_best = self.best_model_score
+        else:
+            previous_best = None
+        name = self._unique_name(candidates)
+        record = self._save(trainer, name, candidates, self.owner)
+        self._records = [r for r in self._records if r.name != name] + [record]
+        self._last_saved_name = (trainer.global_step, name)
+        self._prune(trainer)
+        self._refresh_bookkeeping()
+        if self.monitor is None:
+            self._best_model_path = self.manager.url_of(name)
+        if self.verbose:
+            self._say_saved(trainer, name, previous_best)
+
+    def _save_last(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
+        if not self.save_last:
+            return
+        name = LAST_NAME + EXTENSION
+        if self._last_saved_name and self._last_saved_name[0] == trainer.global_step:
+            # the same state was just committed under another name: copy it (hard link on a local
+            # disk, server-side copy on object stores) instead of serializing it twice
+            if trainer.is_global_zero:
+                self.manager.copy(self._last_saved_name[1], name, owner=self._last_owner)
+            trainer.strategy.barrier("lightning_ckpt.save_last")
+        else:
+            self._save(trainer, name, candidates, self._last_owner)
+        self.last_model_path = self.manager.url_of(name)
+
+    @property
+    def _last_owner(self) -> str:
+        return self.owner + "/last"
+
+    def _save(self, trainer: pl.Trainer, name: str, candidates: dict[str, float], owner: str) -> Manifest:
+        meta = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "metrics": candidates,
+            "monitor": self.monitor,
+            "owner": owner,
+            "weights_only": self.save_weights_only,
+        }
+        url = self.manager.url_of(name)
+        self._last_global_step_saved = trainer.global_step
+        self._last_time_saved = time.monotonic()
+        trainer.save_checkpoint(url, self.save_weights_only, storage_options={SAVE_META_KEY: meta})
+        return Manifest(name=name, size=0, sha256="", epoch=meta["epoch"], global_step=meta["global_step"],
+                        metrics=candidates, monitor=self.monitor, owner=owner)
+
+    def _unique_name(self, candidates: dict[str, float]) -> str:
+        """The templated name; a clash with an older checkpoint of another step gets ``-vN``."""
+        base = format_checkpoint_name(self.filename, candidates, suffix="")
+        taken = {r.name: r.global_step for r in self._records}
+        name, version = base + EXTENSION, 1
+        while name in taken and taken[name] != int(candidates["step"]) or name == LAST_NAME + EXTENSION:
+            name = f"{base}-v{version}{EXTENSION}"
+            version += 1
+        return name
+
+    def _prune(self, trainer: pl.Trainer) -> None:
+        keep = self.retention.keep(self._records) | self._protected
+        if self._records:
+            keep |= KeepLatest(1).keep(self._records)
+        doomed = [r.name for r in self._records if r.name not in keep]
+        if doomed and trainer.is_global_zero:
+            for name in doomed:
+                try:
+                    self.manager.delete(name)
+                except CheckpointError as exc:
+                    warnings.warn(f"could not delete {self.manager.url_of(name)}: {exc}", CheckpointWarning,
+                                  stacklevel=2)
+        self._records = [r for r in self._records if r.name not in doomed]
+
+    def _refresh_bookkeeping(self) -> None:
+        if self.monitor is None:
+            if self._records:
+                newest = max(self._records, key=lambda r: (r.global_step or 0, r.created))
+                self._best_model_path = self.manager.url_of(newest.name)
+            return
+        ranked = KeepTopK(len(self._records), self.monitor, self.mode).ranked(self._records)
+        self.best_k_models = {self.manager.url_of(r.name): torch.tensor(r.score) for r in ranked}
+        if ranked:
+            self._best_model_path = self.manager.url_of(ranked[0].name)
+            self.best_model_score = torch.tensor(ranked[0].score)
+            kth = ranked[min(len(ranked), self.save_top_k if self.save_top_k > 0 else len(ranked)) - 1]
+            self.kth_best_model_path = self.manager.url_of(kth.name)
+            self.kth_value = torch.tensor(kth.score)
+            self.current_score = torch.tensor(ranked[-1].score)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _kth_text(self) -> str:
+        return f"{float(self.kth_value):.5g}" if self._records else "nothing"
+
+    def _say(self, trainer: pl.Trainer, text: str) -> None:
+        if trainer.is_global_zero:
+            print(f"Epoch {trainer.current_epoch}, global step {trainer.global_step}: {text}")
+
+    def _say_saved(self, trainer: pl.Trainer, name: str, previous_best: torch.Tensor | None) -> None:
+        url = self.manager.url_of(name)
+        if self.monitor is None:
+            self._say(trainer, f"saving checkpoint to {url}")
+        elif previous_best is None:
+            self._say(trainer, f"{self.monitor} = {float(self.best_model_score):.5g}, saving to {url}")
+        else:
+            current = self._records[-1].score if self._records else float("nan")
+            if current == float(self.best_model_score):
+                self._say(trainer, f"{self.monitor} improved from {float(previous_best):.5g} to {current:.5g}, "
+                                   f"saving to {url}")
+            else:
+                self._say(trainer, f"{self.monitor} = {current:.5g} enters the top {self.save_top_k} "
+                                   f"(best {float(self.best_model_score):.5g}), saving to {url}")
+
+    # -- Lightning state --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "best_model_score": self.best_model_score,
+            "best_model_path": self._best_model_path,
+            "current_score": self.current_score,
+            "dirpath": self.dirpath,
+            "best_k_models": self.best_k_models,
+            "kth_best_model_path": self.kth_best_model_path,
+            "kth_value": self.kth_value,
+            "last_model_path": self.last_model_path,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") != self.dirpath:
+            warnings.warn(
+                f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
+                f"saves to {self.dirpath!r}, so its top-k and best state start from what that directory holds",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            return
+        # what storage actually holds wins; see _reconcile (run at on_train_start)
+        self.best_model_score = state_dict.get("best_model_score")
+        self._best_model_path = state_dict.get("best_model_path", "")
+        self.last_model_path = state_dict.get("last_model_path", "")
+
+
+def _trigger(
+    every_n_epochs: int, every_n_train_steps: int | None, train_time_interval: timedelta | None
+) -> SaveTrigger | None:
+    if every_n_train_steps:
+        return EveryNSteps(every_n_train_steps)
+    if train_time_interval is not None:
+        return EveryInterval(train_time_interval.total_seconds())
+    if every_n_epochs:
+        return EveryNEpochs(every_n_epochs)
+    return None
+
+
+def _retention(save_top_k: int, monitor: str | None, mode: str) -> RetentionPolicy:
+    if save_top_k == -1:
+        return KeepAll()
+    if monitor is None:
+        return KeepLatest(save_top_k)
+    return KeepTopK(save_top_k, monitor, mode)

@@ -1,0 +1,92 @@
+"""The one exception tree of lightning_ckpt.
+
+Every error this package raises on purpose derives from :class:`CheckpointError`, and each
+subclass also derives from the builtin a caller would naturally catch, so
+``except FileNotFoundError`` keeps working::
+
+    CheckpointError
+    ├── ConfigurationError          (ValueError)        bad arguments, rejected at construction
+    ├── CheckpointNotFoundError     (FileNotFoundError) nothing committed at that URL
+    │   └── UncommittedCheckpointError                  a save that never finished (no manifest)
+    ├── CorruptCheckpointError      (ValueError)        size / sha256 / format does not verify
+    ├── IncompatibleCheckpointError (ValueError)        newer format, or a different model/optimizer
+    │   └── UnsafeCheckpointError                       holds objects weights-only loading refuses
+    ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
+    └── StorageError                (OSError)           the storage failed (after retries)
+        ├── StoragePermissionError  (PermissionError)   credentials / permissions
+        └── UnsupportedURLError     (ValueError)        no fsspec implementation for the URL
+
+Warnings (a damaged checkpoint skipped by ``"last"``, a failed periodic save that the next save
+retries) are :class:`CheckpointWarning`.
+
+Only a real "not found" means "absent"; every other I/O failure is a :class:`StorageError`
+carrying the URL and the cause, so an outage is never mistaken for "no checkpoint yet".
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWarning",
+    "ConfigurationError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "MonitorNotFoundError",
+    "StorageError",
+    "StoragePermissionError",
+    "UncommittedCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsupportedURLError",
+]
+
+
+class CheckpointError(Exception):
+    """Root of every error raised by lightning_ckpt."""
+
+
+class ConfigurationError(CheckpointError, ValueError):
+    """Invalid arguments or an invalid combination of them."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists at the given URL."""
+
+
+class UncommittedCheckpointError(CheckpointNotFoundError):
+    """The payload exists but its save never committed (interrupted or failed)."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """The checkpoint does not verify: wrong size, wrong sha256, unreadable manifest or payload."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint is valid but cannot be used here (newer format, different structure)."""
+
+
+class UnsafeCheckpointError(IncompatibleCheckpointError):
+    """The payload holds objects that weights-only loading refuses to unpickle (code could run)."""
+
+
+class MonitorNotFoundError(CheckpointError, KeyError):
+    """The monitored quantity is not among the logged metrics."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class StorageError(CheckpointError, OSError):
+    """A storage operation failed; the message names the URL and the cause."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The storage refused the operation (credentials, permissions)."""
+
+
+class UnsupportedURLError(StorageError, ValueError):
+    """No fsspec implementation is available for the URL's protocol."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something was skipped or retried; training goes on, but a human should know."""

@@ -1,0 +1,104 @@
+"""The Lightning ``CheckpointIO`` that ``Trainer.fit(ckpt_path=...)`` loads through.
+
+:class:`CheckpointCallback` installs it on the trainer's strategy at setup, so the user adds no
+plugin: every ``trainer.save_checkpoint`` then goes through the manager's commit protocol, and
+every load (an explicit path, ``"last"``, ``"best"``) is verified against its manifest with the
+callback's ``storage_options``. Saving happens on global rank 0 only, as Lightning's strategies
+arrange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from typing import Any
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from lightning_ckpt.manager import CheckpointManager, SaveResult
+from lightning_ckpt.storage import split_url
+
+__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO"]
+
+log = logging.getLogger("lightning_ckpt")
+
+#: Key under ``storage_options`` through which the callback hands manifest fields to the IO.
+SAVE_META_KEY = "lightning_ckpt"
+
+
+class ManagedCheckpointIO(CheckpointIO):
+    """Saves and loads Lightning checkpoints through :class:`CheckpointManager`.
+
+    Args:
+        storage_options: fsspec options for directories without a registered manager.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self._managers: dict[str, CheckpointManager] = {}
+        self._pointers: dict[str, str] = {}
+        self.last_save: SaveResult | None = None
+        self.last_loaded: str | None = None
+
+    def register(self, manager: CheckpointManager) -> None:
+        """Use ``manager`` (and its storage options) for every file in its directory."""
+        self._managers[manager.url.rstrip("/")] = manager
+
+    def manager_for(self, url: str) -> tuple[CheckpointManager, str]:
+        """The manager responsible for ``url`` and the file name inside it."""
+        directory, name = split_url(str(url))
+        manager = self._managers.get(directory.rstrip("/"))
+        if manager is None:
+            manager = CheckpointManager(directory, self.storage_options)
+            if manager.url.rstrip("/") in self._managers:  # a plain path written differently
+                manager = self._managers[manager.url.rstrip("/")]
+            else:
+                self._managers[manager.url.rstrip("/")] = manager
+        return manager, name
+
+    def resume_pointer(self, url: str) -> str:
+        """A local file standing for remote ``url`` where Lightning insists on statting a path.
+
+        Lightning resolves ``ckpt_path="last"`` by statting candidates with a filesystem built
+        *without* our storage options; for a bucket reached only through them that stat would
+        fail and Lightning would silently start fresh. It stats this local pointer instead and
+        hands it back to :meth:`load_checkpoint`, which follows it to ``url``.
+        """
+        path = os.path.join(tempfile.gettempdir(), f"lightning-ckpt-resume-{uuid.uuid4().hex[:8]}.ckpt")
+        with open(path, "w") as f:
+            json.dump({"lightning_ckpt_resume": url}, f)
+        self._pointers[path] = url
+        return path
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
+        manager, name = self.manager_for(str(path))
+        self.last_save = manager.save(checkpoint, name, **meta)
+        log.debug("saved %s (%d bytes in %.3f s)", self.last_save.url, self.last_save.manifest.size,
+                  self.last_save.seconds)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        url = self._pointers.pop(str(path), None) or str(path)
+        if url != str(path):
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+        manager, name = self.manager_for(url)
+        checkpoint = manager.load(
+            name,
+            map_location="cpu" if map_location is None else map_location,
+            weights_only=True if weights_only is None else weights_only,
+        )
+        self.last_loaded = manager.url_of(name)
+        log.info("lightning-ckpt: loaded verified checkpoint %s", self.last_loaded)
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        manager, name = self.manager_for(str(path))
+        manager.delete(name)
+

@@ -1,0 +1,435 @@
+"""The checkpoint manager: save, list, verify, load, copy, prune and clean one directory.
+
+No Lightning here, so the CLI and plain-PyTorch users reuse it. The commit protocol for a
+checkpoint ``NAME`` in the directory is::
+
+    NAME.pending          written first: "a save (or delete) of NAME by us is in progress"
+    NAME                  the payload, a plain ``torch.save`` file, written whole or not at all
+    NAME.manifest.json    written last: size, sha256, epoch, step, metrics -> NAME is committed
+    (NAME.pending removed)
+
+Readers see only committed checkpoints. A crash leaves at most a ``.pending`` marker and a
+payload without a manifest; :meth:`CheckpointManager.cleanup` removes exactly those (the marker
+proves we wrote them) and never touches any other file. Deletion runs the protocol backwards
+(marker, manifest, payload, marker), so a checkpoint is never half-deleted and visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import pickle
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    UncommittedCheckpointError,
+    UnsafeCheckpointError,
+)
+from lightning_ckpt.integrity import MANIFEST_SUFFIX, HashingWriter, Manifest, manifest_name, versions
+from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
+from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, split_url
+
+__all__ = ["PENDING_SUFFIX", "CheckpointManager", "SaveResult", "load_checkpoint"]
+
+log = logging.getLogger("lightning_ckpt")
+
+PENDING_SUFFIX = ".pending"
+MapLocation = Any  # whatever torch.load accepts
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What one save produced and what it cost."""
+
+    manifest: Manifest
+    url: str
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second of the whole save (serialize + write + commit)."""
+        return self.manifest.size / self.seconds if self.seconds > 0 else float("inf")
+
+
+class CheckpointManager:
+    """Committed checkpoints in one directory URL.
+
+    Args:
+        dirpath: the directory, as a path or any fsspec URL.
+        storage_options: passed to fsspec for every operation.
+        retry: retry policy for transient storage failures.
+        storage: an already built :class:`Storage` (overrides the three above).
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        self.storage = storage or Storage(dirpath, storage_options, retry)
+        self._verified: dict[str, bytearray] = {}
+
+    @property
+    def url(self) -> str:
+        """The directory URL."""
+        return self.storage.url
+
+    def url_of(self, name: str) -> str:
+        """The URL of checkpoint ``name``."""
+        return self.storage.url_of(name)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.url!r})"
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        name: str,
+        *,
+        epoch: int | None = None,
+        global_step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        monitor: str | None = None,
+        owner: str | None = None,
+        weights_only: bool = False,
+        extra: Mapping[str, Any] | None = None,
+        write: Callable[[Any], None] | None = None,
+    ) -> SaveResult:
+        """Serialize ``state`` to ``name`` and commit it; return its manifest.
+
+        ``write(stream)`` may replace the default ``torch.save(state, stream)`` (the async saver
+        streams from its own buffers). On any failure nothing new becomes visible and older
+        checkpoints are untouched; an existing committed ``name`` is replaced.
+        """
+        start = time.perf_counter()
+        self._begin(name)
+        try:
+            with self.storage.open_write(name) as f:
+                writer = HashingWriter(f)
+                if write is None:
+                    torch.save(dict(state), writer)
+                else:
+                    write(writer)
+            manifest = Manifest(
+                name=name,
+                size=writer.size,
+                sha256=writer.sha256,
+                epoch=epoch,
+                global_step=global_step,
+                metrics=dict(metrics or {}),
+                monitor=monitor,
+                owner=owner,
+                weights_only=weights_only,
+                versions=versions(),
+                extra=dict(extra or {}),
+            )
+            self.storage.write_bytes(manifest_name(name), manifest.to_json())
+        except BaseException:
+            self._abandon(name)
+            raise
+        self._end(name)
+        return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
+
+    def copy(self, src: str, dst: str, **changes: Any) -> SaveResult:
+        """Commit ``dst`` as a copy of committed ``src`` (e.g. ``last.ckpt``); server-side on stores."""
+        start = time.perf_counter()
+        manifest = self.read_manifest(src)
+        self._begin(dst)
+        try:
+            self.storage.copy(src, dst)
+            fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
+            copied = Manifest(**fields)
+            self.storage.write_bytes(manifest_name(dst), copied.to_json())
+        except BaseException:
+            self._abandon(dst)
+            raise
+        self._end(dst)
+        return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
+
+    def _begin(self, name: str) -> None:
+        marker = json.dumps({"name": name, "started": time.time()}).encode()
+        self.storage.write_bytes(name + PENDING_SUFFIX, marker)
+        # replacing a committed checkpoint: decommit it first so no reader pairs the old
+        # manifest with a new, partly written payload
+        self.storage.delete(manifest_name(name))
+        self._verified.pop(name, None)
+
+    def _end(self, name: str) -> None:
+        self.storage.delete(name + PENDING_SUFFIX)
+
+    def _abandon(self, name: str) -> None:
+        """Best-effort removal of a failed save; what cannot be removed now, cleanup() will."""
+        for leftover in (manifest_name(name), name, name + PENDING_SUFFIX):
+            try:
+                self.storage.delete(leftover)
+            except CheckpointError as exc:
+                log.warning("could not remove %s after a failed save (%s); cleanup will retry", leftover, exc)
+                return
+
+    # -- listing ----------------------------------------------------------------------------
+
+    def manifests(self, owner: str | None = None) -> list[Manifest]:
+        """Committed checkpoints, oldest first; ``owner`` filters to one callback's files.
+
+        A manifest that cannot be read is reported with a warning and left out.
+        """
+        files = {f.name: f.size for f in self.storage.list()}
+        out = []
+        for fname in files:
+            if not fname.endswith(MANIFEST_SUFFIX):
+                continue
+            name = fname[: -len(MANIFEST_SUFFIX)]
+            if name not in files:
+                continue
+            try:
+                manifest = Manifest.from_json(self.storage.read_bytes(fname), self.url_of(name))
+            except CheckpointNotFoundError:
+                continue  # deleted since the listing
+            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+                warnings.warn(f"skipping {self.url_of(name)}: {exc}", CheckpointWarning, stacklevel=2)
+                continue
+            if manifest.name != name:
+                warnings.warn(
+                    f"skipping {self.url_of(name)}: its manifest describes {manifest.name!r}",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            if owner is not None and manifest.owner != owner:
+                continue
+            out.append(manifest)
+        return sorted(out, key=lambda m: (m.global_step or 0, m.created))
+
+    def read_manifest(self, name: str) -> Manifest:
+        """The manifest of committed ``name``; raises if absent or uncommitted."""
+        try:
+            data = self.storage.read_bytes(manifest_name(name))
+        except CheckpointNotFoundError:
+            if self.storage.exists(name + PENDING_SUFFIX):
+                raise UncommittedCheckpointError(
+                    f"{self.url_of(name)} was never committed (an interrupted or failed save)"
+                ) from None
+            if self.storage.exists(name):
+                raise UncommittedCheckpointError(
+                    f"{self.url_of(name)} has no lightning-ckpt manifest ({manifest_name(name)} is missing)"
+                ) from None
+            raise CheckpointNotFoundError(f"no checkpoint at {self.url_of(name)}") from None
+        manifest = Manifest.from_json(data, self.url_of(name))
+        if manifest.name != name:
+            raise CorruptCheckpointError(f"the manifest of {self.url_of(name)} describes {manifest.name!r}")
+        return manifest
+
+    # -- verifying and loading --------------------------------------------------------------
+
+    def verify(self, name: str, keep: bool = False) -> Manifest:
+        """Stream ``name`` and check size and sha256 against its manifest.
+
+        With ``keep=True`` the verified bytes are kept for the next :meth:`load` of ``name``,
+        so resolving ``"last"`` and loading it read the payload once.
+        """
+        manifest = self.read_manifest(name)
+        buffer = self._read_verified(name, manifest)
+        if keep:
+            self._verified = {name: buffer}
+        return manifest
+
+    def _read_verified(self, name: str, manifest: Manifest) -> bytearray:
+        buffer = bytearray(manifest.size)
+        digest = hashlib.sha256()
+        n = self.storage.read_into(name, memoryview(buffer), sink=digest.update)
+        url = self.url_of(name)
+        if n != manifest.size:
+            raise CorruptCheckpointError(
+                f"{url} is {'longer' if n > manifest.size else f'{n} bytes'}; its manifest says "
+                f"{manifest.size} bytes (truncated or overwritten)"
+            )
+        if digest.hexdigest() != manifest.sha256:
+            raise CorruptCheckpointError(f"{url} does not match the sha256 in its manifest (damaged)")
+        return buffer
+
+    def load(
+        self,
+        name: str,
+        map_location: MapLocation = "cpu",
+        weights_only: bool = True,
+        verify: bool = True,
+    ) -> dict[str, Any]:
+        """Verify and deserialize checkpoint ``name``.
+
+        ``weights_only=True`` (the default) refuses pickled code; a payload that needs it raises
+        :class:`UnsafeCheckpointError`. A file without a manifest that was not left by one of our
+        saves (a plain Lightning checkpoint) loads with a warning that it was not verified.
+        """
+        buffer = self._verified.pop(name, None)
+        if buffer is None:
+            try:
+                manifest = self.read_manifest(name)
+            except UncommittedCheckpointError:
+                if self.storage.exists(name + PENDING_SUFFIX) or not verify:
+                    raise
+                warnings.warn(
+                    f"{self.url_of(name)} has no lightning-ckpt manifest; loading it unverified",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                return self._deserialize(name, self._read_plain(name), map_location, weights_only)
+            buffer = self._read_verified(name, manifest) if verify else self._read_plain(name)
+        return self._deserialize(name, buffer, map_location, weights_only)
+
+    def _read_plain(self, name: str) -> bytearray:
+        size = self.storage.info(name).size
+        buffer = bytearray(size)
+        self.storage.read_into(name, memoryview(buffer))
+        return buffer
+
+    def _deserialize(self, name: str, buffer: bytearray, map_location: MapLocation, weights_only: bool) -> Any:
+        url = self.url_of(name)
+        if not buffer:
+            raise CorruptCheckpointError(f"{url} is empty")
+        try:
+            return torch.load(
+                io.BufferedReader(_MemoryReader(memoryview(buffer))),
+                map_location=map_location,
+                weights_only=weights_only,
+            )
+        except pickle.UnpicklingError as exc:
+            refused = re.search(r"(GLOBAL \S+ was not an allowed global|Unsupported global: \S+)", str(exc))
+            if weights_only and refused:
+                raise UnsafeCheckpointError(
+                    f"{url} holds objects that weights-only loading refuses ({refused.group(1)}). "
+                    "If you trust the file, load it with weights_only=False."
+                ) from exc
+            raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+        except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+            raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def latest(self, owner: str | None = None, keep: bool = False) -> Manifest | None:
+        """The newest committed checkpoint that verifies; damaged ones are skipped with a warning."""
+        return self._first_valid(reversed(self.manifests(owner)), keep)
+
+    def best(self, monitor: str, mode: str = "min", owner: str | None = None, keep: bool = False) -> Manifest | None:
+        """The best committed, verifying checkpoint by ``monitor``."""
+        return self._first_valid(KeepTopK(1, monitor, mode).ranked(self.manifests(owner)), keep)
+
+    def _first_valid(self, candidates: Any, keep: bool) -> Manifest | None:
+        for manifest in candidates:
+            try:
+                return self.verify(manifest.name, keep=keep)
+            except (CorruptCheckpointError, IncompatibleCheckpointError, CheckpointNotFoundError) as exc:
+                warnings.warn(f"skipping damaged checkpoint: {exc}", CheckpointWarning, stacklevel=3)
+        return None
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    def delete(self, name: str) -> None:
+        """Delete committed checkpoint ``name`` (marker, manifest, payload, marker)."""
+        self.read_manifest(name)  # only ever delete what we committed
+        self.storage.write_bytes(name + PENDING_SUFFIX, b'{"deleting": true}')
+        self.storage.delete(manifest_name(name))
+        self.storage.delete(name)
+        self.storage.delete(name + PENDING_SUFFIX)
+        self._verified.pop(name, None)
+
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        owner: str | None = None,
+        protect: set[str] | frozenset[str] = frozenset(),
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete the committed checkpoints of ``owner`` that ``policy`` does not keep.
+
+        The newest committed checkpoint and the names in ``protect`` (say, the one the run resumed
+        from) are always kept. Returns the names deleted (or that would be, with ``dry_run``).
+        """
+        committed = self.manifests(owner)
+        if not committed:
+            return []
+        keep = set(policy.keep(committed)) | set(protect) | KeepLatest(1).keep(committed)
+        doomed = [m.name for m in committed if m.name not in keep]
+        if not dry_run:
+            for name in doomed:
+                self.delete(name)
+        return doomed
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of interrupted saves and deletes; return what was removed.
+
+        Only files provably ours are touched: payloads whose ``.pending`` marker exists without
+        a manifest, the markers themselves, and temporary files carrying our mark.
+        """
+        files = {f.name for f in self.storage.list()}
+        removed: list[str] = []
+        for fname in sorted(files):
+            if TEMP_MARK in fname:
+                self.storage.delete(fname)
+                removed.append(fname)
+                continue
+            if not fname.endswith(PENDING_SUFFIX):
+                continue
+            name = fname[: -len(PENDING_SUFFIX)]
+            if manifest_name(name) not in files and name in files:
+                self.storage.delete(name)
+                removed.append(name)
+            self.storage.delete(fname)
+            removed.append(fname)
+        return removed
+
+
+class _MemoryReader(io.RawIOBase):
+    """A seekable, zero-copy reader over a memoryview, so torch.load needs no second copy."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def load_checkpoint(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    map_location: MapLocation = "cpu",
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Verify and load the checkpoint at ``url`` (any fsspec URL) without Lightning."""
+    directory, name = split_url(url)
+    return CheckpointManager(directory, storage_options).load(name, map_location, weights_only)

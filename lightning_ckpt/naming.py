@@ -1,0 +1,57 @@
+"""Checkpoint file names from ``filename`` templates, exactly as Lightning's ModelCheckpoint.
+
+``"{epoch}-{val_loss:.3f}"`` becomes ``epoch=2-val_loss=0.123.ckpt``; keys may contain dots or
+slashes (``{val/loss}``); a key absent from the metrics formats as 0, as in Lightning. Slashes in
+the *result* would create sub-directories on some stores and not on others, so they are replaced
+by underscores.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from lightning_ckpt.errors import ConfigurationError
+
+__all__ = ["DEFAULT_TEMPLATE", "EXTENSION", "LAST_NAME", "format_checkpoint_name", "validate_template"]
+
+DEFAULT_TEMPLATE = "{epoch}-{step}"
+EXTENSION = ".ckpt"
+LAST_NAME = "last"
+
+_KEY = re.compile(r"(\{.*?)[:\}]")
+
+
+def validate_template(template: str) -> None:
+    """Reject templates that cannot produce a file name, at construction time."""
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigurationError(f"filename must be a non-empty template string, got {template!r}")
+    if "/" in _KEY.sub("", template):
+        raise ConfigurationError(f"filename={template!r} must not contain '/': checkpoints live in dirpath")
+    try:
+        format_checkpoint_name(template, {})
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ConfigurationError(f"filename={template!r} is not a valid template: {exc}") from exc
+
+
+def format_checkpoint_name(
+    template: str | None,
+    metrics: Mapping[str, float],
+    auto_insert_metric_name: bool = True,
+    suffix: str = EXTENSION,
+) -> str:
+    """The file name for ``metrics`` (plain floats/ints) under ``template``."""
+    filename = template or DEFAULT_TEMPLATE
+    values: dict[str, float | int] = {}
+    for group in sorted(_KEY.findall(filename), key=len, reverse=True):
+        name = group[1:]
+        if auto_insert_metric_name:
+            filename = filename.replace(group, name + "={" + name)
+        filename = filename.replace(group, f"{{0[{name}]")
+        values[name] = metrics.get(name, 0)
+    try:
+        out = filename.format(values)
+    except ValueError:
+        # an integer spec ("{epoch:03d}") applied to an integral float
+        out = filename.format({k: int(v) if float(v).is_integer() else v for k, v in values.items()})
+    return out.replace("/", "_") + suffix

@@ -1,0 +1,257 @@
+"""CheckpointCallback end to end on a tiny CPU model: save, resume, top-k, last/best, corruption."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from backends import backend  # noqa: F401
+from helpers import TinyModel, fit
+
+from lightning_ckpt import (
+    CheckpointCallback,
+    CheckpointManager,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+    MonitorNotFoundError,
+    UnsupportedURLError,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+
+
+def names(cb: CheckpointCallback) -> list[str]:
+    return sorted(m.name for m in cb.manager.manifests())
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "avg"}, "mode"),
+        ({"save_top_k": -2}, "save_top_k"),
+        ({"save_top_k": 3}, "monitor=None"),
+        ({"every_n_epochs": 1, "every_n_train_steps": 5}, "mutually exclusive"),
+        ({"every_n_train_steps": 5, "train_time_interval": timedelta(minutes=1)}, "mutually exclusive"),
+        ({"every_n_train_steps": -1}, "every_n_train_steps"),
+        ({"train_time_interval": 60}, "timedelta"),
+        ({"filename": "a/{epoch}"}, "must not contain"),
+        ({"save_last": "link"}, "save_last"),
+        ({"storage_options": "key=1"}, "storage_options"),
+    ],
+)
+def test_invalid_configuration_fails_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        CheckpointCallback(dirpath="memory://x", **kwargs)
+
+
+def test_unknown_protocol_fails_at_construction() -> None:
+    with pytest.raises(UnsupportedURLError):
+        CheckpointCallback(dirpath="nope://bucket/run")
+
+
+# -- saving and resuming ------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly_where_it_stopped(backend) -> None:  # noqa: F811
+    url, options = backend
+    kw = dict(dirpath=url, storage_options=options, monitor="val_loss", save_top_k=2, save_last=True)
+    cb1 = CheckpointCallback(**kw)
+    t1, m1 = fit(cb1, max_epochs=2, ckpt_path="last")  # first run: nothing there, starts fresh
+    assert cb1.resumed_from is None and t1.global_step == 16
+
+    last = cb1.manager.load("last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 16)
+    assert torch.equal(last["state_dict"]["net.0.weight"], m1.net[0].weight)
+    opt_state = t1.optimizers[0].state_dict()["state"]
+    assert torch.equal(last["optimizer_states"][0]["state"][0]["exp_avg"], opt_state[0]["exp_avg"])
+    assert last["lr_schedulers"][0]["last_epoch"] == 2
+
+    cb2 = CheckpointCallback(**kw)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+            seen["epoch"], seen["step"] = trainer.current_epoch, trainer.global_step
+            seen["opt_step"] = trainer.optimizers[0].state_dict()["state"][0]["step"].item()
+            seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            seen["w"] = pl_module.net[0].weight.detach().clone()
+
+    t2, _ = fit(cb2, max_epochs=3, ckpt_path="last", extra_callbacks=[Probe()])
+    assert cb2.resumed_from == cb1.manager.url_of("last.ckpt")
+    assert (seen["epoch"], seen["step"], seen["opt_step"]) == (2, 16, 16)
+    assert seen["lr"] == pytest.approx(0.05)  # StepLR(step_size=3) has not decayed after 2 epochs
+    assert torch.equal(seen["w"], m1.net[0].weight)
+    assert t2.global_step == 24 and t2.current_epoch == 3
+    assert cb2.best_model_score is not None and cb2.best_model_path
+
+
+def test_top_k_last_and_best(backend) -> None:  # noqa: F811
+    url, options = backend
+    cb = CheckpointCallback(dirpath=url, storage_options=options, filename="{epoch}-{val_loss:.3f}",
+                            monitor="val_loss", save_top_k=2, save_last=True)
+    fit(cb, max_epochs=4)
+    kept = [m for m in cb.manager.manifests(owner=cb.owner)]
+    assert len(kept) == 2
+    assert names(cb) == sorted([m.name for m in kept] + ["last.ckpt"])
+    scores = sorted(m.score for m in kept)
+    assert cb.best_model_score.item() == pytest.approx(scores[0])
+    assert cb.best_model_path == cb.manager.url_of(min(kept, key=lambda m: m.score).name)
+    assert cb.last_model_path == cb.manager.url_of("last.ckpt")
+    assert all(n.startswith("epoch=") and "-val_loss=" in n for n in (m.name for m in kept))
+    assert set(cb.best_k_models) == {cb.manager.url_of(m.name) for m in kept}
+    # "best" is found in a new process too, from storage alone
+    fresh = CheckpointCallback(dirpath=url, storage_options=options, filename="{epoch}-{val_loss:.3f}",
+                               monitor="val_loss", save_top_k=2)
+    assert fresh.best_model_path == cb.best_model_path
+
+
+def test_monitor_none_keeps_only_the_latest(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path))
+    fit(cb, max_epochs=3)
+    assert names(cb) == ["epoch=2-step=24.ckpt"]
+    assert cb.best_model_path.endswith("epoch=2-step=24.ckpt")
+
+
+def test_save_top_k_all_and_every_n_epochs(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=2)
+    fit(cb, max_epochs=4)
+    assert names(cb) == ["epoch=1-step=16.ckpt", "epoch=3-step=32.ckpt"]
+
+
+def test_every_n_train_steps_and_monitor_step(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), every_n_train_steps=5, monitor="step", mode="max",
+                            save_top_k=2, filename="{step}")
+    fit(cb, max_epochs=2)
+    assert names(cb) == ["step=10.ckpt", "step=15.ckpt"]
+
+
+def test_train_time_interval(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), train_time_interval=timedelta(microseconds=1), save_top_k=-1)
+    fit(cb, max_epochs=1)
+    assert len(names(cb)) == 8  # due after every step
+
+
+def test_save_weights_only(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_weights_only=True)
+    fit(cb, max_epochs=1)
+    ckpt = cb.manager.load(names(cb)[0])
+    assert "state_dict" in ckpt and "optimizer_states" not in ckpt
+
+
+def test_monitor_missing_raises_typed_error(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), monitor="val_acc")
+    with pytest.raises(MonitorNotFoundError, match="val_acc"):
+        fit(cb, max_epochs=1)
+
+
+def test_name_clash_gets_a_version_suffix(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), filename="{epoch}", every_n_train_steps=4, save_top_k=-1)
+    fit(cb, max_epochs=1)
+    assert names(cb) == ["epoch=0-v1.ckpt", "epoch=0.ckpt"]
+
+
+# -- corruption, fallbacks and bookkeeping ---------------------------------------------------------
+
+
+def test_last_skips_a_damaged_checkpoint_and_takes_the_previous(backend) -> None:  # noqa: F811
+    url, options = backend
+    kw = dict(dirpath=url, storage_options=options, save_top_k=-1)
+    cb1 = CheckpointCallback(**kw)
+    fit(cb1, max_epochs=3)
+    newest = cb1.manager.manifests()[-1].name
+    cb1.manager.storage.write_bytes(newest, b"damaged")
+    cb2 = CheckpointCallback(**kw)
+    with pytest.warns(CheckpointWarning, match="damaged"):
+        fit(cb2, max_epochs=3, ckpt_path="last")
+    assert cb2.resumed_from == cb1.manager.url_of("epoch=1-step=16.ckpt")
+    # an explicitly named damaged checkpoint is an error, and nothing is deleted
+    assert cb1.manager.verify(newest)  # run 2 trained epoch 2 again and rewrote it whole
+    cb1.manager.storage.write_bytes(newest, b"damaged")
+    cb3 = CheckpointCallback(**kw)
+    with pytest.raises(CorruptCheckpointError, match=newest):
+        fit(cb3, max_epochs=4, ckpt_path=cb1.manager.url_of(newest))
+    assert cb1.manager.storage.exists(newest)
+
+
+def test_explicit_missing_path_is_an_error(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        fit(cb, max_epochs=1, ckpt_path=str(tmp_path / "nope.ckpt"))
+
+
+def test_bookkeeping_survives_restart(backend) -> None:  # noqa: F811
+    url, options = backend
+    kw = dict(dirpath=url, storage_options=options, monitor="val_loss", save_top_k=1, save_last=True)
+    cb1 = CheckpointCallback(**kw)
+    fit(cb1, max_epochs=3, seed=1)
+    cb1.manager.storage.write_bytes("notes.txt", b"my notes")
+    cb1.manager.storage.write_bytes("other-run.ckpt", b"not ours")
+    best_before = cb1.best_model_path
+    # resume from the best (not the newest) checkpoint: it must survive retention
+    cb2 = CheckpointCallback(**kw)
+    fit(cb2, max_epochs=6, ckpt_path=best_before, seed=1)
+    assert cb2.resumed_from == best_before
+    files = {f.name for f in cb2.manager.storage.list()}
+    assert {"notes.txt", "other-run.ckpt"} <= files
+    assert best_before.rsplit("/", 1)[-1] in files
+    owned = cb2.manager.manifests(owner=cb2.owner)
+    assert cb2.best_model_score.item() == pytest.approx(min(m.score for m in owned))
+    assert cb2.last_model_path == cb2.manager.url_of("last.ckpt")
+    assert cb2.manager.load("last.ckpt")["global_step"] == 48
+
+
+def test_leftovers_of_an_interrupted_save_are_cleaned_at_setup(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    (tmp_path / "epoch=9-step=99.ckpt").write_bytes(b"half")
+    (tmp_path / "epoch=9-step=99.ckpt.pending").write_bytes(b"{}")
+    (tmp_path / ".x.ckpt.lckpt-tmp-abc").write_bytes(b"tmp")
+    cb = CheckpointCallback(dirpath=str(tmp_path))
+    fit(cb, max_epochs=1)
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=8.ckpt", "epoch=0-step=8.ckpt.manifest.json"]
+    assert mgr.latest().name == "epoch=0-step=8.ckpt"
+
+
+# -- compatibility --------------------------------------------------------------------------------
+
+
+def test_stock_loaders_read_our_checkpoints(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_last=True)
+    _, model = fit(cb, max_epochs=1)
+    raw = torch.load(cb.last_model_path, weights_only=True)
+    assert raw["global_step"] == 8 and "state_dict" in raw
+    restored = TinyModel.load_from_checkpoint(cb.last_model_path)
+    assert torch.equal(restored.net[0].weight, model.net[0].weight)
+    # and a plain Lightning ModelCheckpoint file resumes through our loader (unverified, with a warning)
+    t = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False)
+    t.strategy.connect(model)
+    plain = tmp_path / "plain" / "p.ckpt"
+    plain.parent.mkdir()
+    torch.save(raw, plain)
+    cb2 = CheckpointCallback(dirpath=str(tmp_path / "new"))
+    with pytest.warns(CheckpointWarning, match="unverified"):
+        t2, _ = fit(cb2, max_epochs=2, ckpt_path=str(plain))
+    assert t2.global_step == 16
+
+
+def test_map_location_cpu(tmp_path) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path))
+    fit(cb, max_epochs=1)
+    ckpt = cb.manager.load(names(cb)[0], map_location=torch.device("cpu"))
+    assert ckpt["state_dict"]["net.0.weight"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_checkpoint_loads_on_cpu_and_back(tmp_path) -> None:  # pragma: no cover - GPU only
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_last=True)
+    fit(cb, max_epochs=1, accelerator="gpu", devices=1)
+    on_cpu = cb.manager.load("last.ckpt", map_location="cpu")
+    assert on_cpu["state_dict"]["net.0.weight"].device.type == "cpu"
+    on_gpu = cb.manager.load("last.ckpt", map_location="cuda")
+    assert on_gpu["state_dict"]["net.0.weight"].is_cuda

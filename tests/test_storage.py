@@ -1,0 +1,145 @@
+"""The storage layer over every backend: atomic writes, listing, honest errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from backends import backend  # noqa: F401
+
+from lightning_ckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    StorageError,
+    StoragePermissionError,
+    UnsupportedURLError,
+)
+from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, is_transient, split_url
+
+
+def test_write_read_list_delete(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    assert s.list() == []  # an absent directory is empty, not an error
+    s.write_bytes("a.bin", b"hello")
+    with s.open_write("b.bin") as f:
+        f.write(b"x" * 100)
+    assert {f.name: f.size for f in s.list()} == {"a.bin": 5, "b.bin": 100}
+    assert s.read_bytes("a.bin") == b"hello"
+    assert s.exists("a.bin") and not s.exists("zzz")
+    s.delete("a.bin")
+    s.delete("a.bin")  # deleting an absent file is not an error
+    assert [f.name for f in s.list()] == ["b.bin"]
+
+
+def test_failed_write_leaves_nothing_and_keeps_old_content(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    s.write_bytes("c.bin", b"old")
+    with pytest.raises(RuntimeError), s.open_write("c.bin") as f:
+        f.write(b"new-partial")
+        raise RuntimeError("boom")
+    names = [f.name for f in s.list()]
+    assert not any(TEMP_MARK in n for n in names)
+    if s.is_local:  # a local rename is atomic: the old content survives a failed rewrite
+        assert s.read_bytes("c.bin") == b"old"
+    with pytest.raises(RuntimeError), s.open_write("d.bin") as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert not s.exists("d.bin")
+
+
+def test_copy(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    s.write_bytes("src", b"payload")
+    s.copy("src", "dst")
+    s.write_bytes("src", b"changed")  # a later rewrite of the source does not reach the copy
+    assert s.read_bytes("dst") == b"payload"
+
+
+def test_read_into_reports_longer_files(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    s.write_bytes("f", b"0123456789")
+    buf = bytearray(4)
+    assert s.read_into("f", memoryview(buf)) == 5  # len + 1 means "longer than expected"
+    buf = bytearray(10)
+    seen = []
+    assert s.read_into("f", memoryview(buf), sink=lambda v: seen.append(bytes(v))) == 10
+    assert b"".join(seen) == b"0123456789"
+
+
+def test_missing_file_is_not_found(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        s.read_bytes("nope")
+    with pytest.raises(FileNotFoundError):
+        s.info("nope")
+
+
+def test_directory_where_a_file_should_be(tmp_path) -> None:
+    (tmp_path / "d" / "x.ckpt").mkdir(parents=True)
+    s = Storage(str(tmp_path / "d"))
+    with pytest.raises(StorageError, match="directory"):
+        s.info("x.ckpt")
+
+
+def test_unknown_protocol_and_missing_backend() -> None:
+    with pytest.raises(UnsupportedURLError, match="nope"):
+        Storage("nope://bucket/x")
+    with pytest.raises(ValueError):
+        Storage("nope://bucket/x")
+
+
+@pytest.mark.parametrize("bad", ["", None, 3])
+def test_bad_directory(bad) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigurationError):
+        Storage(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "."])
+def test_bad_names(tmp_path, bad: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Storage(str(tmp_path)).path(bad)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_permission_error_is_typed(tmp_path) -> None:  # pragma: no cover - CI runs as root
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(StoragePermissionError):
+        Storage(str(d)).write_bytes("x", b"1")
+
+
+def test_local_urls_are_plain_paths(tmp_path) -> None:
+    assert Storage(str(tmp_path)).url == str(tmp_path)
+    assert Storage(f"file://{tmp_path}").url == f"file://{tmp_path}"
+    assert Storage(f"{tmp_path}/a/../b").root == str(tmp_path / "b")
+
+
+def test_split_url() -> None:
+    assert split_url("s3://b/run/x.ckpt") == ("s3://b/run", "x.ckpt")
+    assert split_url("memory://x.ckpt") == ("memory://", "x.ckpt")
+    assert split_url("/tmp/x.ckpt") == ("/tmp", "x.ckpt")
+    assert split_url("x.ckpt") == (".", "x.ckpt")
+    with pytest.raises(ConfigurationError):
+        split_url("")
+
+
+def test_retry_classification_and_backoff() -> None:
+    import errno
+
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError())
+    assert is_transient(OSError(errno.ECONNRESET, "reset"))
+    assert is_transient(RuntimeError("SlowDown: please reduce your request rate"))
+    assert not is_transient(PermissionError())
+    assert not is_transient(FileNotFoundError())
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    policy = RetryPolicy(attempts=3, initial_delay=1.0, max_delay=3.0)
+    assert 0.5 <= policy.delay(1) <= 1.0 and policy.delay(5) <= 3.0
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(attempts=0)
