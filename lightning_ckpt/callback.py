@@ -291,7 +291,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
         return (
-            bool(trainer.fast_dev_run)
+            bool(getattr(trainer, "fast_dev_run", False))
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
             or self._last_global_step_saved == trainer.global_step
@@ -318,7 +318,7 @@ class CheckpointCallback(ModelCheckpoint):
             due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
         if not due:
             return
-        candidates = self._monitor_candidates(trainer)
+        candidates = self._candidates(trainer)
         self._save_topk(trainer, candidates)
         self._save_last(trainer, candidates)
 
@@ -331,7 +331,7 @@ class CheckpointCallback(ModelCheckpoint):
             self._save_on_epoch(trainer)
 
     def _save_on_epoch(self, trainer: pl.Trainer) -> None:
-        candidates = self._monitor_candidates(trainer)
+        candidates = self._candidates(trainer)
         if self.trigger is not None and self.trigger.due_on_epoch(trainer.current_epoch):
             self._save_topk(trainer, candidates)
         self._save_last(trainer, candidates)
@@ -344,7 +344,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     # -- saving -----------------------------------------------------------------------------
 
-    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, float]:
+    def _candidates(self, trainer: pl.Trainer) -> dict[str, float]:
         metrics: dict[str, float] = metrics_to_floats(trainer.callback_metrics)
         metrics["epoch"] = trainer.current_epoch  # ints, so "{epoch}" formats as epoch=3
         metrics["step"] = trainer.global_step
@@ -402,20 +402,37 @@ class CheckpointCallback(ModelCheckpoint):
         return self.owner + "/last"
 
     def _save(self, trainer: pl.Trainer, name: str, candidates: dict[str, float], owner: str) -> Manifest:
+        record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
+                          global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         meta = {
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
+            "epoch": record.epoch,
+            "global_step": record.global_step,
             "metrics": candidates,
             "monitor": self.monitor,
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
-        url = self.manager.url_of(name)
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = time.monotonic()
-        trainer.save_checkpoint(url, self.save_weights_only, storage_options={SAVE_META_KEY: meta})
-        return Manifest(name=name, size=0, sha256="", epoch=meta["epoch"], global_step=meta["global_step"],
-                        metrics=candidates, monitor=self.monitor, owner=owner)
+        trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only,
+                                storage_options={SAVE_META_KEY: meta})
+        self._log_save_metrics(trainer)
+        return record
+
+    def _log_save_metrics(self, trainer: pl.Trainer) -> None:
+        """Send the cost of the save just made to the Trainer's loggers (rank 0 writes, as Lightning)."""
+        io = trainer.strategy._checkpoint_io
+        result = io.last_save if isinstance(io, ManagedCheckpointIO) else None
+        if result is None or not trainer.is_global_zero:
+            return
+        metrics = {
+            "checkpoint/stall_seconds": result.seconds,  # a synchronous save blocks for all of it
+            "checkpoint/persist_seconds": result.seconds,
+            "checkpoint/bytes": float(result.manifest.size),
+            "checkpoint/throughput_mb_s": result.throughput / 2**20,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _unique_name(self, candidates: dict[str, float]) -> str:
         """The templated name; a clash with an older checkpoint of another step gets ``-vN``."""
@@ -468,18 +485,18 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _say_saved(self, trainer: pl.Trainer, name: str, previous_best: torch.Tensor | None) -> None:
         url = self.manager.url_of(name)
-        if self.monitor is None:
+        current = next((r.score for r in reversed(self._records) if r.name == name), None)
+        best = float(self.best_model_score) if self.best_model_score is not None else None
+        if self.monitor is None or current is None or best is None:
             self._say(trainer, f"saving checkpoint to {url}")
         elif previous_best is None:
-            self._say(trainer, f"{self.monitor} = {float(self.best_model_score):.5g}, saving to {url}")
+            self._say(trainer, f"{self.monitor} = {current:.5g}, saving to {url}")
+        elif current == best:
+            self._say(trainer, f"{self.monitor} improved from {float(previous_best):.5g} to {current:.5g}, "
+                               f"saving to {url}")
         else:
-            current = self._records[-1].score if self._records else float("nan")
-            if current == float(self.best_model_score):
-                self._say(trainer, f"{self.monitor} improved from {float(previous_best):.5g} to {current:.5g}, "
-                                   f"saving to {url}")
-            else:
-                self._say(trainer, f"{self.monitor} = {current:.5g} enters the top {self.save_top_k} "
-                                   f"(best {float(self.best_model_score):.5g}), saving to {url}")
+            self._say(trainer, f"{self.monitor} = {current:.5g} enters the top {self.save_top_k} "
+                               f"(best {best:.5g}), saving to {url}")
 
     # -- Lightning state --------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ class CheckpointManager:
             with self.storage.open_write(name) as f:
                 writer = HashingWriter(f)
                 if write is None:
-                    torch.save(dict(state), writer)
+                    torch.save(dict(state), writer)  # type: ignore[arg-type]  # a write-only stream suffices
                 else:
                     write(writer)
             manifest = Manifest(

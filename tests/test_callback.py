@@ -255,3 +255,30 @@ def test_gpu_checkpoint_loads_on_cpu_and_back(tmp_path) -> None:  # pragma: no c
     assert on_cpu["state_dict"]["net.0.weight"].device.type == "cpu"
     on_gpu = cb.manager.load("last.ckpt", map_location="cuda")
     assert on_gpu["state_dict"]["net.0.weight"].is_cuda
+
+
+# -- messages and metrics ---------------------------------------------------------------------------
+
+
+def test_verbose_prints_keras_style_lines(tmp_path, capsys) -> None:
+    cb = CheckpointCallback(dirpath=str(tmp_path), monitor="val_loss", save_top_k=1, verbose=True)
+    fit(cb, max_epochs=3)
+    out = capsys.readouterr().out
+    assert "Epoch 0, global step 8: val_loss = " in out
+    assert "val_loss improved from" in out and f"saving to {tmp_path}" in out
+
+
+def test_every_save_logs_its_cost_to_the_loggers(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = CheckpointCallback(dirpath=str(tmp_path / "ckpts"), save_top_k=-1)
+    logger = CSVLogger(str(tmp_path / "logs"), name="run")
+    fit(cb, max_epochs=2, logger=logger)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("checkpoint/bytes")]
+    assert len(rows) == 2
+    sizes = {m.name: m.size for m in cb.manager.manifests()}
+    assert {float(r["checkpoint/bytes"]) for r in rows} == {float(v) for v in sizes.values()}
+    assert all(float(r["checkpoint/throughput_mb_s"]) > 0 for r in rows)
