@@ -34,6 +34,8 @@ FORMAT = "lightning-ckpt"
 #: Bumped when a reader of an older version could misread the layout.
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
+#: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
+WRITE_BLOCK = 8 * 2**20
 
 
 def manifest_name(name: str) -> str:
@@ -144,8 +146,12 @@ class HashingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        self._sink.write(view)
-        self._hash.update(view)
+        # torch.save hands over each tensor in one call; feeding the sink in blocks lets object
+        # stores upload part by part instead of buffering a whole tensor as one part
+        for start in range(0, view.nbytes, WRITE_BLOCK):
+            block = view[start : start + WRITE_BLOCK]
+            self._sink.write(block)
+            self._hash.update(block)
         self.size += view.nbytes
         return view.nbytes
 

@@ -44,7 +44,9 @@ TEMP_MARK = ".lckpt-tmp-"
 _CHUNK = 8 * 2**20
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EBUSY}
 _TRANSIENT_WORDS = ("throttl", "slowdown", "slow down", "timeout", "timed out", "503", "500", "502", "504",
-                    "internalerror", "serviceunavailable", "connection reset", "connection aborted")
+                    "internalerror", "serviceunavailable", "connection reset", "connection aborted",
+                    # botocore's connection errors are not OSErrors and s3fs does not retry them
+                    "endpointconnectionerror", "connectionclosederror", "could not connect")
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class Storage:
         except Exception as exc:
             raise self.translate(exc, "open for writing", self.url_of(name)) from exc
         try:
-            yield f
+            yield _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))  # type: ignore[misc]
         except BaseException:
             _discard(f)
             with contextlib.suppress(Exception):
@@ -360,6 +362,30 @@ class Storage:
                 self.fs.invalidate_cache(self.root)
 
         self._call("delete", name, op)
+
+
+class _TranslatingWriter:
+    """Forwards writes to a remote file; the backend's own errors (botocore, aiohttp, ...) become
+    :class:`StorageError` naming the URL, so a dead server mid-upload is reported like any outage."""
+
+    def __init__(self, f: Any, translate: Callable[[BaseException], Exception]) -> None:
+        self._f = f
+        self._translate = translate
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._f.write(data))
+        except Exception as exc:  # every backend failure is translated
+            raise self._translate(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    def writable(self) -> bool:
+        return True
 
 
 def _readinto(f: Any, view: memoryview) -> int:

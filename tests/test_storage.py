@@ -143,3 +143,10 @@ def test_retry_classification_and_backoff() -> None:
     assert 0.5 <= policy.delay(1) <= 1.0 and policy.delay(5) <= 3.0
     with pytest.raises(ConfigurationError):
         RetryPolicy(attempts=0)
+
+
+def test_botocore_connection_errors_are_transient() -> None:
+    class EndpointConnectionError(Exception):  # botocore's class name and message, not an OSError
+        pass
+
+    assert is_transient(EndpointConnectionError('Could not connect to the endpoint URL: "http://x"'))
