@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import warnings
 from datetime import timedelta
@@ -23,9 +24,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.checkpoint import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_ckpt.errors import CheckpointError, CheckpointWarning, ConfigurationError, MonitorNotFoundError
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointWarning,
+    ConfigurationError,
+    IncompatibleCheckpointError,
+    MonitorNotFoundError,
+)
 from lightning_ckpt.integrity import Manifest, metrics_to_floats
 from lightning_ckpt.io import SAVE_META_KEY, ManagedCheckpointIO
 from lightning_ckpt.manager import CheckpointManager
@@ -41,6 +48,9 @@ from lightning_ckpt.policies import (
     RetentionPolicy,
     SaveTrigger,
 )
+from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
+from lightning_ckpt.resumable import is_stateful, make_stateful, optimizer_mismatch
+from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.storage import RetryPolicy, Storage, split_url
 
 __all__ = ["CheckpointCallback"]
@@ -70,6 +80,12 @@ class CheckpointCallback(ModelCheckpoint):
         storage_options: fsspec options (endpoint, credentials, ...) used for every operation.
         verbose: print a line at every save, Keras-style.
         retry: retry policy for transient storage errors.
+        exact_resume: store every random stream and the train loader's position, so a resumed
+            run is bit-identical to an uninterrupted one; plain ``DataLoader``s are rebuilt as
+            torchdata ``StatefulDataLoader``s (same batches) to make their position restorable.
+        preemption: on SIGTERM/SIGUSR1 (see :class:`~lightning_ckpt.preemption.Preemption`), save at the
+            next safe point within the grace period, optionally requeue under SLURM, and exit with a
+            distinct status (75). ``True`` uses the defaults.
 
     Attributes ``best_model_path``, ``best_model_score``, ``last_model_path``, ``best_k_models`` and
     ``kth_best_model_path`` are maintained as in Lightning and rebuilt from storage on resume.
@@ -94,6 +110,8 @@ class CheckpointCallback(ModelCheckpoint):
         storage_options: dict[str, Any] | None = None,
         verbose: bool = False,
         retry: RetryPolicy | None = None,
+        exact_resume: bool = True,
+        preemption: Preemption | bool | None = None,
     ) -> None:
         Checkpoint.__init__(self)
         if mode not in MODES:
@@ -137,6 +155,15 @@ class CheckpointCallback(ModelCheckpoint):
         self.verbose = verbose
         self.storage_options = dict(storage_options or {})
         self.retry = retry
+        self.exact_resume = exact_resume
+        if preemption is not None and not isinstance(preemption, (bool, Preemption)):
+            raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
+        self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
+        self._latch: SignalLatch | None = None
+        self._full_save_seconds: float | None = None
+        self._last_full_size = 0
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._deferred_step: int | None = None
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._every_n_train_steps = every_n_train_steps or 0
         self._train_time_interval = train_time_interval
@@ -212,7 +239,9 @@ class CheckpointCallback(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
-        self._install_io(trainer)
+        self._install_io(trainer).model = pl_module
+        if stage == TrainerFn.FITTING.value and self.exact_resume:
+            _make_train_loader_stateful(trainer)
         if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
             removed = self.manager.cleanup()
             if removed:
@@ -247,20 +276,41 @@ class CheckpointCallback(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
-        latest = self.manager.latest(keep=True)
-        if latest is None:
+        managers = [self.manager] + ([self._fallback_manager(io)] if self._has_fallback else [])
+        found = []
+        for manager in managers:
+            # a weights-only file cannot continue training: never pick one to resume from
+            manifest = manager.latest(keep=True, where=lambda m: not m.weights_only or self.save_weights_only)
+            if manifest is not None:
+                found.append((manifest.global_step or 0, manifest.created, manager, manifest))
+        if not found:
             rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
             return set()
-        url = self.manager.url_of(latest.name)
+        *_, manager, latest = max(found, key=lambda f: (f[0], f[1]))
+        url = manager.url_of(latest.name)
         rank_zero_info(f"lightning-ckpt: resuming from {url} (epoch {latest.epoch}, step {latest.global_step})")
         # Lightning stats the path with a filesystem built without storage options
         return {url if not self.storage_options else io.resume_pointer(url)}
+
+    @property
+    def _has_fallback(self) -> bool:
+        return self.preemption is not None and self.preemption.fallback_dirpath is not None
+
+    def _fallback_manager(self, io: ManagedCheckpointIO) -> CheckpointManager:
+        assert self.preemption is not None and self.preemption.fallback_dirpath is not None
+        manager, _ = io.manager_for(self.preemption.fallback_dirpath.rstrip("/") + "/x")
+        return manager
 
     def _discover_best(self) -> Manifest | None:
         assert self.monitor is not None
         return self.manager.best(self.monitor, self.mode, owner=self.owner, keep=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.preemption is not None and self._latch is None:
+            self._latch = SignalLatch(self.preemption.signal_numbers)
+            if not self._latch.install():
+                warnings.warn("preemption signals can only be caught on the main thread; not installed",
+                              CheckpointWarning, stacklevel=2)
         io = trainer.strategy._checkpoint_io
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         self.resumed_from = loaded
@@ -275,6 +325,39 @@ class CheckpointCallback(ModelCheckpoint):
             # and never let retention delete the checkpoint we resumed from
             self._protected = {name}
             self._reconcile(trainer)
+        if self.exact_resume:
+            self._check_loaders_resumable(trainer)
+        if self._rng_to_restore is not None:
+            # last thing before the first batch: the loader's iterator (which draws from the RNG)
+            # already exists, exactly as it did at the moment the checkpoint was taken
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _check_loaders_resumable(self, trainer: pl.Trainer) -> None:
+        loader = trainer.fit_loop._combined_loader
+        if loader is None or not trainer.fit_loop.restarted_mid_epoch:
+            return
+        plain = [type(dl).__name__ for dl in loader.flattened if not is_stateful(dl)]
+        if plain:
+            warnings.warn(
+                f"resuming in the middle of an epoch, but the train loader(s) {plain} cannot restore their "
+                "position: the rest of this epoch will not see the same batches as an uninterrupted run. "
+                "Use torchdata's StatefulDataLoader (plain DataLoaders are converted automatically).",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse an optimizer state that does not fit, naming what differs, before Lightning loads it."""
+        io = trainer.strategy._checkpoint_io
+        if not isinstance(io, ManagedCheckpointIO) or not io.loaded_optimizer_states:
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        problems = optimizer_mismatch(trainer.optimizers, io.loaded_optimizer_states, names)
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint {io.last_loaded} does not fit this run's optimizer: " + "; ".join(problems)
+            )
 
     def _reconcile(self, trainer: pl.Trainer) -> None:
         """Rebuild top-k, best and last from what storage actually holds (rank 0 decides)."""
@@ -312,23 +395,47 @@ class CheckpointCallback(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.trigger is None or self._should_skip_saving_checkpoint(trainer):
+            self._maybe_preempt(trainer)
             return
         due = self.trigger.due_on_step(trainer.global_step, time.monotonic(), self._last_time_saved)
         if self._train_time_interval is not None:
             due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
         if not due:
+            self._maybe_preempt(trainer)
             return
+        if self.exact_resume and _validation_follows(trainer):
+            # Lightning skips a validation that was due at the restart point, so a checkpoint taken
+            # now would resume without the random draws that validation makes: take it right after
+            # the validation instead (same weights, fresher metrics)
+            self._deferred_step = trainer.global_step
+            return
+        self._save_step(trainer)
+        self._maybe_preempt(trainer)
+
+    def _save_step(self, trainer: pl.Trainer) -> None:
+        self._deferred_step = None
         candidates = self._candidates(trainer)
         self._save_topk(trainer, candidates)
         self._save_last(trainer, candidates)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._deferred_step is not None:  # the predicted validation did not run: save now
+            self._save_step(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred_step is not None:
+            self._save_step(trainer)
         if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
             self._save_on_epoch(trainer)
+        self._maybe_preempt(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred_step is not None and not trainer.sanity_checking:
+            self._save_step(trainer)
         if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
             self._save_on_epoch(trainer)
+        if not trainer.sanity_checking:
+            self._maybe_preempt(trainer)
 
     def _save_on_epoch(self, trainer: pl.Trainer) -> None:
         candidates = self._candidates(trainer)
@@ -337,10 +444,55 @@ class CheckpointCallback(ModelCheckpoint):
         self._save_last(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing to do: every save already committed (ModelCheckpoint's end-of-run save is not ours)."""
+        """Every save already committed (ModelCheckpoint's end-of-run save is not ours)."""
+        self._release_signals()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Nothing to flush: a save is committed before its hook returns, or never visible."""
+        self._release_signals()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release_signals()
+
+    def _release_signals(self) -> None:
+        if self._latch is not None:
+            self._latch.uninstall()
+            self._latch = None
+
+    # -- preemption -----------------------------------------------------------------------
+
+    def _maybe_preempt(self, trainer: pl.Trainer) -> None:
+        """At a safe point after a termination signal: save what fits, requeue, exit."""
+        latch, policy = self._latch, self.preemption
+        if latch is None or policy is None:
+            return
+        received = bool(trainer.strategy.reduce_boolean_decision(latch.triggered, all=False))
+        if not received:
+            return
+        left = latch.seconds_left(policy.grace_seconds) - policy.safety_margin
+        size = self._last_full_size
+        weights = sum(t.numel() * t.element_size() for t in trainer.lightning_module.state_dict().values())
+        plan = plan_save(left, self._full_save_seconds, weights / size if size else 0.5, self._has_fallback)
+        signame = signal.Signals(latch.received).name if latch.received else "a peer rank's signal"
+        message = (f"lightning-ckpt: {signame} received at epoch {trainer.current_epoch}, step "
+                   f"{trainer.global_step}; {plan.reason}")
+        rank_zero_info(message)  # the log line, whatever the warning filters
+        if plan.kind != "full":
+            rank_zero_warn(message, category=CheckpointWarning)
+        io = self._install_io(trainer)
+        manager = self._fallback_manager(io) if plan.kind == "fallback" else self.manager
+        name = "preempted.ckpt"
+        meta = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                "metrics": self._candidates(trainer), "monitor": self.monitor,
+                "mode": self.mode if self.monitor is not None else None, "owner": self.owner + "/preempted",
+                "weights_only": plan.kind == "weights", "extra": {"preempted_by": signame, "plan": plan.kind}}
+        self._last_global_step_saved = trainer.global_step
+        trainer.save_checkpoint(manager.url_of(name), plan.kind == "weights", storage_options={SAVE_META_KEY: meta})
+        rank_zero_info(f"lightning-ckpt: preemption checkpoint committed: {manager.url_of(name)}")
+        if policy.requeue and trainer.is_global_zero:
+            rank_zero_info(f"lightning-ckpt: {requeue_slurm_job()}")
+        self._release_signals()
+        raise SystemExit(policy.exit_code)
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -409,6 +561,7 @@ class CheckpointCallback(ModelCheckpoint):
             "global_step": record.global_step,
             "metrics": candidates,
             "monitor": self.monitor,
+            "mode": self.mode if self.monitor is not None else None,
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
@@ -425,6 +578,8 @@ class CheckpointCallback(ModelCheckpoint):
         result = io.last_save if isinstance(io, ManagedCheckpointIO) else None
         if result is None or not trainer.is_global_zero:
             return
+        if not result.manifest.weights_only:
+            self._full_save_seconds, self._last_full_size = result.seconds, result.manifest.size
         metrics = {
             "checkpoint/stall_seconds": result.seconds,  # a synchronous save blocks for all of it
             "checkpoint/persist_seconds": result.seconds,
@@ -511,9 +666,12 @@ class CheckpointCallback(ModelCheckpoint):
             "kth_best_model_path": self.kth_best_model_path,
             "kth_value": self.kth_value,
             "last_model_path": self.last_model_path,
+            **({"rng": capture_rng()} if self.exact_resume else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.exact_resume and state_dict.get("rng") is not None:
+            self._rng_to_restore = state_dict["rng"]
         if state_dict.get("dirpath") != self.dirpath:
             warnings.warn(
                 f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
@@ -526,6 +684,30 @@ class CheckpointCallback(ModelCheckpoint):
         self.best_model_score = state_dict.get("best_model_score")
         self._best_model_path = state_dict.get("best_model_path", "")
         self.last_model_path = state_dict.get("last_model_path", "")
+
+
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning runs validation right after the current training batch."""
+    loop = trainer.fit_loop
+    try:
+        return loop._data_fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning version: save at once, as ModelCheckpoint
+        return False
+
+
+def _make_train_loader_stateful(trainer: pl.Trainer) -> None:
+    """Have Lightning build the train loader through :func:`make_stateful` (idempotent).
+
+    Lightning asks ``fit_loop._data_source`` for the loader each time it (re)loads it, inside its
+    own argument-capturing context, so the rebuilt loader can still be re-instantiated for
+    distributed samplers.
+    """
+    source = trainer.fit_loop._data_source
+    if getattr(source, "_lightning_ckpt_stateful", False):
+        return
+    original = source.dataloader
+    source.dataloader = lambda: make_stateful(original())  # type: ignore[method-assign]
+    source._lightning_ckpt_stateful = True  # type: ignore[attr-defined]
 
 
 def _trigger(

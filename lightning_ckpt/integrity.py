@@ -70,6 +70,7 @@ class Manifest:
     global_step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     monitor: str | None = None
+    mode: str | None = None
     owner: str | None = None
     weights_only: bool = False
     created: float = field(default_factory=time.time)

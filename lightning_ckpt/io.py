@@ -17,9 +17,12 @@ import tempfile
 import uuid
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from lightning_ckpt.errors import IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
+from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.storage import split_url
 
 __all__ = ["SAVE_META_KEY", "ManagedCheckpointIO"]
@@ -43,6 +46,10 @@ class ManagedCheckpointIO(CheckpointIO):
         self._pointers: dict[str, str] = {}
         self.last_save: SaveResult | None = None
         self.last_loaded: str | None = None
+        #: the module checkpoints are loaded into; its structure is checked before Lightning loads
+        self.model: torch.nn.Module | None = None
+        #: optimizer states of the last loaded checkpoint, for the callback's structure check
+        self.loaded_optimizer_states: list[dict[str, Any]] | None = None
 
     def register(self, manager: CheckpointManager) -> None:
         """Use ``manager`` (and its storage options) for every file in its directory."""
@@ -95,8 +102,21 @@ class ManagedCheckpointIO(CheckpointIO):
             weights_only=True if weights_only is None else weights_only,
         )
         self.last_loaded = manager.url_of(name)
+        self._check_model(checkpoint)
+        self.loaded_optimizer_states = checkpoint.get("optimizer_states")
         log.info("lightning-ckpt: loaded verified checkpoint %s", self.last_loaded)
         return checkpoint
+
+    def _check_model(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model with a message naming keys and shapes."""
+        if self.model is None or not isinstance(checkpoint.get("state_dict"), dict):
+            return
+        strict = bool(getattr(self.model, "strict_loading", True))
+        problems = model_mismatch(self.model.state_dict(), checkpoint["state_dict"], strict=strict)
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint {self.last_loaded} does not fit {type(self.model).__name__}: " + "; ".join(problems)
+            )
 
     def remove_checkpoint(self, path: Any) -> None:
         manager, name = self.manager_for(str(path))

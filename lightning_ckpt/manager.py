@@ -108,6 +108,7 @@ class CheckpointManager:
         global_step: int | None = None,
         metrics: Mapping[str, float] | None = None,
         monitor: str | None = None,
+        mode: str | None = None,
         owner: str | None = None,
         weights_only: bool = False,
         extra: Mapping[str, Any] | None = None,
@@ -136,6 +137,7 @@ class CheckpointManager:
                 global_step=global_step,
                 metrics=dict(metrics or {}),
                 monitor=monitor,
+                mode=mode,
                 owner=owner,
                 weights_only=weights_only,
                 versions=versions(),
@@ -323,9 +325,15 @@ class CheckpointManager:
 
     # -- choosing ---------------------------------------------------------------------------
 
-    def latest(self, owner: str | None = None, keep: bool = False) -> Manifest | None:
-        """The newest committed checkpoint that verifies; damaged ones are skipped with a warning."""
-        return self._first_valid(reversed(self.manifests(owner)), keep)
+    def latest(
+        self, owner: str | None = None, keep: bool = False, where: Callable[[Manifest], bool] | None = None
+    ) -> Manifest | None:
+        """The newest committed checkpoint that verifies; damaged ones are skipped with a warning.
+
+        ``where`` filters candidates first (e.g. only those that hold the full training state).
+        """
+        candidates = [m for m in self.manifests(owner) if where is None or where(m)]
+        return self._first_valid(reversed(candidates), keep)
 
     def best(self, monitor: str, mode: str = "min", owner: str | None = None, keep: bool = False) -> Manifest | None:
         """The best committed, verifying checkpoint by ``monitor``."""

@@ -17,8 +17,12 @@ import torch
 __all__ = ["capture_rng", "restore_rng"]
 
 
-def capture_rng() -> dict[str, Any]:
-    """A snapshot of every random stream of this process."""
+def capture_rng(plain: bool = False) -> dict[str, Any]:
+    """A snapshot of every random stream of this process.
+
+    ``plain=True`` gives lists instead of tensors, for states that travel between processes
+    inside structures that are compared element-wise (torchdata's worker states).
+    """
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
@@ -30,26 +34,45 @@ def capture_rng() -> dict[str, Any]:
         pass
     else:
         kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        keys = np.asarray(keys, dtype=np.int64)
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys), "pos": int(pos),
                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if plain:
+        state = _to_plain(state)
     return state
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Put every random stream back where :func:`capture_rng` found it."""
     py = state.get("python")
     if py is not None:
-        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        internal = py["state"].tolist() if isinstance(py["state"], torch.Tensor) else py["state"]
+        random.setstate((py["version"], tuple(int(v) for v in internal), py["gauss"]))
     if "torch" in state:
-        torch.set_rng_state(state["torch"])
+        torch.set_rng_state(_tensor(state["torch"], torch.uint8))
     np_state = state.get("numpy")
     if np_state is not None:
         import numpy as np
 
-        np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+        keys = np.asarray(_tensor(np_state["keys"], torch.int64).numpy(), dtype=np.uint32)
+        np.random.set_state((np_state["kind"], keys, np_state["pos"],
                              np_state["has_gauss"], np_state["cached_gaussian"]))
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all([_tensor(c, torch.uint8) for c in cuda[: torch.cuda.device_count()]])
