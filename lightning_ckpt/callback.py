@@ -34,7 +34,7 @@ from lightning_ckpt.errors import (
     MonitorNotFoundError,
 )
 from lightning_ckpt.integrity import Manifest, metrics_to_floats
-from lightning_ckpt.io import SAVE_META_KEY, ManagedCheckpointIO
+from lightning_ckpt.io import DEFER_ERRORS, SAVE_META_KEY, ManagedCheckpointIO
 from lightning_ckpt.manager import CheckpointManager
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template
 from lightning_ckpt.policies import (
@@ -80,6 +80,9 @@ class CheckpointCallback(ModelCheckpoint):
         storage_options: fsspec options (endpoint, credentials, ...) used for every operation.
         verbose: print a line at every save, Keras-style.
         retry: retry policy for transient storage errors.
+        fail_on_save_error: fail the run on any failed save. By default a failed periodic save warns
+            loudly (older checkpoints stay intact) and the next save tries again; the final save of
+            a run and a preemption save always fail the run.
         exact_resume: store every random stream and the train loader's position, so a resumed
             run is bit-identical to an uninterrupted one; plain ``DataLoader``s are rebuilt as
             torchdata ``StatefulDataLoader``s (same batches) to make their position restorable.
@@ -110,6 +113,7 @@ class CheckpointCallback(ModelCheckpoint):
         storage_options: dict[str, Any] | None = None,
         verbose: bool = False,
         retry: RetryPolicy | None = None,
+        fail_on_save_error: bool = False,
         exact_resume: bool = True,
         preemption: Preemption | bool | None = None,
     ) -> None:
@@ -156,6 +160,8 @@ class CheckpointCallback(ModelCheckpoint):
         self.storage_options = dict(storage_options or {})
         self.retry = retry
         self.exact_resume = exact_resume
+        self.fail_on_save_error = fail_on_save_error
+        self.failed_saves = 0
         if preemption is not None and not isinstance(preemption, (bool, Preemption)):
             raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
         self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
@@ -526,6 +532,8 @@ class CheckpointCallback(ModelCheckpoint):
             previous_best = None
         name = self._unique_name(candidates)
         record = self._save(trainer, name, candidates, self.owner)
+        if record is None:
+            return
         self._records = [r for r in self._records if r.name != name] + [record]
         self._last_saved_name = (trainer.global_step, name)
         self._prune(trainer)
@@ -542,18 +550,26 @@ class CheckpointCallback(ModelCheckpoint):
         if self._last_saved_name and self._last_saved_name[0] == trainer.global_step:
             # the same state was just committed under another name: copy it (hard link on a local
             # disk, server-side copy on object stores) instead of serializing it twice
+            error = None
             if trainer.is_global_zero:
-                self.manager.copy(self._last_saved_name[1], name, owner=self._last_owner)
-            trainer.strategy.barrier("lightning_ckpt.save_last")
-        else:
-            self._save(trainer, name, candidates, self._last_owner)
+                try:
+                    self.manager.copy(self._last_saved_name[1], name, owner=self._last_owner)
+                except CheckpointError as exc:
+                    error = exc
+            io = trainer.strategy._checkpoint_io
+            if isinstance(io, ManagedCheckpointIO):
+                io.last_error = error
+            if not self._save_succeeded(trainer, name):
+                return
+        elif self._save(trainer, name, candidates, self._last_owner) is None:
+            return
         self.last_model_path = self.manager.url_of(name)
 
     @property
     def _last_owner(self) -> str:
         return self.owner + "/last"
 
-    def _save(self, trainer: pl.Trainer, name: str, candidates: dict[str, float], owner: str) -> Manifest:
+    def _save(self, trainer: pl.Trainer, name: str, candidates: dict[str, float], owner: str) -> Manifest | None:
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         meta = {
@@ -568,9 +584,32 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = time.monotonic()
         trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only,
-                                storage_options={SAVE_META_KEY: meta})
+                                storage_options={SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
+        if not self._save_succeeded(trainer, name):
+            return None
         self._log_save_metrics(trainer)
         return record
+
+    def _save_succeeded(self, trainer: pl.Trainer, name: str) -> bool:
+        """All ranks learn whether rank 0's save committed; a failure warns, or fails the run.
+
+        A failed periodic save leaves every older checkpoint intact and the next save tries again;
+        the final save of a run (or any, with ``fail_on_save_error``) must succeed.
+        """
+        io = trainer.strategy._checkpoint_io
+        error = io.last_error if isinstance(io, ManagedCheckpointIO) else None
+        failed = bool(trainer.strategy.broadcast(error is not None))
+        if not failed:
+            return True
+        self.failed_saves += 1
+        if self.fail_on_save_error or _is_final_save(trainer):
+            raise error if error is not None else CheckpointError(f"saving {name} failed on rank 0")
+        rank_zero_warn(
+            f"lightning-ckpt: saving {self.manager.url_of(name)} FAILED ({error}); older checkpoints are intact "
+            f"and the next save will try again ({self.failed_saves} failed so far)",
+            category=CheckpointWarning,
+        )
+        return False
 
     def _log_save_metrics(self, trainer: pl.Trainer) -> None:
         """Send the cost of the save just made to the Trainer's loggers (rank 0 writes, as Lightning)."""
@@ -684,6 +723,17 @@ class CheckpointCallback(ModelCheckpoint):
         self.best_model_score = state_dict.get("best_model_score")
         self._best_model_path = state_dict.get("best_model_path", "")
         self.last_model_path = state_dict.get("last_model_path", "")
+
+
+def _is_final_save(trainer: pl.Trainer) -> bool:
+    """Whether this save is the run's last chance: nothing later would replace it."""
+    if trainer.should_stop:
+        return True
+    loop = trainer.fit_loop
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = loop.max_epochs is not None and loop.max_epochs != -1 and trainer.current_epoch + 1 >= loop.max_epochs
+    return bool(last_epoch and loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def _validation_follows(trainer: pl.Trainer) -> bool:

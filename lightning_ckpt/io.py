@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from lightning_ckpt.errors import IncompatibleCheckpointError
+from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.storage import split_url
@@ -31,6 +31,8 @@ log = logging.getLogger("lightning_ckpt")
 
 #: Key under ``storage_options`` through which the callback hands manifest fields to the IO.
 SAVE_META_KEY = "lightning_ckpt"
+#: A manifest-field key the IO pops: keep a save error in ``last_error`` instead of raising it.
+DEFER_ERRORS = "_defer_errors"
 
 
 class ManagedCheckpointIO(CheckpointIO):
@@ -45,6 +47,7 @@ class ManagedCheckpointIO(CheckpointIO):
         self._managers: dict[str, CheckpointManager] = {}
         self._pointers: dict[str, str] = {}
         self.last_save: SaveResult | None = None
+        self.last_error: CheckpointError | None = None
         self.last_loaded: str | None = None
         #: the module checkpoints are loaded into; its structure is checked before Lightning loads
         self.model: torch.nn.Module | None = None
@@ -83,8 +86,18 @@ class ManagedCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
+        defer = bool(meta.pop(DEFER_ERRORS, False))
         manager, name = self.manager_for(str(path))
-        self.last_save = manager.save(checkpoint, name, **meta)
+        self.last_save, self.last_error = None, None
+        try:
+            self.last_save = manager.save(checkpoint, name, **meta)
+        except CheckpointError as exc:
+            if not defer:
+                raise
+            # the callback decides with all ranks after Lightning's barrier; raising here would
+            # leave the other ranks waiting in that barrier forever
+            self.last_error = exc
+            return
         log.debug("saved %s (%d bytes in %.3f s)", self.last_save.url, self.last_save.manifest.size,
                   self.last_save.seconds)
 
