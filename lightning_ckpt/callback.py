@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks.checkpoint import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_ckpt.async_saver import PendingSave
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -34,8 +36,8 @@ from lightning_ckpt.errors import (
     MonitorNotFoundError,
 )
 from lightning_ckpt.integrity import Manifest, metrics_to_floats
-from lightning_ckpt.io import DEFER_ERRORS, SAVE_META_KEY, ManagedCheckpointIO
-from lightning_ckpt.manager import CheckpointManager
+from lightning_ckpt.io import BACKGROUND, DEFER_ERRORS, ON_DONE, SAVE_META_KEY, ManagedCheckpointIO
+from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template
 from lightning_ckpt.policies import (
     MODES,
@@ -83,6 +85,11 @@ class CheckpointCallback(ModelCheckpoint):
         fail_on_save_error: fail the run on any failed save. By default a failed periodic save warns
             loudly (older checkpoints stay intact) and the next save tries again; the final save of
             a run and a preemption save always fail the run.
+        async_save: block training only for a snapshot of the state into host buffers (allocated once,
+            reused); serialize, write, commit and retention run in a background thread. At most one
+            save persists at a time.
+        when_busy: with ``async_save``, what a save does while the previous one still persists:
+            ``"wait"`` for it, or ``"skip"`` this save (counted, with a warning).
         exact_resume: store every random stream and the train loader's position, so a resumed
             run is bit-identical to an uninterrupted one; plain ``DataLoader``s are rebuilt as
             torchdata ``StatefulDataLoader``s (same batches) to make their position restorable.
@@ -114,6 +121,8 @@ class CheckpointCallback(ModelCheckpoint):
         verbose: bool = False,
         retry: RetryPolicy | None = None,
         fail_on_save_error: bool = False,
+        async_save: bool = False,
+        when_busy: str = "wait",
         exact_resume: bool = True,
         preemption: Preemption | bool | None = None,
     ) -> None:
@@ -161,6 +170,11 @@ class CheckpointCallback(ModelCheckpoint):
         self.retry = retry
         self.exact_resume = exact_resume
         self.fail_on_save_error = fail_on_save_error
+        if when_busy not in ("wait", "skip"):
+            raise ConfigurationError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
+        self.async_save = bool(async_save)
+        self.when_busy = when_busy
+        self._pending: list[tuple[Manifest, PendingSave | None]] = []
         self.failed_saves = 0
         if preemption is not None and not isinstance(preemption, (bool, Preemption)):
             raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
@@ -450,12 +464,17 @@ class CheckpointCallback(ModelCheckpoint):
         self._save_last(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every save already committed (ModelCheckpoint's end-of-run save is not ours)."""
+        """Wait for background saves: a run ends with its checkpoints durable (or fails saying why)."""
         self._release_signals()
+        self._settle(trainer, wait=True, final=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Nothing to flush: a save is committed before its hook returns, or never visible."""
+        """Abandon background saves: nothing half-written becomes visible; never mask the error."""
         self._release_signals()
+        io = trainer.strategy._checkpoint_io
+        if self._pending and isinstance(io, ManagedCheckpointIO):
+            io.abandon()
+        self._pending = []
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_signals()
@@ -475,6 +494,7 @@ class CheckpointCallback(ModelCheckpoint):
         received = bool(trainer.strategy.reduce_boolean_decision(latch.triggered, all=False))
         if not received:
             return
+        self._settle(trainer, wait=True)  # a background save in flight finishes first
         left = latch.seconds_left(policy.grace_seconds) - policy.safety_margin
         size = self._last_full_size
         weights = sum(t.numel() * t.element_size() for t in trainer.lightning_module.state_dict().values())
@@ -531,7 +551,8 @@ class CheckpointCallback(ModelCheckpoint):
         else:
             previous_best = None
         name = self._unique_name(candidates)
-        record = self._save(trainer, name, candidates, self.owner)
+        chain = self._copy_to_last(name) if self.async_save and self.save_last else None
+        record = self._save(trainer, name, candidates, self.owner, on_done=chain)
         if record is None:
             return
         self._records = [r for r in self._records if r.name != name] + [record]
@@ -547,7 +568,9 @@ class CheckpointCallback(ModelCheckpoint):
         if not self.save_last:
             return
         name = LAST_NAME + EXTENSION
-        if self._last_saved_name and self._last_saved_name[0] == trainer.global_step:
+        if self._last_saved_name and self._last_saved_name[0] == trainer.global_step and self.async_save:
+            pass  # the copy runs in the background right after that save commits (_copy_to_last)
+        elif self._last_saved_name and self._last_saved_name[0] == trainer.global_step:
             # the same state was just committed under another name: copy it (hard link on a local
             # disk, server-side copy on object stores) instead of serializing it twice
             error = None
@@ -569,7 +592,28 @@ class CheckpointCallback(ModelCheckpoint):
     def _last_owner(self) -> str:
         return self.owner + "/last"
 
-    def _save(self, trainer: pl.Trainer, name: str, candidates: dict[str, float], owner: str) -> Manifest | None:
+    def _copy_to_last(self, name: str) -> Callable[[SaveResult], None]:
+        """A background step after ``name`` commits: make ``last.ckpt`` a copy of it."""
+        manager, owner = self.manager, self._last_owner
+
+        def copy(result: SaveResult) -> None:
+            try:
+                manager.copy(name, LAST_NAME + EXTENSION, owner=owner)
+            except CheckpointError as exc:  # the checkpoint itself committed: report, don't fail it
+                warnings.warn(f"could not refresh {manager.url_of(LAST_NAME + EXTENSION)}: {exc}",
+                              CheckpointWarning, stacklevel=1)
+
+        return copy
+
+    def _save(
+        self,
+        trainer: pl.Trainer,
+        name: str,
+        candidates: dict[str, float],
+        owner: str,
+        on_done: Callable[[SaveResult], None] | None = None,
+    ) -> Manifest | None:
+        self._settle(trainer, wait=self.when_busy == "wait")
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         meta = {
@@ -581,14 +625,65 @@ class CheckpointCallback(ModelCheckpoint):
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
+        extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
+        if self.async_save:
+            extra[BACKGROUND] = self.when_busy
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = time.monotonic()
         trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only,
-                                storage_options={SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
+                                storage_options={SAVE_META_KEY: {**meta, **extra}})
         if not self._save_succeeded(trainer, name):
             return None
-        self._log_save_metrics(trainer)
+        io = trainer.strategy._checkpoint_io
+        assert isinstance(io, ManagedCheckpointIO)
+        if not self.async_save:
+            if io.last_save is not None:
+                self._log_save_metrics(trainer, io.last_save)
+            return record
+        skipped = bool(trainer.strategy.broadcast(trainer.is_global_zero and io.last_pending is None))
+        if skipped:  # when_busy="skip" and the previous save still persists (the saver warned)
+            return None
+        self._pending.append((record, io.last_pending if trainer.is_global_zero else None))
         return record
+
+    def _settle(self, trainer: pl.Trainer, wait: bool, final: bool = False) -> None:
+        """Account for background saves that finished: retention, metrics, failures (all ranks agree).
+
+        Retention of a background save runs here, after it committed -- never before, so a save
+        that fails can never have cost an older checkpoint.
+        """
+        if not self._pending:
+            return
+        outcome: tuple[list[str], list[tuple[str, str]]] | None = None
+        errors: dict[str, CheckpointError] = {}
+        if trainer.is_global_zero:
+            settled, failed = [], []
+            for record, pending in self._pending:
+                if pending is None or (not wait and not pending.done()):
+                    continue
+                try:
+                    result = pending.wait()
+                except CheckpointError as exc:
+                    failed.append((record.name, str(exc)))
+                    errors[record.name] = exc
+                else:
+                    settled.append(record.name)
+                    self._log_save_metrics(trainer, result, pending.stall_seconds, record.global_step)
+            outcome = (settled, failed)
+        settled, failed = trainer.strategy.broadcast(outcome) or ([], [])
+        done = set(settled) | {name for name, _ in failed}
+        self._pending = [(r, p) for r, p in self._pending if r.name not in done]
+        for name, message in failed:
+            self._records = [r for r in self._records if r.name != name]
+            self.failed_saves += 1
+            if self.fail_on_save_error or final:
+                raise errors.get(name) or CheckpointError(f"saving {name} failed on rank 0: {message}")
+            rank_zero_warn(f"lightning-ckpt: saving {self.manager.url_of(name)} FAILED in the background "
+                           f"({message}); older checkpoints are intact and the next save will try again",
+                           category=CheckpointWarning)
+        if done:
+            self._prune(trainer)
+            self._refresh_bookkeeping()
 
     def _save_succeeded(self, trainer: pl.Trainer, name: str) -> bool:
         """All ranks learn whether rank 0's save committed; a failure warns, or fails the run.
@@ -611,22 +706,23 @@ class CheckpointCallback(ModelCheckpoint):
         )
         return False
 
-    def _log_save_metrics(self, trainer: pl.Trainer) -> None:
-        """Send the cost of the save just made to the Trainer's loggers (rank 0 writes, as Lightning)."""
-        io = trainer.strategy._checkpoint_io
-        result = io.last_save if isinstance(io, ManagedCheckpointIO) else None
-        if result is None or not trainer.is_global_zero:
+    def _log_save_metrics(
+        self, trainer: pl.Trainer, result: SaveResult, stall: float | None = None, step: int | None = None
+    ) -> None:
+        """Send the cost of a save to the Trainer's loggers (rank 0 writes, as Lightning)."""
+        if not trainer.is_global_zero:
             return
         if not result.manifest.weights_only:
             self._full_save_seconds, self._last_full_size = result.seconds, result.manifest.size
         metrics = {
-            "checkpoint/stall_seconds": result.seconds,  # a synchronous save blocks for all of it
+            # a synchronous save blocks training for all of it; a background one for the snapshot
+            "checkpoint/stall_seconds": result.seconds if stall is None else stall,
             "checkpoint/persist_seconds": result.seconds,
             "checkpoint/bytes": float(result.manifest.size),
             "checkpoint/throughput_mb_s": result.throughput / 2**20,
         }
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 
     def _unique_name(self, candidates: dict[str, float]) -> str:
         """The templated name; a clash with an older checkpoint of another step gets ``-vN``."""
@@ -639,10 +735,13 @@ class CheckpointCallback(ModelCheckpoint):
         return name
 
     def _prune(self, trainer: pl.Trainer) -> None:
-        keep = self.retention.keep(self._records) | self._protected
-        if self._records:
-            keep |= KeepLatest(1).keep(self._records)
-        doomed = [r.name for r in self._records if r.name not in keep]
+        # only committed checkpoints compete: one still persisting may yet fail
+        persisting = {r.name for r, _ in self._pending}
+        committed = [r for r in self._records if r.name not in persisting]
+        keep = self.retention.keep(committed) | self._protected | persisting
+        if committed:
+            keep |= KeepLatest(1).keep(committed)
+        doomed = [r.name for r in committed if r.name not in keep]
         if doomed and trainer.is_global_zero:
             for name in doomed:
                 try:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from lightning_ckpt.async_saver import AsyncSaver, PendingSave
 from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
@@ -33,6 +34,10 @@ log = logging.getLogger("lightning_ckpt")
 SAVE_META_KEY = "lightning_ckpt"
 #: A manifest-field key the IO pops: keep a save error in ``last_error`` instead of raising it.
 DEFER_ERRORS = "_defer_errors"
+#: A manifest-field key the IO pops: persist in the background; its value is the busy policy.
+BACKGROUND = "_background"
+#: A manifest-field key the IO pops: a callable run with the SaveResult after the commit.
+ON_DONE = "_on_done"
 
 
 class ManagedCheckpointIO(CheckpointIO):
@@ -46,6 +51,9 @@ class ManagedCheckpointIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self._managers: dict[str, CheckpointManager] = {}
         self._pointers: dict[str, str] = {}
+        self._savers: dict[str, AsyncSaver] = {}
+        #: the handle of the last background save (None when the save was synchronous or skipped)
+        self.last_pending: PendingSave | None = None
         self.last_save: SaveResult | None = None
         self.last_error: CheckpointError | None = None
         self.last_loaded: str | None = None
@@ -87,19 +95,23 @@ class ManagedCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
         defer = bool(meta.pop(DEFER_ERRORS, False))
+        background = meta.pop(BACKGROUND, None)
+        on_done = meta.pop(ON_DONE, None)
         manager, name = self.manager_for(str(path))
-        self.last_save, self.last_error = None, None
+        self.last_save, self.last_error, self.last_pending = None, None, None
         try:
-            self.last_save = manager.save(checkpoint, name, **meta)
+            if background:
+                self.last_pending = self._saver(manager, background).save(checkpoint, name, on_done=on_done, **meta)
+            else:
+                self.last_save = manager.save(checkpoint, name, **meta)
+                if on_done is not None:
+                    on_done(self.last_save)
         except CheckpointError as exc:
             if not defer:
                 raise
             # the callback decides with all ranks after Lightning's barrier; raising here would
             # leave the other ranks waiting in that barrier forever
             self.last_error = exc
-            return
-        log.debug("saved %s (%d bytes in %.3f s)", self.last_save.url, self.last_save.manifest.size,
-                  self.last_save.seconds)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -108,6 +120,7 @@ class ManagedCheckpointIO(CheckpointIO):
         if url != str(path):
             with contextlib.suppress(OSError):
                 os.unlink(str(path))
+        self.flush()  # e.g. trainer.test(ckpt_path="best") right after fit: the save must be done
         manager, name = self.manager_for(url)
         checkpoint = manager.load(
             name,
@@ -130,6 +143,31 @@ class ManagedCheckpointIO(CheckpointIO):
             raise IncompatibleCheckpointError(
                 f"the checkpoint {self.last_loaded} does not fit {type(self.model).__name__}: " + "; ".join(problems)
             )
+
+    def _saver(self, manager: CheckpointManager, when_busy: str) -> AsyncSaver:
+        saver = self._savers.get(manager.url)
+        if saver is None or saver.when_busy != when_busy:
+            if saver is not None:
+                saver.close()
+            saver = self._savers[manager.url] = AsyncSaver(manager, when_busy=when_busy)  # type: ignore[arg-type]
+        return saver
+
+    def flush(self) -> None:
+        """Wait for every background save; raise the first error nobody has seen yet."""
+        for saver in self._savers.values():
+            saver.wait()
+
+    def abandon(self) -> None:
+        """On an error path: stop waiting for background saves (nothing half-written becomes visible)."""
+        for saver in self._savers.values():
+            saver.close(abandon=True)
+        self._savers = {}
+
+    def teardown(self) -> None:
+        """Lightning's end of the strategy: finish background saves and free their buffers."""
+        savers, self._savers = self._savers, {}
+        for saver in savers.values():
+            saver.close()
 
     def remove_checkpoint(self, path: Any) -> None:
         manager, name = self.manager_for(str(path))
