@@ -613,7 +613,8 @@ class CheckpointCallback(ModelCheckpoint):
         owner: str,
         on_done: Callable[[SaveResult], None] | None = None,
     ) -> Manifest | None:
-        self._settle(trainer, wait=self.when_busy == "wait")
+        # the run's last save never skips: it waits for the one in flight
+        self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer))
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         meta = {
