@@ -9,8 +9,10 @@ subclass also derives from the builtin a caller would naturally catch, so
     ├── CheckpointNotFoundError     (FileNotFoundError) nothing committed at that URL
     │   └── UncommittedCheckpointError                  a save that never finished (no manifest)
     ├── CorruptCheckpointError      (ValueError)        size / sha256 / format does not verify
+    │   └── TamperedCheckpointError                     unsigned or badly signed (a signer is set)
     ├── IncompatibleCheckpointError (ValueError)        newer format, or a different model/optimizer
-    │   └── UnsafeCheckpointError                       holds objects weights-only loading refuses
+    │   ├── UnsafeCheckpointError                       holds objects weights-only loading refuses
+    │   └── KeyMissingError                             encrypted, and its key is not configured
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
     └── StorageError                (OSError)           the storage failed (after retries)
         ├── StoragePermissionError  (PermissionError)   credentials / permissions
@@ -32,9 +34,11 @@ __all__ = [
     "ConfigurationError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "KeyMissingError",
     "MonitorNotFoundError",
     "StorageError",
     "StoragePermissionError",
+    "TamperedCheckpointError",
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "UnsupportedURLError",
@@ -61,12 +65,20 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     """The checkpoint does not verify: wrong size, wrong sha256, unreadable manifest or payload."""
 
 
+class TamperedCheckpointError(CorruptCheckpointError):
+    """A signer is configured and the manifest's signature is missing, unknown or wrong."""
+
+
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint is valid but cannot be used here (newer format, different structure)."""
 
 
 class UnsafeCheckpointError(IncompatibleCheckpointError):
     """The payload holds objects that weights-only loading refuses to unpickle (code could run)."""
+
+
+class KeyMissingError(IncompatibleCheckpointError):
+    """The payload is encrypted and none of the configured keys is the one it was encrypted with."""
 
 
 class MonitorNotFoundError(CheckpointError, KeyError):

@@ -8,6 +8,11 @@ checkpoint ``NAME`` in the directory is::
     NAME.manifest.json    written last: size, sha256, epoch, step, metrics -> NAME is committed
     (NAME.pending removed)
 
+With a :class:`~lightning_ckpt.security.Signer` every manifest carries an HMAC signature that
+readers check; with an :class:`~lightning_ckpt.security.Encryptor` the payload is encrypted
+while it streams (torch.save -> encrypting writer -> hashing writer -> storage), and the manifest
+records the ciphertext's size and sha256, so verifying needs no key.
+
 Readers see only committed checkpoints. A crash leaves at most a ``.pending`` marker and a
 payload without a manifest; :meth:`CheckpointManager.cleanup` removes exactly those (the marker
 proves we wrote them) and never touches any other file. Deletion runs the protocol backwards
@@ -26,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -36,11 +41,14 @@ from lightning_ckpt.errors import (
     CheckpointWarning,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    KeyMissingError,
+    TamperedCheckpointError,
     UncommittedCheckpointError,
     UnsafeCheckpointError,
 )
 from lightning_ckpt.integrity import MANIFEST_SUFFIX, HashingWriter, Manifest, manifest_name, versions
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
+from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, split_url
 
 __all__ = ["PENDING_SUFFIX", "CheckpointManager", "SaveResult", "load_checkpoint"]
@@ -73,6 +81,10 @@ class CheckpointManager:
         storage_options: passed to fsspec for every operation.
         retry: retry policy for transient storage failures.
         storage: an already built :class:`Storage` (overrides the three above).
+        signer: sign every manifest written, and refuse unsigned or badly signed ones on read
+            (listing skips them with a warning). Off by default.
+        encryptor: encrypt every payload written; decrypt on load (its keys must include the one
+            a checkpoint was written with, else :class:`KeyMissingError`). Off by default.
     """
 
     def __init__(
@@ -81,9 +93,14 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         retry: RetryPolicy | None = None,
         storage: Storage | None = None,
+        *,
+        signer: Signer | None = None,
+        encryptor: Encryptor | None = None,
     ) -> None:
         self.storage = storage or Storage(dirpath, storage_options, retry)
-        self._verified: dict[str, bytearray] = {}
+        self.signer = signer
+        self.encryptor = encryptor
+        self._verified: dict[str, tuple[Manifest, bytearray]] = {}
 
     @property
     def url(self) -> str:
@@ -124,11 +141,25 @@ class CheckpointManager:
         self._begin(name)
         try:
             with self.storage.open_write(name) as f:
-                writer = HashingWriter(f)
-                if write is None:
-                    torch.save(dict(state), writer)  # type: ignore[arg-type]  # a write-only stream suffices
-                else:
-                    write(writer)
+                latch = _ErrorLatch(f)
+                writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
+                stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
+                try:
+                    if write is None:
+                        torch.save(dict(state), stream)
+                    else:
+                        write(stream)
+                    if self.encryptor is not None:
+                        stream.close()
+                except Exception:
+                    # torch.save's zip writer answers a failed write with its own RuntimeError
+                    # ("unexpected pos ...") on the way out; the storage's error is the real one
+                    if latch.error is not None:
+                        raise latch.error
+                    raise
+            extra = dict(extra or {})
+            if self.encryptor is not None:
+                extra["encryption"] = self.encryptor.describe()
             manifest = Manifest(
                 name=name,
                 size=writer.size,
@@ -141,9 +172,9 @@ class CheckpointManager:
                 owner=owner,
                 weights_only=weights_only,
                 versions=versions(),
-                extra=dict(extra or {}),
+                extra=extra,
             )
-            self.storage.write_bytes(manifest_name(name), manifest.to_json())
+            self._write_manifest(manifest)
         except BaseException:
             self._abandon(name)
             raise
@@ -159,12 +190,29 @@ class CheckpointManager:
             self.storage.copy(src, dst)
             fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
             copied = Manifest(**fields)
-            self.storage.write_bytes(manifest_name(dst), copied.to_json())
+            self._write_manifest(copied)
         except BaseException:
             self._abandon(dst)
             raise
         self._end(dst)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        if self.signer is None:
+            data = manifest.to_json()
+        else:
+            fields = json.loads(manifest.to_json())  # exactly what a reader will parse and check
+            fields["signature"] = self.signer.sign(fields)
+            data = json.dumps(fields, sort_keys=True, indent=1).encode()
+        self.storage.write_bytes(manifest_name(manifest.name), data)
+
+    def _parse_manifest(self, data: bytes, name: str) -> Manifest:
+        """Parse (and with a signer, authenticate) the manifest bytes of ``name``."""
+        where = self.url_of(name)
+        manifest = Manifest.from_json(data, where)  # the format checks first: damaged is damaged
+        if self.signer is not None:
+            self.signer.check(json.loads(data), f"the manifest of {where}")
+        return manifest
 
     def _begin(self, name: str) -> None:
         marker = json.dumps({"name": name, "started": time.time()}).encode()
@@ -202,7 +250,7 @@ class CheckpointManager:
             if name not in files:
                 continue
             try:
-                manifest = Manifest.from_json(self.storage.read_bytes(fname), self.url_of(name))
+                manifest = self._parse_manifest(self.storage.read_bytes(fname), name)
             except CheckpointNotFoundError:
                 continue  # deleted since the listing
             except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
@@ -234,7 +282,7 @@ class CheckpointManager:
                     f"{self.url_of(name)} has no lightning-ckpt manifest ({manifest_name(name)} is missing)"
                 ) from None
             raise CheckpointNotFoundError(f"no checkpoint at {self.url_of(name)}") from None
-        manifest = Manifest.from_json(data, self.url_of(name))
+        manifest = self._parse_manifest(data, name)
         if manifest.name != name:
             raise CorruptCheckpointError(f"the manifest of {self.url_of(name)} describes {manifest.name!r}")
         return manifest
@@ -250,7 +298,7 @@ class CheckpointManager:
         manifest = self.read_manifest(name)
         buffer = self._read_verified(name, manifest)
         if keep:
-            self._verified = {name: buffer}
+            self._verified = {name: (manifest, buffer)}
         return manifest
 
     def _read_verified(self, name: str, manifest: Manifest) -> bytearray:
@@ -280,13 +328,20 @@ class CheckpointManager:
         :class:`UnsafeCheckpointError`. A file without a manifest that was not left by one of our
         saves (a plain Lightning checkpoint) loads with a warning that it was not verified.
         """
-        buffer = self._verified.pop(name, None)
-        if buffer is None:
+        kept = self._verified.pop(name, None)
+        if kept is not None:
+            manifest, buffer = kept
+        else:
             try:
                 manifest = self.read_manifest(name)
             except UncommittedCheckpointError:
                 if self.storage.exists(name + PENDING_SUFFIX) or not verify:
                     raise
+                if self.signer is not None:
+                    raise TamperedCheckpointError(
+                        f"{self.url_of(name)} has no lightning-ckpt manifest, so no signature; a signer is "
+                        "configured (refusing it)"
+                    ) from None
                 warnings.warn(
                     f"{self.url_of(name)} has no lightning-ckpt manifest; loading it unverified",
                     CheckpointWarning,
@@ -294,7 +349,19 @@ class CheckpointManager:
                 )
                 return self._deserialize(name, self._read_plain(name), map_location, weights_only)
             buffer = self._read_verified(name, manifest) if verify else self._read_plain(name)
-        return self._deserialize(name, buffer, map_location, weights_only)
+        return self._deserialize(name, self._decrypt(name, manifest, buffer), map_location, weights_only)
+
+    def _decrypt(self, name: str, manifest: Manifest, buffer: bytearray) -> bytearray:
+        """The plaintext of a verified payload (a second buffer: each GCM chunk is checked whole)."""
+        info = manifest.extra.get("encryption")
+        if not info:
+            return buffer
+        if self.encryptor is None:
+            raise KeyMissingError(
+                f"{self.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}); "
+                "pass encryptor=Encryptor(...) with its key to load it"
+            )
+        return self.encryptor.decrypt(buffer, info, self.url_of(name))
 
     def _read_plain(self, name: str) -> bytearray:
         size = self.storage.info(name).size
@@ -396,12 +463,54 @@ class CheckpointManager:
             if not fname.endswith(PENDING_SUFFIX):
                 continue
             name = fname[: -len(PENDING_SUFFIX)]
+            if manifest_name(name) in files and not self._manifest_parses(name):
+                # a commit cut short on a filesystem without atomic writes (sftp, a faulty://
+                # view, ...): the marker proves the half-written manifest and its payload are ours
+                self.storage.delete(manifest_name(name))
+                removed.append(manifest_name(name))
+                files.discard(manifest_name(name))
             if manifest_name(name) not in files and name in files:
                 self.storage.delete(name)
                 removed.append(name)
             self.storage.delete(fname)
             removed.append(fname)
         return removed
+
+    def _manifest_parses(self, name: str) -> bool:
+        try:
+            Manifest.from_json(self.storage.read_bytes(manifest_name(name)), self.url_of(name))
+        except CorruptCheckpointError:
+            return False
+        except (CheckpointNotFoundError, IncompatibleCheckpointError):
+            return True  # gone since the listing, or a newer format: not ours to judge
+        return True
+
+
+class _ErrorLatch:
+    """Forwards writes to the storage's stream and remembers the first error it raised."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self._sink = sink
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._sink.write(data) or 0)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._sink.flush()
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def writable(self) -> bool:
+        return True
 
 
 class _MemoryReader(io.RawIOBase):
@@ -437,7 +546,11 @@ def load_checkpoint(
     storage_options: dict[str, Any] | None = None,
     map_location: MapLocation = "cpu",
     weights_only: bool = True,
+    *,
+    signer: Signer | None = None,
+    encryptor: Encryptor | None = None,
 ) -> dict[str, Any]:
     """Verify and load the checkpoint at ``url`` (any fsspec URL) without Lightning."""
     directory, name = split_url(url)
-    return CheckpointManager(directory, storage_options).load(name, map_location, weights_only)
+    manager = CheckpointManager(directory, storage_options, signer=signer, encryptor=encryptor)
+    return manager.load(name, map_location, weights_only)
