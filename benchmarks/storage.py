@@ -1,0 +1,569 @@
+"""Checkpoint save/load throughput and peak extra host memory, ours vs Lightning vs a raw floor.
+
+One run measures, side by side, on (a) a local disk and (b) a SeaweedFS S3 server that this
+script starts on loopback (``tests/s3_server.py``'s :class:`SeaweedS3`):
+
+- ``ours``: ``lightning_ckpt.CheckpointManager(dirpath, storage_options).save(state, name)``
+  (streams ``torch.save`` into the storage: temp file + fsync + rename locally, a multipart
+  upload on S3, sha256 on the way) and ``.load(name)`` (verifies size + sha256 while streaming).
+- ``lightning``: what ``ModelCheckpoint`` ends up calling, ``Trainer.save_checkpoint`` ->
+  ``TorchCheckpointIO.save_checkpoint`` -> ``lightning.fabric.utilities.cloud_io._atomic_save``
+  (``torch.save`` into a ``BytesIO``, then ``fs.open(path, "wb")`` locally / ``fs.pipe`` on S3 of
+  ``getvalue()``), called directly; loading through ``cloud_io._load``.
+- ``raw``: the floor: the same serialized bytes written with ``open`` + ``write`` + ``fsync``
+  (local) or ``fs.pipe`` (S3), and read back with ``read()`` / ``fs.cat_file`` (no
+  deserialization).
+
+Every case (each method x backend x phase x repeat) runs in a FRESH process forked from a
+``multiprocessing`` fork server that has only imported the libraries, so one case's
+allocations (and the allocator's retained memory) never hide another's and no case pays the
+~5 s Lightning import. Peak extra RSS is the peak resident set size during the timed operation
+minus the RSS just before it (after the state was built): on Linux the kernel's exact peak
+(``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to ``/proc/self/clear_refs``); where
+that reset is not available, RSS sampled every millisecond by a thread (psutil if installed,
+else ``/proc/self/statm``) -- the table says which was used. The page cache is not RSS, so local
+writes that sit in the page cache do not count; the S3 server's memory is another process's.
+
+Usage::
+
+    python benchmarks/storage.py                # 256 MiB state, 3 repeats (medians reported)
+    python benchmarks/storage.py --quick        # 32 MiB, 1 repeat: a smoke run for CI (< 60 s)
+    python benchmarks/storage.py --size-mb 1024 --tensor-mb 64 --json results.json
+
+Sizes are MiB (2**20 bytes); throughput is MiB/s of the serialized checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_ckpt and tests/
+    sys.path.insert(0, str(REPO))
+
+MiB = 2**20
+METHODS = ("ours", "lightning", "raw")
+BACKENDS = ("local", "s3")
+# Heavy imports done once in the fork server, so each forked case starts in ~0.1 s.
+_PRELOAD = ["torch", "fsspec", "s3fs", "lightning_ckpt", "lightning.fabric.utilities.cloud_io"]
+_CHILD_TIMEOUT_S = 900.0
+
+
+# ------------------------------------------------------------------------------ memory meter
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _current_rss() -> int:
+    """Resident set size of this process in bytes."""
+    try:
+        import psutil  # type: ignore[import-not-found]
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 64  # the reset really happened
+
+
+class PeakRSS:
+    """Peak resident memory above the level at ``__enter__``, in bytes (``.extra``)."""
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.baseline = 0
+        self.extra = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034 - Self needs Python 3.11
+        gc.collect()
+        self.baseline = _current_rss()
+        if _reset_peak_rss():
+            self.method = "VmHWM (kernel peak RSS, reset via /proc/self/clear_refs)"
+        else:
+            try:
+                import psutil  # type: ignore[import-not-found]  # noqa: F401
+
+                self.method = "RSS sampled every 1 ms (psutil)"
+            except ImportError:
+                self.method = "RSS sampled every 1 ms (/proc/self/statm)"
+            self._peak = self.baseline
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _current_rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _current_rss())
+        else:
+            peak = (_proc_status_kib("VmHWM") or 0) * 1024
+        self.extra = max(0, peak - self.baseline)
+
+
+# ------------------------------------------------------------------------------ the workloads
+def build_state(size_mb: float, tensor_mb: float) -> dict[str, Any]:
+    """A flat dict of float32 tensors totalling ``size_mb`` MiB, none larger than ``tensor_mb``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    total = int(size_mb * MiB) // 4
+    per = max(1, int(tensor_mb * MiB) // 4)
+    state: dict[str, Any] = {}
+    i = 0
+    while total > 0:
+        n = min(per, total)
+        state[f"layer{i:04d}.weight"] = torch.randn(n, generator=gen)
+        total -= n
+        i += 1
+    return state
+
+
+def _state_bytes(state: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _aws_env(options: dict[str, Any]) -> dict[str, str]:
+    """Environment that makes an option-less ``s3fs.S3FileSystem()`` reach the benchmark server."""
+    return {
+        "AWS_ENDPOINT_URL": options["client_kwargs"]["endpoint_url"],
+        "AWS_ACCESS_KEY_ID": options["key"],
+        "AWS_SECRET_ACCESS_KEY": options["secret"],
+        "AWS_DEFAULT_REGION": options["client_kwargs"].get("region_name", "us-east-1"),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, PeakRSS]:
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return out, seconds, mem
+
+
+def _filesystem(case: dict[str, Any]) -> Any:
+    """The filesystem a method writes through, with its S3 client already connected.
+
+    A training run saves many times through one client, so what is measured is a save through a
+    warm client: each method's first request (botocore loading its S3 model, ~0.1 s and ~30 MiB)
+    happens here, outside the timing, for all three alike.
+    """
+    import fsspec
+
+    directory, backend, opts = case["url"], case["backend"], case["storage_options"]
+    if case["method"] == "ours":
+        from lightning_ckpt import CheckpointManager
+
+        manager = CheckpointManager(directory, opts)
+        manager.manifests()  # one listing: connects the client
+        return manager
+    if case["method"] == "lightning":
+        # Lightning builds its filesystem with url_to_fs(path) and no options, so on S3 the
+        # endpoint and credentials can only come from the environment. This process runs this
+        # one case and nothing else, so no other method ever sees these variables.
+        if backend == "s3":
+            os.environ.update(_aws_env(opts))
+        fs = fsspec.core.url_to_fs(directory)[0]  # cached by fsspec: _atomic_save/_load reuse it
+    else:
+        fs = fsspec.core.url_to_fs(directory, **opts)[0]
+    if backend == "s3":
+        fs.ls(directory.removeprefix("s3://").split("/", 1)[0])
+    else:
+        # TorchCheckpointIO.save_checkpoint makes the directory before calling _atomic_save
+        os.makedirs(directory, exist_ok=True)
+    return fs
+
+
+def _save_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    method, backend = case["method"], case["backend"]
+    path = f"{case['url']}/{case['name']}"
+    state = build_state(case["size_mb"], case["tensor_mb"])
+    target = _filesystem(case)
+
+    if method == "ours":
+        result, seconds, mem = _timed(lambda: target.save(state, case["name"]))
+        size = result.manifest.size
+    elif method == "lightning":
+        from lightning.fabric.utilities.cloud_io import _atomic_save
+
+        _, seconds, mem = _timed(lambda: _atomic_save(state, path))
+        size = int(target.size(path))
+    else:  # raw floor: only the I/O of the already serialized bytes
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blob = buf.getvalue()
+        del state, buf
+        if backend == "s3":
+            _, seconds, mem = _timed(lambda: target.pipe_file(path, blob))
+        else:
+
+            def write() -> None:
+                with open(path, "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            _, seconds, mem = _timed(write)
+        size = len(blob)
+    return {"seconds": seconds, "extra_rss": mem.extra, "rss_method": mem.method, "size": size}
+
+
+def _load_case(case: dict[str, Any]) -> dict[str, Any]:
+    method, backend = case["method"], case["backend"]
+    path = f"{case['url']}/{case['name']}"
+    target = _filesystem(case)
+
+    if method == "ours":
+        out, seconds, mem = _timed(lambda: target.load(case["name"]))
+    elif method == "lightning":
+        from lightning.fabric.utilities.cloud_io import _load
+
+        out, seconds, mem = _timed(lambda: _load(path))
+    elif backend == "s3":
+        out, seconds, mem = _timed(lambda: target.cat_file(path))
+    else:
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        out, seconds, mem = _timed(read)
+    # check what came back: all the tensors (or, for raw, all the bytes)
+    got, expected = (
+        (len(out), case["size"]) if method == "raw" else (_state_bytes(out), int(case["size_mb"] * MiB) // 4 * 4)
+    )
+    if got != expected:
+        raise RuntimeError(f"{method}/{backend}: loaded {got} bytes, expected {expected}")
+    return {"seconds": seconds, "extra_rss": mem.extra, "rss_method": mem.method}
+
+
+def _child(case: dict[str, Any], conn: Any) -> None:
+    """Entry point of one forked case: run it and send back the result or the traceback."""
+    try:
+        fn = _save_case if case["phase"] == "save" else _load_case
+        conn.send({"ok": True, **fn(case)})
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent, with its traceback
+        conn.send({"ok": False, "error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
+    """Run ``case`` in a fresh process; raise with the child's traceback if it failed."""
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(case, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(_CHILD_TIMEOUT_S):
+            raise RuntimeError(f"case {case['method']}/{case['backend']}/{case['phase']} timed out")
+        result = parent.recv()
+    except EOFError:
+        result = {"ok": False, "error": "the case process died without a result"}
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if not result.pop("ok"):
+        raise RuntimeError(
+            f"case {case['method']}/{case['backend']}/{case['phase']} failed (exit {proc.exitcode}):\n"
+            f"{result['error']}"
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------ the run
+def machine() -> dict[str, Any]:
+    """What this ran on (versions from package metadata: importing Lightning here costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError):
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "torch": ver("torch"),
+        "lightning": ver("lightning"),
+        "fsspec": ver("fsspec"),
+        "s3fs": ver("s3fs"),
+        "kernel": platform.release(),
+    }
+
+
+@contextlib.contextmanager
+def s3_server(needed: bool) -> Iterator[Any]:
+    """A SeaweedFS S3 server for the run (``None`` when S3 is not benchmarked)."""
+    if not needed:
+        yield None
+        return
+    from tests.s3_server import SeaweedS3
+
+    # large volumes: the benchmark writes GBs, and volume growth is not what is measured
+    with SeaweedS3(volume_size_limit_mb=1024) as server:
+        yield server
+
+
+def _cleanup(backend: str, directory: str, server: Any) -> None:
+    if backend == "s3":
+        with contextlib.suppress(FileNotFoundError):
+            server.filesystem().rm(directory.removeprefix("s3://"), recursive=True)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every case and return the raw samples, the medians and the machine description."""
+    started = time.perf_counter()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_PRELOAD))
+    multiprocessing.forkserver.ensure_running()  # imports in the background while S3 starts
+    samples: list[dict[str, Any]] = []
+    local_root = tempfile.mkdtemp(prefix="lckpt-bench-", dir=args.local_dir)
+    try:
+        with s3_server("s3" in args.backends) as server:
+            bucket = server.make_bucket(f"bench-{uuid.uuid4().hex[:12]}") if server is not None else ""
+            for rep in range(args.repeat):
+                # rotate the order so that no method always runs first (cold caches, warm server)
+                methods = list(args.methods[rep % len(args.methods) :]) + list(args.methods[: rep % len(args.methods)])
+                for backend in args.backends:
+                    for method in methods:
+                        if backend == "s3":
+                            directory, opts = f"{bucket}/{method}-r{rep}", server.storage_options
+                        else:
+                            directory, opts = os.path.join(local_root, f"{method}-r{rep}"), {}
+                        case = {
+                            "backend": backend,
+                            "method": method,
+                            "url": directory,
+                            "name": "state.ckpt",
+                            "size_mb": args.size_mb,
+                            "tensor_mb": args.tensor_mb,
+                            "storage_options": opts,
+                        }
+                        try:
+                            saved = run_case(ctx, {**case, "phase": "save"})
+                            loaded = run_case(ctx, {**case, "phase": "load", "size": saved["size"]})
+                        finally:
+                            _cleanup(backend, directory, server)
+                        sample = {
+                            "backend": backend,
+                            "method": method,
+                            "repeat": rep,
+                            "size": saved["size"],
+                            "save_s": saved["seconds"],
+                            "save_extra_rss": saved["extra_rss"],
+                            "load_s": loaded["seconds"],
+                            "load_extra_rss": loaded["extra_rss"],
+                            "rss_method": saved["rss_method"],
+                        }
+                        samples.append(sample)
+                        if args.verbose:
+                            print(json.dumps(sample), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(local_root, ignore_errors=True)
+    results = summarize(samples)
+    return {
+        "machine": machine(),
+        "config": {
+            "size_mb": args.size_mb,
+            "tensor_mb": args.tensor_mb,
+            "repeat": args.repeat,
+            "backends": list(args.backends),
+            "methods": list(args.methods),
+            "local_dir": args.local_dir or tempfile.gettempdir(),
+        },
+        "rss_method": samples[0]["rss_method"] if samples else None,
+        "results": results,
+        "ratios": ratios(results),
+        "samples": samples,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def summarize(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median of every measure per (backend, method)."""
+    out = []
+    keys = sorted({(s["backend"], s["method"]) for s in samples}, key=lambda k: (BACKENDS.index(k[0]),
+                                                                                 METHODS.index(k[1])))
+    for backend, method in keys:
+        group = [s for s in samples if (s["backend"], s["method"]) == (backend, method)]
+        size = statistics.median(s["size"] for s in group)
+        save_s = statistics.median(s["save_s"] for s in group)
+        load_s = statistics.median(s["load_s"] for s in group)
+        save_rss = statistics.median(s["save_extra_rss"] for s in group)
+        load_rss = statistics.median(s["load_extra_rss"] for s in group)
+        out.append({
+            "backend": backend,
+            "method": method,
+            "size_mib": size / MiB,
+            "save_s": save_s,
+            "save_mib_s": size / MiB / save_s if save_s > 0 else float("inf"),
+            "save_extra_rss_mib": save_rss / MiB,
+            "save_extra_rss_x": save_rss / size,
+            "load_s": load_s,
+            "load_mib_s": size / MiB / load_s if load_s > 0 else float("inf"),
+            "load_extra_rss_mib": load_rss / MiB,
+            "load_extra_rss_x": load_rss / size,
+            "n": len(group),
+        })
+    return out
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """ours / Lightning per backend: save and load throughput (> 1 is faster), memory (< 1 is less)."""
+    by = {(r["backend"], r["method"]): r for r in results}
+    out: dict[str, dict[str, float]] = {}
+    for backend in BACKENDS:
+        ours, light, raw = by.get((backend, "ours")), by.get((backend, "lightning")), by.get((backend, "raw"))
+        entry: dict[str, float] = {}
+        if ours and light:
+            entry["save_throughput_ours_over_lightning"] = ours["save_mib_s"] / light["save_mib_s"]
+            entry["save_extra_rss_ours_over_lightning"] = (
+                ours["save_extra_rss_mib"] / light["save_extra_rss_mib"] if light["save_extra_rss_mib"] else float("nan")
+            )
+            entry["load_throughput_ours_over_lightning"] = ours["load_mib_s"] / light["load_mib_s"]
+        if ours and raw:
+            entry["save_throughput_ours_over_raw"] = ours["save_mib_s"] / raw["save_mib_s"]
+        if entry:
+            out[backend] = entry
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results as a Markdown table plus the ratios and the machine."""
+    m, c = report["machine"], report["config"]
+    lines = [
+        (f"Checkpoint of {c['size_mb']:g} MiB of float32 tensors (each <= {c['tensor_mb']:g} MiB), "
+         f"median of {c['repeat']} run(s), every case in a fresh process."),
+        (f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Linux {m['kernel']}; "
+         f"Python {m['python']}, torch {m['torch']}, Lightning {m['lightning']}, fsspec {m['fsspec']}, "
+         f"s3fs {m['s3fs']}; S3 = SeaweedFS on loopback; local dir {c['local_dir']}."),
+        f"Peak extra RSS: {report['rss_method']}, minus the RSS just before the operation.",
+        "",
+        ("| backend | method | save s | save MiB/s | save peak extra RSS MiB (x ckpt) | load s | load MiB/s "
+         "| load peak extra RSS MiB (x ckpt) |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['backend']} | {r['method']} | {r['save_s']:.3f} | {r['save_mib_s']:.0f} | "
+            f"{r['save_extra_rss_mib']:.0f} ({r['save_extra_rss_x']:.2f}x) | {r['load_s']:.3f} | "
+            f"{r['load_mib_s']:.0f} | {r['load_extra_rss_mib']:.0f} ({r['load_extra_rss_x']:.2f}x) |"
+        )
+    if report["ratios"]:
+        lines += ["", ("| backend | save MiB/s ours/Lightning | save extra RSS ours/Lightning "
+                       "| load MiB/s ours/Lightning | save MiB/s ours/raw |"),
+                  "|---|---:|---:|---:|---:|"]
+        keys = ("save_throughput_ours_over_lightning", "save_extra_rss_ours_over_lightning",
+                "load_throughput_ours_over_lightning", "save_throughput_ours_over_raw")
+        for backend, ratio in report["ratios"].items():
+            cells = [f"{ratio[k]:.2f}" if k in ratio else "-" for k in keys]
+            lines.append(f"| {backend} | {' | '.join(cells)} |")
+    lines += ["", ("raw = the serialized bytes written with write+fsync / fs.pipe and read back without "
+                   "deserializing (the I/O floor). Lightning's local write has no fsync; ours and raw do."),
+              f"Total wall time {report['wall_s']:.1f} s."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small state, one repeat: a smoke run (< 60 s)")
+    p.add_argument("--size-mb", type=float, default=None, help="checkpoint size in MiB (256; --quick: 32)")
+    p.add_argument("--tensor-mb", type=float, default=16.0,
+                   help="largest tensor in MiB (16; a real model's largest tensor is a few %% of its state)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per case, medians reported (3; --quick: 1)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of local,s3")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ours,lightning,raw")
+    p.add_argument("--local-dir", default=None, help="where local checkpoints go (default: the temp dir)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
+    p.add_argument("--verbose", action="store_true", help="print each sample to stderr as it completes")
+    args = p.parse_args(argv)
+    args.size_mb = args.size_mb if args.size_mb is not None else (32.0 if args.quick else 256.0)
+    args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    args.backends = tuple(b for b in args.backends.split(",") if b)
+    args.methods = tuple(m for m in args.methods.split(",") if m)
+    for value, allowed, what in ((args.backends, BACKENDS, "backend"), (args.methods, METHODS, "method")):
+        bad = set(value) - set(allowed)
+        if bad or not value:
+            p.error(f"unknown {what}(s) {sorted(bad)}; choose from {', '.join(allowed)}")
+    if args.size_mb <= 0 or args.tensor_mb <= 0 or args.repeat < 1:
+        p.error("--size-mb and --tensor-mb must be positive and --repeat at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
