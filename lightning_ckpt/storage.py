@@ -164,6 +164,10 @@ class Storage:
             try:
                 return fn()
             except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, StorageError) else None
+                if attempt < attempts and cause is not None and is_transient(cause):
+                    time.sleep(self.retry.delay(attempt))  # a whole small write, retried as a unit
+                    continue
                 if isinstance(exc, (CheckpointNotFoundError, StorageError, ConfigurationError)):
                     raise
                 if attempt < attempts and is_transient(exc):
@@ -267,7 +271,8 @@ class Storage:
             with self._open_local(name, path) as f:
                 yield f
             return
-        self._call("create directory for", name, lambda: self.fs.makedirs(self.root, exist_ok=True))
+        # object stores have no directories; s3fs's makedirs would even *create a missing bucket*
+        # (a typo in the URL would silently make a new one), so nothing is created there
         try:
             f = self.fs.open(path, "wb", block_size=_CHUNK)
         except Exception as exc:

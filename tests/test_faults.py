@@ -166,8 +166,6 @@ def test_a_transient_failure_is_retried_then_succeeds(manager: CheckpointManager
     assert [m.name for m in manager.manifests()] == ["a.ckpt", "b.ckpt"]
 
 
-@pytest.mark.xfail(strict=True, reason="Storage.write_bytes never retries: open_write translates the transient "
-                   "error into a StorageError first, and Storage._call re-raises every StorageError at once")
 def test_a_transient_failure_of_the_commit_write_is_retried(manager: CheckpointManager, faulty) -> None:
     plan = faulty[2]
     plan.add(Fault(op="close", path="*b.ckpt.manifest.json", exc=ConnectionResetError(errno.ECONNRESET, "reset"),
