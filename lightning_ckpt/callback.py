@@ -53,6 +53,7 @@ from lightning_ckpt.policies import (
 from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
 from lightning_ckpt.resumable import is_stateful, make_stateful, optimizer_mismatch
 from lightning_ckpt.rng import capture_rng, restore_rng
+from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import RetryPolicy, Storage, split_url
 
 __all__ = ["CheckpointCallback"]
@@ -96,6 +97,9 @@ class CheckpointCallback(ModelCheckpoint):
         preemption: on SIGTERM/SIGUSR1 (see :class:`~lightning_ckpt.preemption.Preemption`), save at the
             next safe point within the grace period, optionally requeue under SLURM, and exit with a
             distinct status (75). ``True`` uses the defaults.
+        signer: sign manifests (HMAC-SHA256) and refuse unsigned or tampered checkpoints.
+        encryptor: encrypt payloads at rest (AES-256-GCM); stock ``torch.load`` can then no longer
+            read them.
 
     Attributes ``best_model_path``, ``best_model_score``, ``last_model_path``, ``best_k_models`` and
     ``kth_best_model_path`` are maintained as in Lightning and rebuilt from storage on resume.
@@ -125,6 +129,8 @@ class CheckpointCallback(ModelCheckpoint):
         when_busy: str = "wait",
         exact_resume: bool = True,
         preemption: Preemption | bool | None = None,
+        signer: Signer | None = None,
+        encryptor: Encryptor | None = None,
     ) -> None:
         Checkpoint.__init__(self)
         if mode not in MODES:
@@ -169,6 +175,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.storage_options = dict(storage_options or {})
         self.retry = retry
         self.exact_resume = exact_resume
+        self.signer, self.encryptor = signer, encryptor
         self.fail_on_save_error = fail_on_save_error
         if when_busy not in ("wait", "skip"):
             raise ConfigurationError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
@@ -238,7 +245,8 @@ class CheckpointCallback(ModelCheckpoint):
         if self._manager is None:
             if self.dirpath is None:
                 raise ConfigurationError("dirpath is not resolved yet: the callback has not been set up")
-            self._manager = CheckpointManager(self.dirpath, self.storage_options, self.retry)
+            self._manager = CheckpointManager(self.dirpath, self.storage_options, self.retry,
+                                              signer=self.signer, encryptor=self.encryptor)
         return self._manager
 
     @property
@@ -286,7 +294,7 @@ class CheckpointCallback(ModelCheckpoint):
                     CheckpointWarning,
                     stacklevel=2,
                 )
-            current = ManagedCheckpointIO(self.storage_options)
+            current = ManagedCheckpointIO(self.storage_options, signer=self.signer, encryptor=self.encryptor)
             strategy.checkpoint_io = current
         current.register(self.manager)
         return current

@@ -24,6 +24,7 @@ from lightning_ckpt.async_saver import AsyncSaver, PendingSave
 from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
+from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import split_url
 
 __all__ = ["SAVE_META_KEY", "ManagedCheckpointIO"]
@@ -47,8 +48,14 @@ class ManagedCheckpointIO(CheckpointIO):
         storage_options: fsspec options for directories without a registered manager.
     """
 
-    def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        storage_options: dict[str, Any] | None = None,
+        signer: Signer | None = None,
+        encryptor: Encryptor | None = None,
+    ) -> None:
         self.storage_options = dict(storage_options or {})
+        self.signer, self.encryptor = signer, encryptor
         self._managers: dict[str, CheckpointManager] = {}
         self._pointers: dict[str, str] = {}
         self._savers: dict[str, AsyncSaver] = {}
@@ -71,7 +78,7 @@ class ManagedCheckpointIO(CheckpointIO):
         directory, name = split_url(str(url))
         manager = self._managers.get(directory.rstrip("/"))
         if manager is None:
-            manager = CheckpointManager(directory, self.storage_options)
+            manager = CheckpointManager(directory, self.storage_options, signer=self.signer, encryptor=self.encryptor)
             if manager.url.rstrip("/") in self._managers:  # a plain path written differently
                 manager = self._managers[manager.url.rstrip("/")]
             else:

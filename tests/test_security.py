@@ -236,3 +236,19 @@ def test_background_saves_are_signed_and_encrypted(tmp_path: Path) -> None:
     saver.close()
     assert (tmp_path / "a.ckpt").read_bytes().startswith(MAGIC)
     assert same(m.load("a.ckpt"), state())
+
+
+def test_the_callback_signs_encrypts_and_resumes(tmp_path) -> None:
+    from helpers import fit
+
+    from lightning_ckpt import CheckpointCallback
+    from lightning_ckpt.security import Encryptor, Signer
+
+    keys = {"signer": Signer(b"s" * 32), "encryptor": Encryptor(b"e" * 32)}
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_last=True, **keys)
+    fit(cb, max_epochs=1)
+    with pytest.raises(Exception):  # noqa: B017,PT011 - stock torch.load cannot read ciphertext
+        torch.load(tmp_path / "last.ckpt", weights_only=True)
+    cb2 = CheckpointCallback(dirpath=str(tmp_path), save_last=True, **keys)
+    trainer, _ = fit(cb2, max_epochs=2, ckpt_path="last")
+    assert cb2.resumed_from.endswith("last.ckpt") and trainer.global_step == 16
