@@ -160,7 +160,7 @@ def test_persisted_state_is_the_state_at_the_call_even_if_mutated_right_after(sa
     assert loaded["optimizer_states"][0]["state"][0]["step"].item() == 3.0  # not the mutated 4.0
     assert result.manifest.global_step == 3 and result.manifest.metrics == {"val_loss": 0.25}
     assert result.url == manager.url_of("async.ckpt")
-    assert pending.done() and pending.persist_seconds is not None and pending.stall_seconds > 0
+    assert pending.done() and pending.persist_seconds is not None and pending.stall_seconds  # measured
 
 
 def test_payload_is_byte_identical_to_a_synchronous_save(savers) -> None:
