@@ -36,7 +36,15 @@ from lightning_ckpt.errors import (
     MonitorNotFoundError,
 )
 from lightning_ckpt.integrity import Manifest, metrics_to_floats
-from lightning_ckpt.io import BACKGROUND, DEFER_ERRORS, ON_DONE, SAVE_META_KEY, ManagedCheckpointIO
+from lightning_ckpt.io import (
+    BACKGROUND,
+    DEFER_ERRORS,
+    ON_DONE,
+    SAVE_META_KEY,
+    ManagedCheckpointIO,
+    attach_sharded,
+    is_sharded,
+)
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template
 from lightning_ckpt.policies import (
@@ -221,6 +229,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_global_step_saved = 0
         self._last_time_saved = time.monotonic()
         self._last_saved_name: tuple[int, str] | None = None
+        self._warned_sharded_async = False
 
     # -- identity -------------------------------------------------------------------------
 
@@ -267,7 +276,15 @@ class CheckpointCallback(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
-        self._install_io(trainer).model = pl_module
+        io = self._install_io(trainer)
+        io.model = pl_module
+        if is_sharded(trainer.strategy):
+            attach_sharded(trainer.strategy, io)
+            if self.async_save and not self._warned_sharded_async:
+                self._warned_sharded_async = True
+                rank_zero_warn("lightning-ckpt: sharded checkpoints are written synchronously (every rank writes its own "
+                               "shards in parallel); async_save applies to single-file checkpoints",
+                               category=CheckpointWarning)
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
         if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
@@ -317,8 +334,9 @@ class CheckpointCallback(ModelCheckpoint):
         *_, manager, latest = max(found, key=lambda f: (f[0], f[1]))
         url = manager.url_of(latest.name)
         rank_zero_info(f"lightning-ckpt: resuming from {url} (epoch {latest.epoch}, step {latest.global_step})")
-        # Lightning stats the path with a filesystem built without storage options
-        return {url if not self.storage_options else io.resume_pointer(url)}
+        # Lightning stats the path with a filesystem built without storage options (and a sharded
+        # checkpoint is a directory, which object stores cannot stat)
+        return {url if not (self.storage_options or latest.sharded) else io.resume_pointer(url)}
 
     @property
     def _has_fallback(self) -> bool:
@@ -634,18 +652,27 @@ class CheckpointCallback(ModelCheckpoint):
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
+        sharded = is_sharded(trainer.strategy)
+        background = self.async_save and not sharded
         extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
-        if self.async_save:
+        if background:
             extra[BACKGROUND] = self.when_busy
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = time.monotonic()
-        trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only,
-                                storage_options={SAVE_META_KEY: {**meta, **extra}})
-        if not self._save_succeeded(trainer, name):
-            return None
         io = trainer.strategy._checkpoint_io
         assert isinstance(io, ManagedCheckpointIO)
-        if not self.async_save:
+        options = {SAVE_META_KEY: {**meta, **extra}}
+        if sharded:
+            # sharded strategies write checkpoints themselves, to local paths only, bypassing the
+            # CheckpointIO: every rank hands its shards to the sharded checkpointer instead
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            io.save_sharded(checkpoint, self.manager.url_of(name), storage_options=options)
+            trainer.strategy.barrier("lightning_ckpt.save_sharded")
+        else:
+            trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only, storage_options=options)
+        if not self._save_succeeded(trainer, name):
+            return None
+        if not background:
             if io.last_save is not None:
                 self._log_save_metrics(trainer, io.last_save)
             return record

@@ -36,6 +36,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "KeyMissingError",
     "MonitorNotFoundError",
+    "ShardedCheckpointError",
     "StorageError",
     "StoragePermissionError",
     "TamperedCheckpointError",
@@ -79,6 +80,11 @@ class UnsafeCheckpointError(IncompatibleCheckpointError):
 
 class KeyMissingError(IncompatibleCheckpointError):
     """The payload is encrypted and none of the configured keys is the one it was encrypted with."""
+
+
+class ShardedCheckpointError(IncompatibleCheckpointError):
+    """A sharded checkpoint (a directory of shards) was asked for as one file: resume it under a
+    sharded strategy, or consolidate it (``lightning_ckpt.sharded.consolidate``, ``lightning-ckpt export``)."""
 
 
 class MonitorNotFoundError(CheckpointError, KeyError):

@@ -23,6 +23,7 @@ from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpoint
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "SHARDED_FORMAT_VERSION",
     "MANIFEST_SUFFIX",
     "HashingWriter",
     "Manifest",
@@ -31,8 +32,11 @@ __all__ = [
 ]
 
 FORMAT = "lightning-ckpt"
-#: Bumped when a reader of an older version could misread the layout.
-FORMAT_VERSION = 1
+#: The newest layout this version reads. Bumped when a reader of an older version could misread a
+#: checkpoint: single-file checkpoints are still written as 1, sharded (directory) ones as 2.
+FORMAT_VERSION = 2
+#: The layout of a sharded checkpoint: a directory whose every file is listed in ``Manifest.files``.
+SHARDED_FORMAT_VERSION = 2
 MANIFEST_SUFFIX = ".manifest.json"
 #: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
 WRITE_BLOCK = 8 * 2**20
@@ -76,8 +80,15 @@ class Manifest:
     created: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: for a sharded checkpoint (a directory): relative path -> {"size": ..., "sha256": ...}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this checkpoint is a directory of files (``files``) rather than one file."""
+        return bool(self.files)
 
     @property
     def score(self) -> float | None:
@@ -86,6 +97,18 @@ class Manifest:
             return None
         value = self.metrics.get(self.monitor)
         return None if value is None or math.isnan(value) else float(value)
+
+    @classmethod
+    def for_files(cls, name: str, files: Mapping[str, tuple[int, str]], **fields: Any) -> Manifest:
+        """The manifest of a sharded checkpoint ``name`` made of ``files`` (path -> (size, sha256)).
+
+        ``size`` is the total and ``sha256`` a digest of the sorted file table, so a listing
+        shows one figure for the whole checkpoint and any change to any file changes it.
+        """
+        table = {path: {"size": int(size), "sha256": sha} for path, (size, sha) in sorted(files.items())}
+        digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+        return cls(name=name, size=sum(f["size"] for f in table.values()), sha256=digest, files=table,
+                   format_version=SHARDED_FORMAT_VERSION, **fields)
 
     def to_json(self) -> bytes:
         """Serialize (stable key order, so identical states give identical manifests)."""
@@ -115,8 +138,11 @@ class Manifest:
             if not isinstance(manifest.sha256, str) or len(manifest.sha256) != 64:
                 raise ValueError("sha256 must be 64 hex digits")
             manifest.metrics = {str(k): float(v) for k, v in dict(manifest.metrics).items()}
-        except (TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"manifest of {where} is malformed: {exc}") from exc
+            manifest.files = {
+                str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in dict(manifest.files).items()
+            }
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CorruptCheckpointError(f"manifest of {where} is malformed: {exc!r}") from exc
         return manifest
 
 

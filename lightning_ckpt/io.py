@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from lightning_ckpt import distributed
 from lightning_ckpt.async_saver import AsyncSaver, PendingSave
 from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.security import Encryptor, Signer
+from lightning_ckpt.sharded import ShardedCheckpointer
 from lightning_ckpt.storage import split_url
 
-__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO"]
+__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "is_sharded"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -120,13 +122,80 @@ class ManagedCheckpointIO(CheckpointIO):
             # leave the other ranks waiting in that barrier forever
             self.last_error = exc
 
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    def save_sharded(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Every rank: write the Trainer ``checkpoint`` of a sharded strategy as a sharded checkpoint.
+
+        Model and optimizer states (sharded) go through ``torch.distributed.checkpoint``, the rest
+        to ``meta.pt`` -- Lightning's layout -- committed once with a manifest covering every file.
+        """
+        meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
+        defer = bool(meta.pop(DEFER_ERRORS, False))
+        meta.pop(BACKGROUND, None)
+        on_done = meta.pop(ON_DONE, None)
+        manager, name = self.manager_for(str(path))
+        tensors = {"state_dict": checkpoint.pop("state_dict")}
+        tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        self.last_save, self.last_error, self.last_pending = None, None, None
+        try:
+            self.last_save = ShardedCheckpointer(manager).save(tensors, checkpoint, name, **meta)
+            if on_done is not None and distributed.rank() == 0:
+                on_done(self.last_save)
+        except CheckpointError as exc:
+            if not defer:
+                raise
+            self.last_error = exc
+
+    def load_into_strategy(self, strategy: Any, path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Every rank: ``strategy.load_checkpoint`` for sharded strategies (see :func:`attach_sharded`).
+
+        A sharded checkpoint is verified (each rank a share of the files) and read into the model
+        and optimizers as they are sharded now; a single-file one is loaded whole and distributed
+        as Lightning does. Returns the rest of the checkpoint for Lightning to restore.
+        """
+        url = strategy.broadcast(self._follow(path))  # rank 0 resolved "last"/"best": all ranks load it
+        self.flush()
+        manager, name = self.manager_for(url)
+        module, optimizers = strategy.model, strategy.optimizers
+        strict = bool(getattr(strategy.lightning_module, "strict_loading", True))
+        weights_only = True if weights_only is None else weights_only
+        if manager.read_manifest(name).sharded:
+            _, checkpoint = ShardedCheckpointer(manager).load(name, module, optimizers, strict, weights_only)
+        else:
+            checkpoint = self._load_full_into(manager, name, module, optimizers, strict, weights_only)
+        self.last_loaded = manager.url_of(name)
+        self.loaded_optimizer_states = None  # checked against the model by DCP itself
+        log.info("lightning-ckpt: loaded verified checkpoint %s", self.last_loaded)
+        return checkpoint
+
+    @staticmethod
+    def _load_full_into(
+        manager: CheckpointManager, name: str, module: Any, optimizers: Any, strict: bool, weights_only: bool
     ) -> dict[str, Any]:
+        """A single-file checkpoint (say, from a one-GPU run) into a sharded model, as Lightning does."""
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        checkpoint = manager.load(name, map_location="cpu", weights_only=weights_only)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module, strict=strict)
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+        for index, optimizer in enumerate(optimizers):
+            state = _rekey_optimizer_state_if_needed(checkpoint["optimizer_states"][index], module)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
+        checkpoint.pop("optimizer_states", None)
+        return checkpoint
+
+    def _follow(self, path: Any) -> str:
+        """The URL behind ``path`` (a resume pointer is followed and removed)."""
         url = self._pointers.pop(str(path), None) or str(path)
         if url != str(path):
             with contextlib.suppress(OSError):
                 os.unlink(str(path))
+        return url
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        url = self._follow(path)
         self.flush()  # e.g. trainer.test(ckpt_path="best") right after fit: the save must be done
         manager, name = self.manager_for(url)
         checkpoint = manager.load(
@@ -179,4 +248,32 @@ class ManagedCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         manager, name = self.manager_for(str(path))
         manager.delete(name)
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` saves sharded (DCP) checkpoints itself, bypassing ``CheckpointIO``.
+
+    Lightning's ``ModelParallelStrategy`` (FSDP2, tensor parallel) by default, and ``FSDPStrategy``
+    with ``state_dict_type="sharded"``.
+    """
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
+        getattr(strategy, "_state_dict_type", None) == "sharded"
+    )
+
+
+def attach_sharded(strategy: Any, io: ManagedCheckpointIO) -> None:
+    """Route a sharded strategy's ``load_checkpoint`` through ``io`` (idempotent).
+
+    These strategies read checkpoints themselves with local ``Path``s and never consult a
+    ``CheckpointIO``; this is the one place Lightning lets us in: ``Trainer.fit(ckpt_path=...)``
+    calls ``strategy.load_checkpoint`` on every rank after the model is sharded.
+    """
+    if getattr(strategy, "_lightning_ckpt_io", None) is io:
+        return
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return io.load_into_strategy(strategy, checkpoint_path, weights_only)
+
+    strategy.load_checkpoint = load_checkpoint
+    strategy._lightning_ckpt_io = io
 

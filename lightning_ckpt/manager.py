@@ -42,6 +42,7 @@ from lightning_ckpt.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     KeyMissingError,
+    ShardedCheckpointError,
     TamperedCheckpointError,
     UncommittedCheckpointError,
     UnsafeCheckpointError,
@@ -187,7 +188,13 @@ class CheckpointManager:
         manifest = self.read_manifest(src)
         self._begin(dst)
         try:
-            self.storage.copy(src, dst)
+            if manifest.sharded:
+                self.storage.delete_tree(dst)
+                source, target = self.storage.child(src), self.storage.child(dst)
+                for path in manifest.files:
+                    source.copy_to(path, target)
+            else:
+                self.storage.copy(src, dst)
             fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
             copied = Manifest(**fields)
             self._write_manifest(copied)
@@ -242,13 +249,17 @@ class CheckpointManager:
         A manifest that cannot be read is reported with a warning and left out.
         """
         files = {f.name: f.size for f in self.storage.list()}
+        dirs: set[str] | None = None
         out = []
         for fname in files:
             if not fname.endswith(MANIFEST_SUFFIX):
                 continue
             name = fname[: -len(MANIFEST_SUFFIX)]
             if name not in files:
-                continue
+                if dirs is None:  # a sharded checkpoint is a directory: listed only when one is met
+                    dirs = set(self.storage.dirs())
+                if name not in dirs:
+                    continue
             try:
                 manifest = self._parse_manifest(self.storage.read_bytes(fname), name)
             except CheckpointNotFoundError:
@@ -296,6 +307,9 @@ class CheckpointManager:
         so resolving ``"last"`` and loading it read the payload once.
         """
         manifest = self.read_manifest(name)
+        if manifest.sharded:
+            self.verify_files(name, manifest)
+            return manifest
         buffer = self._read_verified(name, manifest)
         if keep:
             self._verified = {name: (manifest, buffer)}
@@ -348,6 +362,12 @@ class CheckpointManager:
                     stacklevel=2,
                 )
                 return self._deserialize(name, self._read_plain(name), map_location, weights_only)
+            if manifest.sharded:
+                raise ShardedCheckpointError(
+                    f"{self.url_of(name)} is a sharded checkpoint ({len(manifest.files)} files written by several "
+                    "processes): resume it with trainer.fit(ckpt_path=...) under a sharded strategy, or make one "
+                    "file of it with lightning_ckpt.sharded.consolidate() or `lightning-ckpt export`"
+                )
             buffer = self._read_verified(name, manifest) if verify else self._read_plain(name)
         return self._deserialize(name, self._decrypt(name, manifest, buffer), map_location, weights_only)
 
@@ -418,10 +438,13 @@ class CheckpointManager:
 
     def delete(self, name: str) -> None:
         """Delete committed checkpoint ``name`` (marker, manifest, payload, marker)."""
-        self.read_manifest(name)  # only ever delete what we committed
+        manifest = self.read_manifest(name)  # only ever delete what we committed
         self.storage.write_bytes(name + PENDING_SUFFIX, b'{"deleting": true}')
         self.storage.delete(manifest_name(name))
-        self.storage.delete(name)
+        if manifest.sharded:
+            self.storage.delete_tree(name)
+        else:
+            self.storage.delete(name)
         self.storage.delete(name + PENDING_SUFFIX)
         self._verified.pop(name, None)
 
@@ -472,9 +495,59 @@ class CheckpointManager:
             if manifest_name(name) not in files and name in files:
                 self.storage.delete(name)
                 removed.append(name)
+            elif manifest_name(name) not in files and name in self.storage.dirs():
+                self.storage.delete_tree(name)  # the shards of an interrupted sharded save
+                removed.append(name + "/")
             self.storage.delete(fname)
             removed.append(fname)
         return removed
+
+    # -- sharded checkpoints (directories written by many processes) ---------------------------
+
+    def begin_directory(self, name: str) -> Storage:
+        """Mark checkpoint directory ``name`` pending (clearing an older one) and return it.
+
+        Until :meth:`commit` writes its manifest nothing lists, resumes from or prunes it, and
+        :meth:`cleanup` removes it after a crash.
+        """
+        self._begin(name)
+        self.storage.delete_tree(name)
+        return self.storage.child(name)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Commit a checkpoint whose files are all durable: write its manifest, drop the marker."""
+        self._write_manifest(manifest)
+        self._end(manifest.name)
+
+    def abandon_directory(self, name: str) -> None:
+        """Best-effort removal of a failed sharded save (what stays, :meth:`cleanup` removes)."""
+        try:
+            self.storage.delete(manifest_name(name))
+            self.storage.delete_tree(name)
+            self.storage.delete(name + PENDING_SUFFIX)
+        except CheckpointError as exc:
+            log.warning("could not remove %s after a failed save (%s); cleanup will retry", name, exc)
+
+    def verify_files(self, name: str, manifest: Manifest, part: tuple[int, int] = (0, 1)) -> None:
+        """Check the files of sharded ``name`` against its manifest.
+
+        ``part=(i, n)`` checks every n-th file from the i-th, so n processes share the reading.
+        """
+        index, count = part
+        directory = self.storage.child(name)
+        for path in sorted(manifest.files)[index::count]:
+            expected = manifest.files[path]
+            where = f"{self.url_of(name)}/{path}"
+            try:
+                size, sha = directory.digest(path)
+            except CheckpointNotFoundError:
+                raise CorruptCheckpointError(f"{where} is missing (its manifest lists it)") from None
+            if size != expected["size"]:
+                raise CorruptCheckpointError(
+                    f"{where} is {size} bytes; its manifest says {expected['size']} bytes (truncated or overwritten)"
+                )
+            if sha != expected["sha256"]:
+                raise CorruptCheckpointError(f"{where} does not match the sha256 in its manifest (damaged)")
 
     def _manifest_parses(self, name: str) -> bool:
         try:

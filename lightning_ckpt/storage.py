@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import time
@@ -367,6 +368,84 @@ class Storage:
                 self.fs.invalidate_cache(self.root)
 
         self._call("delete", name, op)
+
+    # -- directories (sharded checkpoints) ------------------------------------------------------
+
+    def child(self, name: str) -> Storage:
+        """The directory ``name`` inside this one, as a :class:`Storage` of its own.
+
+        Same filesystem instance, options and retry policy; nothing is created.
+        """
+        path = self.path(name)
+        sub = object.__new__(Storage)
+        sub.__dict__.update(self.__dict__)
+        sub.root, sub.url = path, self.url_of(name)
+        return sub
+
+    def dirs(self) -> list[str]:
+        """Names of the directories directly inside this one (an absent directory has none)."""
+
+        def op() -> list[str]:
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return []
+            return [str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+
+        return self._call("list", None, op)
+
+    def delete_tree(self, name: str) -> None:
+        """Delete directory ``name`` and everything in it; an absent one is fine."""
+        path = self.path(name)
+
+        def op() -> None:
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+            finally:
+                self.fs.invalidate_cache(self.root)
+                self.fs.invalidate_cache(path)
+
+        self._call("delete", name, op)
+
+    def copy_to(self, name: str, other: Storage) -> None:
+        """Copy ``name`` into directory ``other`` on the same filesystem (server-side on stores)."""
+        src, dst = self.path(name), other.path(name)
+
+        def op() -> None:
+            if self.is_local:
+                os.makedirs(other.root, exist_ok=True)
+            self.fs.cp_file(src, dst)
+            self.fs.invalidate_cache(other.root)
+
+        self._call("copy to", name, op)
+
+    def digest(self, name: str) -> tuple[int, str]:
+        """Size and sha256 of ``name``, streamed in blocks (memory: one block)."""
+        path = self.path(name)
+
+        def op() -> tuple[int, str]:
+            digest, size = hashlib.sha256(), 0
+            block = bytearray(_CHUNK)
+            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+                while n := _readinto(f, memoryview(block)):
+                    digest.update(memoryview(block)[:n])
+                    size += n
+            return size, digest.hexdigest()
+
+        return self._call("read", name, op)
+
+    def fsspec_target(self, name: str) -> tuple[str, dict[str, Any]]:
+        """URL and fsspec options of ``name`` for writers that open files themselves.
+
+        ``torch.distributed.checkpoint``'s fsspec reader and writer take exactly these; they
+        build their own filesystem from them (same options, same credentials).
+        """
+        path = self.path(name)
+        url = path if self.is_local else self.fs.unstrip_protocol(path)
+        return url, dict(self.storage_options)
 
 
 class _TranslatingWriter:

@@ -1,0 +1,231 @@
+"""Sharded checkpoints: every process writes its own shards through ``torch.distributed.checkpoint``.
+
+A sharded checkpoint ``NAME`` is a directory in Lightning's own layout (so Lightning's
+``ModelParallelStrategy`` can read a local one without this package)::
+
+    NAME/.metadata        DCP's index of every tensor and shard (written by rank 0)
+    NAME/__R_I.distcp     the shards rank R holds
+    NAME/meta.pt          the rest of the Trainer checkpoint: loops, callbacks, epoch, ... (rank 0)
+    NAME.manifest.json    the commit: size and sha256 of every file above
+
+Saving (every rank calls :meth:`ShardedCheckpointer.save`): rank 0 marks ``NAME`` pending; every
+rank writes its shards in parallel with DCP's fsspec writer (to any fsspec URL); rank 0 writes
+``meta.pt``; every rank hashes its share of the files; rank 0 writes the manifest. Only then is
+the checkpoint listed, resumed from or pruned, exactly like a single-file one. A failure on any
+rank is raised on every rank (no rank is left waiting) and rank 0 removes what was written.
+
+Loading: every rank verifies its share of the files, then DCP reads what each rank needs into
+the model and optimizer *as they are sharded now* -- resuming at another world size reshards.
+:func:`consolidate` turns a sharded checkpoint into one ordinary state dict in a single process.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from lightning_ckpt import distributed
+from lightning_ckpt.errors import CheckpointError, ConfigurationError, IncompatibleCheckpointError, StorageError
+from lightning_ckpt.integrity import HashingWriter, Manifest, versions
+from lightning_ckpt.manager import CheckpointManager, SaveResult
+
+__all__ = ["META_FILE", "ShardedCheckpointer", "consolidate"]
+
+T = TypeVar("T")
+
+#: The file holding everything of a Trainer checkpoint that is not sharded (Lightning's name).
+META_FILE = "meta.pt"
+
+
+class ShardedCheckpointer:
+    """Writes and reads sharded checkpoints in ``manager``'s directory; a collective on every rank."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        if manager.encryptor is not None:
+            raise ConfigurationError("encrypting sharded checkpoints is not supported; save them unencrypted")
+        self.manager = manager
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(self, tensors: Mapping[str, Any], extras: Mapping[str, Any], name: str, **fields: Any) -> SaveResult:
+        """Write ``tensors`` (sharded: DTensors or ShardedTensors) and ``extras`` (rank 0's) as ``name``.
+
+        ``fields`` are manifest fields (epoch, global_step, metrics, monitor, mode, owner, ...).
+        Every rank returns the same :class:`SaveResult` or raises the same failure.
+        """
+        start = time.perf_counter()
+        rank, storage = distributed.rank(), self.manager.storage
+        url = self.manager.url_of(name)
+        error: BaseException | None = None
+        if rank == 0:
+            _, error = _attempt(lambda: self.manager.begin_directory(name))
+        self._agree(error, name)
+        try:
+            directory = storage.child(name)
+            target, options = storage.fsspec_target(name)
+            _, error = _attempt(lambda: _dcp_save(dict(tensors), target, options), f"could not write the shards of {url}")
+            self._agree(error, name)
+            meta: tuple[int, str] | None = None
+            if rank == 0:
+                meta, error = _attempt(lambda: _write_meta(directory, extras))
+            self._agree(error, name)
+            files = directory.list()  # every rank sees the same complete set after the agreement
+            mine = sorted(f.name for f in files)[rank :: distributed.world_size()]
+            share, error = _attempt(lambda: {path: directory.digest(path) for path in mine})
+            self._agree(error, name)
+            manifest: Manifest | None = None
+            if rank == 0:
+                table: dict[str, tuple[int, str]] = {}
+                for part in distributed.all_gather(share):
+                    table.update(part)
+                if meta is not None:
+                    table[META_FILE] = meta
+                manifest = Manifest.for_files(name, table, versions=versions(), **fields)
+                _, error = _attempt(lambda: self.manager.commit(manifest))
+            else:
+                distributed.all_gather(share)
+            self._agree(error, name)
+            manifest = distributed.broadcast(manifest)
+        except BaseException:
+            if rank == 0:
+                self.manager.abandon_directory(name)
+            raise
+        return SaveResult(manifest, url, time.perf_counter() - start)
+
+    def _agree(self, error: BaseException | None, name: str) -> None:
+        """Raise on every rank if any rank failed; the failing rank raises its own exception."""
+        reports = distributed.all_gather(None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        if not failed:
+            return
+        if error is not None:
+            raise error
+        where = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+        raise StorageError(errno.EIO, f"saving {self.manager.url_of(name)} failed on another rank ({where})")
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        strict: bool = True,
+        weights_only: bool = True,
+    ) -> tuple[Manifest, dict[str, Any]]:
+        """Verify ``name``, load it into ``module`` and ``optimizers`` in place; return the rest.
+
+        A collective: every rank verifies a share of the files and reads the shards it needs for
+        the way ``module`` is sharded now (another world size reshards).
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        manifest = self.manager.read_manifest(name)
+        if not manifest.sharded:
+            raise IncompatibleCheckpointError(f"{self.manager.url_of(name)} is a single-file checkpoint, not a sharded one")
+        part = (distributed.rank(), distributed.world_size())
+        _, error = _attempt(lambda: self.manager.verify_files(name, manifest, part))
+        self._agree(error, name)
+        target, options = self.manager.storage.fsspec_target(name)
+        url = self.manager.url_of(name)
+        try:
+            model_state = {"state_dict": get_model_state_dict(module)}
+            _dcp_load(model_state, target, options)
+            set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=strict))
+            for index, optimizer in enumerate(optimizers):
+                key = f"optimizer_{index}"
+                optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+                _dcp_load(optim_state, target, options)
+                set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
+                                         options=StateDictOptions(cpu_offload=True, strict=strict))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # DCP names the missing or mismatched key
+            raise IncompatibleCheckpointError(f"the sharded checkpoint {url} does not fit this model: {exc}") from exc
+        data = self.manager.storage.child(name).read_bytes(META_FILE)
+        extras = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        return manifest, extras
+
+
+def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> dict[str, Any]:
+    """The whole sharded checkpoint ``name`` as one ordinary (Lightning-style) checkpoint dict.
+
+    Run it in a single process (no process group): every shard is read into full tensors.
+    ``state_dict`` holds the model's tensors; ``optimizer_states`` the optimizers' states keyed by
+    parameter name (DCP's layout); everything else comes from ``meta.pt``.
+    """
+    manifest = manager.read_manifest(name)
+    if not manifest.sharded:
+        raise IncompatibleCheckpointError(f"{manager.url_of(name)} is a single-file checkpoint, not a sharded one")
+    if verify:
+        manager.verify_files(name, manifest)
+    target, options = manager.storage.fsspec_target(name)
+    state = _dcp_load_everything(target, options)
+    extras = torch.load(io.BytesIO(manager.storage.child(name).read_bytes(META_FILE)), map_location="cpu",
+                        weights_only=True)
+    optimizers = [state.pop(k) for k in sorted((k for k in state if k.startswith("optimizer_")),
+                                                key=lambda k: int(k.split("_")[1]))]
+    out = {**extras, "state_dict": state.pop("state_dict", {})}
+    if optimizers:
+        out["optimizer_states"] = optimizers
+    return out
+
+
+# -- DCP plumbing -----------------------------------------------------------------------------
+
+def _write_meta(directory: Any, extras: Mapping[str, Any]) -> tuple[int, str]:
+    with directory.open_write(META_FILE) as f:
+        writer = HashingWriter(f)
+        torch.save(dict(extras), writer)  # type: ignore[arg-type]
+    return writer.size, writer.sha256
+
+
+def _dcp_save(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    dcp.save(state, storage_writer=FsspecWriter(target, **options))
+
+
+def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    dcp.load(state, storage_reader=FsspecReader(target, **options))
+
+
+def _dcp_load_everything(target: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of a DCP checkpoint, whole, in this process (what ``dcp_to_torch_save`` does)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FsspecReader(target, **options), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return state
+
+
+def _attempt(fn: Callable[[], T], message: str | None = None) -> tuple[T | None, BaseException | None]:
+    """Run ``fn``: its result, or its exception (wrapped in our tree with ``message``) to agree on."""
+    try:
+        return fn(), None
+    except CheckpointError as exc:
+        return None, exc
+    except Exception as exc:  # DCP's CheckpointException, a backend error, ...
+        if message is None:
+            return None, exc
+        wrapped = StorageError(errno.EIO, f"{message}: {type(exc).__name__}: {exc}")
+        wrapped.__cause__ = exc
+        return None, wrapped
