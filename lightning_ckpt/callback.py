@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks.checkpoint import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_ckpt import distributed
 from lightning_ckpt.async_saver import PendingSave
 from lightning_ckpt.errors import (
     CheckpointError,
@@ -840,12 +841,21 @@ class CheckpointCallback(ModelCheckpoint):
             "kth_best_model_path": self.kth_best_model_path,
             "kth_value": self.kth_value,
             "last_model_path": self.last_model_path,
-            **({"rng": capture_rng()} if self.exact_resume else {}),
+            **(self._rng_state() if self.exact_resume else {}),
         }
+
+    @staticmethod
+    def _rng_state() -> dict[str, Any]:
+        """This process's random streams, and with several processes every rank's (rank 0 writes)."""
+        rng = capture_rng()
+        return {"rng": rng, "rng_per_rank": distributed.all_gather(rng) if distributed.active() else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.exact_resume and state_dict.get("rng") is not None:
-            self._rng_to_restore = state_dict["rng"]
+            per_rank = state_dict.get("rng_per_rank")
+            same_world = isinstance(per_rank, list) and len(per_rank) == distributed.world_size()
+            # at another world size there is no bit-exact continuation: every rank takes rank 0's
+            self._rng_to_restore = per_rank[distributed.rank()] if same_world else state_dict["rng"]
         if state_dict.get("dirpath") != self.dirpath:
             warnings.warn(
                 f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
