@@ -402,6 +402,11 @@ class Storage:
         def op() -> None:
             try:
                 self.fs.rm(path, recursive=True)
+                if not self.is_local:
+                    # stores with a filer (SeaweedFS, MinIO...) keep an empty folder entry, S3
+                    # has none: deleting the "dir/" key is harmless either way
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path + "/")
             except FileNotFoundError:
                 pass
             finally:

@@ -127,7 +127,14 @@ def main(config: dict[str, Any]) -> None:
         strategy: Any = ModelParallelStrategy(data_parallel_size=config["devices"], tensor_parallel_size=1)
     else:
         strategy = config.get("strategy", "ddp")
-    callback = CheckpointCallback(dirpath=config["dirpath"], storage_options=config.get("storage_options"),
+    storage_options = config.get("storage_options")
+    if config.get("faults") is not None:  # faults in rank 0's storage: faulty:///path over the local disk
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from faulty_fs import Fault, FaultPlan, register
+
+        register()
+        storage_options = {"target_protocol": "file", "plan": FaultPlan(*(Fault(**f) for f in config["faults"]))}
+    callback = CheckpointCallback(dirpath=config["dirpath"], storage_options=storage_options,
                                   **config.get("callback", {}))
     trainer = pl.Trainer(
         accelerator="cpu", devices=config["devices"], strategy=strategy, max_steps=config["max_steps"],

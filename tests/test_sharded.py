@@ -1,0 +1,149 @@
+"""Sharded checkpoints in one process, over every backend: commit, listing, verification, retention.
+
+``torch.distributed.checkpoint`` runs without a process group here (one rank), which exercises
+everything but the collectives -- those are covered by 2-process runs in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backends import backend  # noqa: F401
+
+from lightning_ckpt import (
+    CheckpointManager,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+    KeepLatest,
+)
+from lightning_ckpt.errors import ShardedCheckpointError
+from lightning_ckpt.integrity import SHARDED_FORMAT_VERSION, manifest_name
+from lightning_ckpt.manager import PENDING_SUFFIX
+from lightning_ckpt.security import Encryptor
+from lightning_ckpt.sharded import META_FILE, ShardedCheckpointer, consolidate
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def tensors(v: float) -> dict:
+    return {
+        "state_dict": {"layer.weight": torch.full((8, 4), v), "layer.bias": torch.arange(8.0) + v},
+        "optimizer_0": {"state": {"layer.weight": {"step": torch.tensor(3.0), "exp_avg": torch.full((8, 4), -v)}},
+                        "param_groups": [{"lr": 0.01, "params": ["layer.weight"]}]},
+    }
+
+
+def save(mgr: CheckpointManager, name: str, step: int, loss: float = 1.0) -> object:
+    return ShardedCheckpointer(mgr).save(tensors(step), {"epoch": 0, "global_step": step, "loops": {"x": 1}}, name,
+                                         epoch=0, global_step=step, metrics={"val_loss": loss}, monitor="val_loss",
+                                         owner="me")
+
+
+def test_a_sharded_save_commits_every_file_with_one_manifest(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    result = save(mgr, "s.ckpt", 4)
+    manifest = result.manifest
+    files = {f.name: f.size for f in mgr.storage.child("s.ckpt").list()}
+    assert set(manifest.files) == set(files) and {".metadata", META_FILE} <= set(files)
+    assert any(name.endswith(".distcp") for name in files)
+    assert all(manifest.files[n]["size"] == size for n, size in files.items())
+    assert manifest.sharded and manifest.size == sum(files.values())
+    assert manifest.format_version == SHARDED_FORMAT_VERSION
+    assert result.url == mgr.url_of("s.ckpt")
+    assert [m.name for m in mgr.manifests()] == ["s.ckpt"]
+    assert mgr.verify("s.ckpt").global_step == 4
+    assert not mgr.storage.exists("s.ckpt" + PENDING_SUFFIX)
+
+
+def test_consolidate_returns_every_tensor_whole(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    save(mgr, "s.ckpt", 4)
+    full = consolidate(mgr, "s.ckpt")
+    expected = tensors(4)
+    assert torch.equal(full["state_dict"]["layer.weight"], expected["state_dict"]["layer.weight"])
+    assert torch.equal(full["state_dict"]["layer.bias"], expected["state_dict"]["layer.bias"])
+    exp_avg = full["optimizer_states"][0]["state"]["layer.weight"]["exp_avg"]
+    assert torch.equal(exp_avg, expected["optimizer_0"]["state"]["layer.weight"]["exp_avg"])
+    assert full["loops"] == {"x": 1} and full["global_step"] == 4
+
+
+def test_retention_copies_and_deletes_whole_directories(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    for step in (1, 2, 3):
+        save(mgr, f"s{step}.ckpt", step)
+    mgr.copy("s3.ckpt", "last.ckpt", owner="me/last")
+    assert mgr.verify("last.ckpt").sharded
+    deleted = mgr.prune(KeepLatest(1), owner="me")
+    assert sorted(deleted) == ["s1.ckpt", "s2.ckpt"]
+    assert sorted(mgr.storage.dirs()) == ["last.ckpt", "s3.ckpt"]
+    assert sorted(f.name for f in mgr.storage.list()) == [manifest_name("last.ckpt"), manifest_name("s3.ckpt")]
+
+
+def test_a_damaged_or_missing_shard_is_named(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    save(mgr, "old.ckpt", 1)
+    manifest = save(mgr, "new.ckpt", 2).manifest
+    shard = next(n for n in manifest.files if n.endswith(".distcp"))
+    directory = mgr.storage.child("new.ckpt")
+    data = bytearray(directory.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    directory.write_bytes(shard, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"new\.ckpt/__0_0\.distcp does not match the sha256"):
+        mgr.verify("new.ckpt")
+    with pytest.warns(CheckpointWarning, match="skipping damaged"):
+        assert mgr.latest().name == "old.ckpt"
+    directory.delete(shard)
+    with pytest.raises(CorruptCheckpointError, match="is missing"):
+        mgr.verify("new.ckpt")
+
+
+def test_an_interrupted_sharded_save_is_invisible_and_cleaned_up(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    save(mgr, "good.ckpt", 1)
+    # a crash after the shards were written, before the manifest: the marker proves they are ours
+    directory = mgr.begin_directory("torn.ckpt")
+    directory.write_bytes("__0_0.distcp", b"half")
+    assert [m.name for m in mgr.manifests()] == ["good.ckpt"]
+    removed = mgr.cleanup()
+    assert "torn.ckpt/" in removed and "torn.ckpt" + PENDING_SUFFIX in removed
+    assert mgr.storage.dirs() == ["good.ckpt"]
+    assert mgr.verify("good.ckpt").global_step == 1
+
+
+def test_a_failed_sharded_save_leaves_nothing_and_keeps_older_ones(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    save(mgr, "good.ckpt", 1)
+    with pytest.raises((AttributeError, TypeError)):  # meta.pt cannot be pickled: the save fails after the shards
+        ShardedCheckpointer(mgr).save(tensors(2), {"bad": lambda: None}, "bad.ckpt", global_step=2)
+    assert [m.name for m in mgr.manifests()] == ["good.ckpt"]
+    assert mgr.storage.dirs() == ["good.ckpt"]
+    assert sorted(f.name for f in mgr.storage.list()) == [manifest_name("good.ckpt")]
+
+
+def test_loading_a_sharded_checkpoint_as_one_file_says_what_to_do(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    save(mgr, "s.ckpt", 1)
+    with pytest.raises(ShardedCheckpointError, match="consolidate"):
+        mgr.load("s.ckpt")
+
+
+def test_replacing_a_sharded_checkpoint_leaves_no_stale_shard(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    save(mgr, "last.ckpt", 1)
+    mgr.storage.child("last.ckpt").write_bytes("__9_0.distcp", b"stale")  # not in any manifest
+    save(mgr, "last.ckpt", 2)
+    assert "__9_0.distcp" not in {f.name for f in mgr.storage.child("last.ckpt").list()}
+    assert mgr.verify("last.ckpt").global_step == 2
+
+
+def test_encrypted_sharded_checkpoints_are_refused_up_front(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path), encryptor=Encryptor(b"k" * 32))
+    with pytest.raises(ConfigurationError, match="encrypting sharded"):
+        ShardedCheckpointer(mgr)
