@@ -730,12 +730,12 @@ class CheckpointCallback(ModelCheckpoint):
         """
         io = trainer.strategy._checkpoint_io
         error = io.last_error if isinstance(io, ManagedCheckpointIO) else None
-        failed = bool(trainer.strategy.broadcast(error is not None))
-        if not failed:
+        reason = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if reason is None:
             return True
         self.failed_saves += 1
         if self.fail_on_save_error or _is_final_save(trainer):
-            raise error if error is not None else CheckpointError(f"saving {name} failed on rank 0")
+            raise error if error is not None else CheckpointError(f"saving {name} failed on rank 0 ({reason})")
         rank_zero_warn(
             f"lightning-ckpt: saving {self.manager.url_of(name)} FAILED ({error}); older checkpoints are intact "
             f"and the next save will try again ({self.failed_saves} failed so far)",

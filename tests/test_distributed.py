@@ -1,0 +1,234 @@
+"""Two processes over gloo on CPU, launched as users launch them: DDP and FSDP2 (ModelParallelStrategy).
+
+Each run is ``python tests/dist_run.py CONFIG`` in a fresh process group; every rank reports what
+it believes (best, last, top-k, failures) and a hash of the full model + optimizer state. The
+checks: exactly one checkpoint set, every rank agrees, bit-identical resume (each rank's random
+streams included), sharded checkpoints committed once over every shard, resume at another world
+size, damage and failures handled on every rank without a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_ckpt import CheckpointManager
+from lightning_ckpt.integrity import manifest_name
+from lightning_ckpt.sharded import consolidate
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "tests" / "dist_run.py"
+TOPK = {"monitor": "val_loss", "save_top_k": 2, "save_last": True, "every_n_train_steps": 4}
+
+
+def run(tmp: Path, tag: str, timeout: float = 240, **config: Any) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """One multi-process run; returns the process and every rank's report that was written."""
+    config = {"devices": 2, "max_steps": 16, **config, "out": str(tmp / tag)}
+    path = tmp / f"{tag}.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, str(RUN), str(path)], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=tmp)
+    reports = []
+    for rank in range(config["devices"]):
+        report = tmp / f"{tag}.rank{rank}.json"
+        if report.exists():
+            reports.append(json.loads(report.read_text()))
+    return proc, reports
+
+
+def ok(proc: subprocess.CompletedProcess, reports: list[dict], devices: int = 2) -> list[dict]:
+    assert proc.returncode == 0 and len(reports) == devices, proc.stderr[-4000:]
+    for report in reports:
+        assert "error" not in report, report["error"]
+    return reports
+
+
+def agree(reports: list[dict], *keys: str) -> None:
+    """Every rank reports the same value for each key."""
+    for key in keys:
+        assert len({json.dumps(r[key]) for r in reports}) == 1, (key, [r[key] for r in reports])
+
+
+def digest_of(full: dict) -> str:
+    """The report's state hash of a consolidated checkpoint (same keys as dist_run.full_state)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from dist_run import digest
+
+    state = {f"model.{k}": v for k, v in full["state_dict"].items()}
+    for name, values in full["optimizer_states"][0]["state"].items():
+        for key, value in values.items():
+            state[f"optim.{name}.{key}"] = torch.as_tensor(value)
+    return digest(state)
+
+
+def committed(dirpath: Path) -> list[str]:
+    return sorted(m.name for m in CheckpointManager(str(dirpath)).manifests())
+
+
+# -- DDP ---------------------------------------------------------------------------------------
+
+
+def test_ddp_writes_one_checkpoint_set_and_every_rank_agrees(tmp_path: Path) -> None:
+    reports = ok(*run(tmp_path, "a", strategy="ddp", dirpath=str(tmp_path / "ck"), callback=TOPK))
+    agree(reports, "best_model_path", "best_model_score", "best_k_models", "last_model_path", "state_sha")
+    names = committed(tmp_path / "ck")
+    assert len(names) == 3 and "last.ckpt" in names  # top 2 and last, whatever the losses were
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    for name in names:
+        mgr.verify(name)
+    expected = {n for name in names for n in (name, manifest_name(name))}
+    assert {p.name for p in (tmp_path / "ck").iterdir()} == expected  # nothing else: no rank wrote its own
+    assert sorted(reports[0]["best_k_models"]) == sorted(mgr.url_of(n) for n in names if n != "last.ckpt")
+
+
+def test_ddp_resume_is_bit_exact_on_every_rank_also_after_async_saves(tmp_path: Path) -> None:
+    # each rank draws its own dropout masks (seeded by rank): resuming must restore every rank's streams
+    common = {"strategy": "ddp", "rank_seed": True}
+    every4 = {"save_top_k": -1, "every_n_train_steps": 4}
+    full = ok(*run(tmp_path, "full", dirpath=str(tmp_path / "full"), callback=every4, **common))
+    ok(*run(tmp_path, "part", max_steps=10, dirpath=str(tmp_path / "ck"), callback={**every4, "async_save": True},
+            **common))
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", dirpath=str(tmp_path / "ck"), callback=every4, **common))
+    assert resumed[0]["resumed_from"].endswith("epoch=0-step=8.ckpt")
+    assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in full]
+
+
+def test_ddp_a_failed_periodic_save_warns_on_every_rank_and_training_goes_on(tmp_path: Path) -> None:
+    fault = {"op": "close", "path": "*epoch=0-step=8.ckpt"}
+    (tmp_path / "ck").mkdir()  # faulty:// over the local disk behaves like an object store: no mkdir
+    reports = ok(*run(tmp_path, "a", strategy="ddp", dirpath=f"faulty://{tmp_path}/ck", faults=[fault],
+                      callback={"save_top_k": -1, "every_n_train_steps": 4}))
+    assert [r["failed_saves"] for r in reports] == [1, 1]
+    assert [r["global_step"] for r in reports] == [16, 16]
+    assert committed(tmp_path / "ck") == ["epoch=0-step=4.ckpt", "epoch=1-step=12.ckpt", "epoch=1-step=16.ckpt"]
+    assert not any(".pending" in p.name or "step=8" in p.name for p in (tmp_path / "ck").iterdir())
+
+
+def test_ddp_a_failed_final_save_fails_the_run_without_hanging(tmp_path: Path) -> None:
+    fault = {"op": "close", "path": "*epoch=1-step=16.ckpt"}
+    (tmp_path / "ck").mkdir()
+    proc, reports = run(tmp_path, "a", strategy="ddp", dirpath=f"faulty://{tmp_path}/ck", faults=[fault],
+                        callback={"save_top_k": -1, "every_n_train_steps": 4})
+    assert reports, proc.stderr[-3000:]
+    # rank 0 raises the storage's error; every other rank learns it and raises too, naming it
+    reason = "could not finish writing faulty://"
+    assert reports[0]["error"].startswith("StorageError") and reason in reports[0]["error"], reports
+    for report in reports[1:]:
+        assert "failed on rank 0 (StorageError" in report["error"] and reason in report["error"], reports
+    assert committed(tmp_path / "ck") == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "epoch=1-step=12.ckpt"]
+
+
+def test_ddp_a_rank_that_dies_ends_the_run_and_the_last_checkpoint_resumes(tmp_path: Path) -> None:
+    proc, reports = run(tmp_path, "a", strategy="ddp", dirpath=str(tmp_path / "ck"), fail_rank=1, fail_step=6,
+                        callback={"save_top_k": -1, "every_n_train_steps": 4})
+    assert proc.returncode != 0 or any("error" in r for r in reports)
+    assert committed(tmp_path / "ck") == ["epoch=0-step=4.ckpt"]
+    CheckpointManager(str(tmp_path / "ck")).verify("epoch=0-step=4.ckpt")
+    resumed = ok(*run(tmp_path, "b", strategy="ddp", dirpath=str(tmp_path / "ck"), ckpt_path="last", max_steps=8,
+                      callback={"save_top_k": -1, "every_n_train_steps": 4}))
+    assert [r["global_step"] for r in resumed] == [8, 8]
+    assert resumed[0]["resumed_from"].endswith("epoch=0-step=4.ckpt")
+
+
+# -- FSDP2 (ModelParallelStrategy): sharded checkpoints ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted 16-step run, and a 10-step run whose checkpoints the tests resume from."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    common = {"strategy": "fsdp2", "rank_seed": True, "callback": TOPK}
+    full = ok(*run(tmp, "full", dirpath=str(tmp / "full"), **common))
+    part = ok(*run(tmp, "part", max_steps=10, dirpath=str(tmp / "ck"), **common))
+    return {"tmp": tmp, "full": full, "part": part, "dirpath": tmp / "ck", "common": common}
+
+
+def test_fsdp2_every_rank_writes_its_shards_and_one_manifest_commits_them(fsdp_runs: dict[str, Any]) -> None:
+    dirpath, part = fsdp_runs["dirpath"], fsdp_runs["part"]
+    agree(part, "best_model_path", "best_model_score", "best_k_models", "last_model_path", "state_sha")
+    mgr = CheckpointManager(str(dirpath))
+    names = committed(dirpath)
+    assert names == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
+    for name in names:
+        manifest = mgr.verify(name)
+        on_disk = {p.name for p in (dirpath / name).iterdir()}
+        assert manifest.sharded and set(manifest.files) == on_disk
+        assert {".metadata", "meta.pt"} <= on_disk
+        assert {n.split("_")[2] for n in on_disk if n.endswith(".distcp")} == {"0", "1"}  # both ranks wrote
+
+
+def test_fsdp2_resume_from_last_is_bit_exact(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    dirpath = tmp_path / "ck"
+    shutil.copytree(fsdp_runs["dirpath"], dirpath)
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", dirpath=str(dirpath), **fsdp_runs["common"]))
+    assert resumed[0]["resumed_from"] == str(dirpath / "last.ckpt")
+    assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in fsdp_runs["full"]]
+    # retention removed whole directories: the top 2 and last remain
+    assert len(committed(dirpath)) == 3 and len([p for p in dirpath.iterdir() if p.is_dir()]) == 3
+
+
+def test_fsdp2_resume_on_one_process_reshards_exactly_what_was_saved(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    dirpath = tmp_path / "ck"
+    shutil.copytree(fsdp_runs["dirpath"], dirpath)
+    expected = digest_of(consolidate(CheckpointManager(str(dirpath)), "epoch=0-step=8.ckpt"))
+    reports = ok(*run(tmp_path, "one", devices=1, max_steps=12, ckpt_path=str(dirpath / "epoch=0-step=8.ckpt"),
+                      dirpath=str(dirpath), **fsdp_runs["common"]), devices=1)
+    assert reports[0]["loaded_sha"] == expected
+    assert reports[0]["global_step"] == 12
+
+
+def test_fsdp2_a_damaged_shard_is_skipped_by_last_and_refused_by_name(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    dirpath = tmp_path / "ck"
+    shutil.copytree(fsdp_runs["dirpath"], dirpath)
+    for name in ("last.ckpt", "epoch=0-step=8.ckpt"):
+        shard = dirpath / name / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", max_steps=6, dirpath=str(dirpath), **fsdp_runs["common"]))
+    assert [r["resumed_from"] for r in resumed] == [str(dirpath / "epoch=0-step=4.ckpt")] * 2
+    proc, reports = run(tmp_path, "named", ckpt_path=str(dirpath / "last.ckpt"), max_steps=12, dirpath=str(dirpath),
+                        **fsdp_runs["common"])
+    assert len(reports) == 2 and all("CorruptCheckpointError" in r.get("error", "") for r in reports), reports
+
+
+def test_fsdp2_on_s3_saves_prunes_and_resumes(s3_bucket_url: tuple[str, dict], tmp_path: Path) -> None:
+    url, options = s3_bucket_url
+    dirpath = f"{url}/run"
+    common = {"strategy": "fsdp2", "dirpath": dirpath, "storage_options": options,
+              "callback": {"monitor": "val_loss", "save_top_k": 1, "every_n_train_steps": 4}}
+    ok(*run(tmp_path, "a", max_steps=8, **common))
+    resumed = ok(*run(tmp_path, "b", max_steps=12, ckpt_path="last", **common))
+    assert resumed[0]["resumed_from"] == f"{dirpath}/epoch=0-step=8.ckpt"
+    agree(resumed, "best_model_path", "state_sha")
+    mgr = CheckpointManager(dirpath, options)
+    names = [m.name for m in mgr.manifests()]
+    best = resumed[0]["best_model_path"].rsplit("/", 1)[1]
+    # top-1, the newest and the one resumed from (both never pruned); each a directory of 4 files
+    # and a manifest: count the objects
+    assert sorted(names) == sorted({best, "epoch=1-step=12.ckpt", "epoch=0-step=8.ckpt"})
+    objects = mgr.storage.fs.find(mgr.storage.root)
+    assert len(objects) == 5 * len(names), objects
+    for name in names:
+        mgr.verify(name)
