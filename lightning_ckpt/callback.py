@@ -230,7 +230,6 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_global_step_saved = 0
         self._last_time_saved = time.monotonic()
         self._last_saved_name: tuple[int, str] | None = None
-        self._warned_sharded_async = False
 
     # -- identity -------------------------------------------------------------------------
 
@@ -281,11 +280,6 @@ class CheckpointCallback(ModelCheckpoint):
         io.model = pl_module
         if is_sharded(trainer.strategy):
             attach_sharded(trainer.strategy, io)
-            if self.async_save and not self._warned_sharded_async:
-                self._warned_sharded_async = True
-                rank_zero_warn("lightning-ckpt: sharded checkpoints are written synchronously (every rank writes its own "
-                               "shards in parallel); async_save applies to single-file checkpoints",
-                               category=CheckpointWarning)
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
         if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
@@ -640,8 +634,10 @@ class CheckpointCallback(ModelCheckpoint):
         owner: str,
         on_done: Callable[[SaveResult], None] | None = None,
     ) -> Manifest | None:
-        # the run's last save never skips: it waits for the one in flight
-        self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer))
+        # the run's last save never skips: it waits for the one in flight; so does every sharded
+        # save (skipping would be a decision every rank must share, and DCP runs one at a time)
+        sharded = is_sharded(trainer.strategy)
+        self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer) or sharded)
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         meta = {
@@ -653,8 +649,7 @@ class CheckpointCallback(ModelCheckpoint):
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
-        sharded = is_sharded(trainer.strategy)
-        background = self.async_save and not sharded
+        background = self.async_save
         extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
         if background:
             extra[BACKGROUND] = self.when_busy

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["active", "all_gather", "barrier", "broadcast", "rank", "world_size"]
+__all__ = ["active", "all_gather", "barrier", "broadcast", "background_group", "rank", "world_size"]
+
+_background: tuple[Any, Any] | None = None  # (the world group it belongs to, the group)
 
 
 def active() -> bool:
@@ -51,3 +53,19 @@ def barrier() -> None:
     """Wait until every rank got here."""
     if active():
         dist.barrier()
+
+
+def background_group() -> Any:
+    """A CPU (gloo) group of every rank for collectives run from background threads.
+
+    Background collectives must not share the training's group (their order would interleave
+    with the training's all-reduces). Created on first use -- a collective itself, so every rank
+    must ask at the same point -- and again for a new process group. ``None`` in one process.
+    """
+    global _background
+    if not active():
+        return None
+    world = dist.group.WORLD
+    if _background is None or _background[0] is not world:
+        _background = (world, dist.new_group(backend="gloo"))
+    return _background[1]

@@ -26,7 +26,7 @@ from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.sharded import ShardedCheckpointer
+from lightning_ckpt.sharded import ShardedCheckpointer, ShardedPendingSave
 from lightning_ckpt.storage import split_url
 
 __all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "is_sharded"]
@@ -62,7 +62,8 @@ class ManagedCheckpointIO(CheckpointIO):
         self._pointers: dict[str, str] = {}
         self._savers: dict[str, AsyncSaver] = {}
         #: the handle of the last background save (None when the save was synchronous or skipped)
-        self.last_pending: PendingSave | None = None
+        self.last_pending: PendingSave | ShardedPendingSave | None = None
+        self._sharded_pending: ShardedPendingSave | None = None
         self.last_save: SaveResult | None = None
         self.last_error: CheckpointError | None = None
         self.last_loaded: str | None = None
@@ -130,16 +131,24 @@ class ManagedCheckpointIO(CheckpointIO):
         """
         meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
         defer = bool(meta.pop(DEFER_ERRORS, False))
-        meta.pop(BACKGROUND, None)
+        background = meta.pop(BACKGROUND, None)
         on_done = meta.pop(ON_DONE, None)
         manager, name = self.manager_for(str(path))
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         self.last_save, self.last_error, self.last_pending = None, None, None
         try:
-            self.last_save = ShardedCheckpointer(manager).save(tensors, checkpoint, name, **meta)
-            if on_done is not None and distributed.rank() == 0:
-                on_done(self.last_save)
+            if background:
+                self._wait_sharded()  # DCP: one background save at a time
+                pending = ShardedCheckpointer(manager).save_async(
+                    tensors, checkpoint, name, group=distributed.background_group(), on_done=on_done, **meta
+                )
+                self._sharded_pending = pending
+                self.last_pending = pending if pending.coordinator else None
+            else:
+                self.last_save = ShardedCheckpointer(manager).save(tensors, checkpoint, name, **meta)
+                if on_done is not None and distributed.rank() == 0:
+                    on_done(self.last_save)
         except CheckpointError as exc:
             if not defer:
                 raise
@@ -228,19 +237,31 @@ class ManagedCheckpointIO(CheckpointIO):
             saver = self._savers[manager.url] = AsyncSaver(manager, when_busy=when_busy)  # type: ignore[arg-type]
         return saver
 
+    def _wait_sharded(self) -> None:
+        """Let this rank's background sharded save finish (its outcome is rank 0's to report)."""
+        pending, self._sharded_pending = self._sharded_pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending.wait()
+
     def flush(self) -> None:
         """Wait for every background save; raise the first error nobody has seen yet."""
+        self._wait_sharded()
         for saver in self._savers.values():
             saver.wait()
 
     def abandon(self) -> None:
         """On an error path: stop waiting for background saves (nothing half-written becomes visible)."""
+        if self._sharded_pending is not None:
+            self._sharded_pending.abandon()
+            self._sharded_pending = None
         for saver in self._savers.values():
             saver.close(abandon=True)
         self._savers = {}
 
     def teardown(self) -> None:
         """Lightning's end of the strategy: finish background saves and free their buffers."""
+        self._wait_sharded()
         savers, self._savers = self._savers, {}
         for saver in savers.values():
             saver.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import io
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from lightning_ckpt.errors import CheckpointError, ConfigurationError, Incompati
 from lightning_ckpt.integrity import HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 
-__all__ = ["META_FILE", "ShardedCheckpointer", "consolidate"]
+__all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
 
 T = TypeVar("T")
 
@@ -97,6 +98,75 @@ class ShardedCheckpointer:
             raise
         return SaveResult(manifest, url, time.perf_counter() - start)
 
+    def save_async(
+        self,
+        tensors: Mapping[str, Any],
+        extras: Mapping[str, Any],
+        name: str,
+        group: Any = None,
+        on_done: Callable[[SaveResult], None] | None = None,
+        **fields: Any,
+    ) -> ShardedPendingSave:
+        """Like :meth:`save`, but the shards are written in the background (DCP's ``async_save``).
+
+        Every rank is blocked only while DCP copies its shards to host memory (and rank 0 pickles
+        the small rest). DCP's future on rank 0 resolves once every rank's shards are written and
+        its index is; rank 0 then writes ``meta.pt``, hashes every file and commits -- still in
+        the background. ``group`` is a process group with a CPU backend for DCP's background
+        collectives (they must not share the training's group). Call on every rank; wait for the
+        previous handle first (DCP allows one async save at a time).
+        """
+        start = time.perf_counter()
+        rank, storage = distributed.rank(), self.manager.storage
+        pending = ShardedPendingSave(name, self.manager.url_of(name), coordinator=rank == 0)
+        error: BaseException | None = None
+        if rank == 0:
+            _, error = _attempt(lambda: self.manager.begin_directory(name))
+        self._agree(error, name)
+        meta = io.BytesIO()
+        if rank == 0:
+            torch.save(dict(extras), meta)  # now: loops and callbacks change with the next step
+        target, options = storage.fsspec_target(name)
+        try:
+            future = _dcp_async_save(dict(tensors), target, options, group)
+        except BaseException:
+            if rank == 0:
+                self.manager.abandon_directory(name)
+            raise
+        pending.stall_seconds = time.perf_counter() - start
+
+        def finish() -> None:
+            try:
+                try:
+                    future.result()
+                except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                    raise StorageError(errno.EIO, f"could not write the shards of {pending.url}: "
+                                                  f"{type(exc).__name__}: {exc}") from exc
+                result = None
+                if rank == 0:
+                    if pending.abandoned:
+                        raise CheckpointError(f"the save of {pending.url} was abandoned")
+                    result = self._commit_from_files(name, meta.getvalue(), fields, start)
+                    if on_done is not None:
+                        on_done(result)
+                pending.finish(result, None, time.perf_counter() - start)
+            except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits
+                if rank == 0:
+                    self.manager.abandon_directory(name)
+                pending.finish(None, exc, time.perf_counter() - start)
+
+        threading.Thread(target=finish, name=f"lightning-ckpt-sharded-{name}", daemon=True).start()
+        return pending
+
+    def _commit_from_files(self, name: str, meta: bytes, fields: Mapping[str, Any], start: float) -> SaveResult:
+        """Rank 0, after every rank's shards are durable: write meta.pt, hash every file, commit."""
+        directory = self.manager.storage.child(name)
+        directory.write_bytes(META_FILE, meta)
+        table = {f.name: directory.digest(f.name) for f in directory.list()}
+        manifest = Manifest.for_files(name, table, versions=versions(), **fields)
+        self.manager.commit(manifest)
+        return SaveResult(manifest, self.manager.url_of(name), time.perf_counter() - start)
+
     def _agree(self, error: BaseException | None, name: str) -> None:
         """Raise on every rank if any rank failed; the failing rank raises its own exception."""
         reports = distributed.all_gather(None if error is None else f"{type(error).__name__}: {error}")
@@ -151,11 +221,53 @@ class ShardedCheckpointer:
                                          options=StateDictOptions(cpu_offload=True, strict=strict))
         except CheckpointError:
             raise
-        except Exception as exc:  # DCP names the missing or mismatched key
+        except BaseException as exc:  # DCP names the missing or mismatched key
+            if not _is_failure(exc):
+                raise
             raise IncompatibleCheckpointError(f"the sharded checkpoint {url} does not fit this model: {exc}") from exc
         data = self.manager.storage.child(name).read_bytes(META_FILE)
         extras = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
         return manifest, extras
+
+
+class ShardedPendingSave:
+    """The handle of one background sharded save on one rank: :meth:`done`, :meth:`wait`, costs.
+
+    On rank 0 (the ``coordinator``) :meth:`wait` returns the committed :class:`SaveResult`; on
+    the other ranks it returns ``None`` once that rank's shards are written (or raises).
+    """
+
+    def __init__(self, name: str, url: str, coordinator: bool) -> None:
+        self.name, self.url, self.coordinator = name, url, coordinator
+        self.stall_seconds = 0.0
+        self.persist_seconds: float | None = None
+        self.abandoned = False
+        self._finished = threading.Event()
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"ShardedPendingSave({self.url!r}, {'done' if self.done() else 'persisting'})"
+
+    def finish(self, result: SaveResult | None, error: BaseException | None, seconds: float) -> None:
+        """Called once by the saver's background thread."""
+        self._result, self._error, self.persist_seconds = result, error, seconds
+        self._finished.set()
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> SaveResult | None:
+        """Block until finished; return the result (rank 0) or raise the save's error."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"the save of {self.url} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def abandon(self) -> None:
+        """Do not commit: the shards being written stay uncommitted (cleanup removes them)."""
+        self.abandoned = True
 
 
 def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> dict[str, Any]:
@@ -198,6 +310,13 @@ def _dcp_save(state: dict[str, Any], target: str, options: dict[str, Any]) -> No
     dcp.save(state, storage_writer=FsspecWriter(target, **options))
 
 
+def _dcp_async_save(state: dict[str, Any], target: str, options: dict[str, Any], group: Any) -> Any:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return dcp.async_save(state, storage_writer=FsspecWriter(target, **options), process_group=group)
+
+
 def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -217,13 +336,23 @@ def _dcp_load_everything(target: str, options: dict[str, Any]) -> dict[str, Any]
     return state
 
 
+def _is_failure(exc: BaseException) -> bool:
+    """An error to agree on: any ``Exception``, and DCP's ``CheckpointException`` (a ``BaseException``
+    carrying every rank's failure) -- but never an interrupt or an exit."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return isinstance(exc, (Exception, CheckpointException))
+
+
 def _attempt(fn: Callable[[], T], message: str | None = None) -> tuple[T | None, BaseException | None]:
     """Run ``fn``: its result, or its exception (wrapped in our tree with ``message``) to agree on."""
     try:
         return fn(), None
     except CheckpointError as exc:
         return None, exc
-    except Exception as exc:  # DCP's CheckpointException, a backend error, ...
+    except BaseException as exc:
+        if not _is_failure(exc):
+            raise
         if message is None:
             return None, exc
         wrapped = StorageError(errno.EIO, f"{message}: {type(exc).__name__}: {exc}")

@@ -150,11 +150,12 @@ def test_ddp_a_rank_that_dies_ends_the_run_and_the_last_checkpoint_resumes(tmp_p
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted 16-step run, and a 10-step run whose checkpoints the tests resume from."""
+    """An uninterrupted 16-step run, and a 10-step run (saving in the background) to resume from."""
     tmp = tmp_path_factory.mktemp("fsdp")
     common = {"strategy": "fsdp2", "rank_seed": True, "callback": TOPK}
     full = ok(*run(tmp, "full", dirpath=str(tmp / "full"), **common))
-    part = ok(*run(tmp, "part", max_steps=10, dirpath=str(tmp / "ck"), **common))
+    part = ok(*run(tmp, "part", max_steps=10, dirpath=str(tmp / "ck"), strategy="fsdp2", rank_seed=True,
+                   callback={**TOPK, "async_save": True}))
     return {"tmp": tmp, "full": full, "part": part, "dirpath": tmp / "ck", "common": common}
 
 
@@ -172,7 +173,7 @@ def test_fsdp2_every_rank_writes_its_shards_and_one_manifest_commits_them(fsdp_r
         assert {n.split("_")[2] for n in on_disk if n.endswith(".distcp")} == {"0", "1"}  # both ranks wrote
 
 
-def test_fsdp2_resume_from_last_is_bit_exact(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
+def test_fsdp2_resume_from_last_of_async_saves_is_bit_exact(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
     import shutil
 
     dirpath = tmp_path / "ck"
@@ -211,6 +212,18 @@ def test_fsdp2_a_damaged_shard_is_skipped_by_last_and_refused_by_name(fsdp_runs:
     proc, reports = run(tmp_path, "named", ckpt_path=str(dirpath / "last.ckpt"), max_steps=12, dirpath=str(dirpath),
                         **fsdp_runs["common"])
     assert len(reports) == 2 and all("CorruptCheckpointError" in r.get("error", "") for r in reports), reports
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_fsdp2_a_shard_that_fails_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path, async_save: bool) -> None:
+    (tmp_path / "ck").mkdir()
+    fault = {"op": "open_write", "path": "*epoch=0-step=8.ckpt/__1_*"}  # only rank 1 writes these
+    reports = ok(*run(tmp_path, "a", strategy="fsdp2", dirpath=f"faulty://{tmp_path}/ck", faults=[fault],
+                      callback={"save_top_k": -1, "every_n_train_steps": 4, "async_save": async_save}))
+    assert [r["failed_saves"] for r in reports] == [1, 1]
+    assert [r["global_step"] for r in reports] == [16, 16]
+    assert committed(tmp_path / "ck") == ["epoch=0-step=4.ckpt", "epoch=1-step=12.ckpt", "epoch=1-step=16.ckpt"]
+    assert not (tmp_path / "ck" / "epoch=0-step=8.ckpt").exists()  # rank 0 removed the other shards
 
 
 def test_fsdp2_on_s3_saves_prunes_and_resumes(s3_bucket_url: tuple[str, dict], tmp_path: Path) -> None:
