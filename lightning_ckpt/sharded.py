@@ -141,7 +141,7 @@ class ShardedCheckpointer:
                     future.result()
                 except BaseException as exc:  # DCP's CheckpointException is a BaseException
                     raise StorageError(errno.EIO, f"could not write the shards of {pending.url}: "
-                                                  f"{type(exc).__name__}: {exc}") from exc
+                                                  f"{_describe(exc)}") from exc
                 result = None
                 if rank == 0:
                     if pending.abandoned:
@@ -224,7 +224,9 @@ class ShardedCheckpointer:
         except BaseException as exc:  # DCP names the missing or mismatched key
             if not _is_failure(exc):
                 raise
-            raise IncompatibleCheckpointError(f"the sharded checkpoint {url} does not fit this model: {exc}") from exc
+            raise IncompatibleCheckpointError(
+                f"the sharded checkpoint {url} does not fit this model: {_describe(exc)}"
+            ) from exc
         data = self.manager.storage.child(name).read_bytes(META_FILE)
         extras = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
         return manifest, extras
@@ -344,6 +346,21 @@ def _is_failure(exc: BaseException) -> bool:
     return isinstance(exc, (Exception, CheckpointException))
 
 
+def _describe(exc: BaseException) -> str:
+    """One line per failing rank for DCP's CheckpointException (its str() holds tracebacks)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return f"{type(exc).__name__}: {exc}"
+    by_message: dict[str, list[int]] = {}
+    for rank, wrapped in sorted(failures.items()):
+        inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)  # (exc, frames)
+        by_message.setdefault(f"{type(inner).__name__}: {str(inner).strip()}", []).append(rank)
+    return "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {message}"
+        for message, ranks in by_message.items()
+    )
+
+
 def _attempt(fn: Callable[[], T], message: str | None = None) -> tuple[T | None, BaseException | None]:
     """Run ``fn``: its result, or its exception (wrapped in our tree with ``message``) to agree on."""
     try:
@@ -355,6 +372,6 @@ def _attempt(fn: Callable[[], T], message: str | None = None) -> tuple[T | None,
             raise
         if message is None:
             return None, exc
-        wrapped = StorageError(errno.EIO, f"{message}: {type(exc).__name__}: {exc}")
+        wrapped = StorageError(errno.EIO, f"{message}: {_describe(exc)}")
         wrapped.__cause__ = exc
         return None, wrapped

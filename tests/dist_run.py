@@ -40,11 +40,11 @@ class Data(Dataset):
 
 class Net(pl.LightningModule):
     def __init__(self, sharded: bool = False, fail_rank: int | None = None, fail_step: int | None = None,
-                 rank_seed: bool = False) -> None:
+                 rank_seed: bool = False, width: int = 32) -> None:
         super().__init__()
         self.sharded, self.rank_seed = sharded, rank_seed
         self.fail_rank, self.fail_step = fail_rank, fail_step
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 1))
+        self.net = nn.Sequential(nn.Linear(8, width), nn.Dropout(0.2), nn.ReLU(), nn.Linear(width, 1))
 
     def setup(self, stage: str) -> None:
         if self.rank_seed:  # ranks draw different dropout masks: their random streams differ
@@ -120,7 +120,8 @@ class RecordLoaded(pl.Callback):
 def main(config: dict[str, Any]) -> None:
     pl.seed_everything(7, workers=True, verbose=False)
     sharded = config.get("strategy") == "fsdp2"
-    model = Net(sharded, config.get("fail_rank"), config.get("fail_step"), config.get("rank_seed", False))
+    model = Net(sharded, config.get("fail_rank"), config.get("fail_step"), config.get("rank_seed", False),
+                config.get("width", 32))
     if sharded:
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -214,6 +214,15 @@ def test_fsdp2_a_damaged_shard_is_skipped_by_last_and_refused_by_name(fsdp_runs:
     assert len(reports) == 2 and all("CorruptCheckpointError" in r.get("error", "") for r in reports), reports
 
 
+def test_fsdp2_a_checkpoint_of_another_model_is_refused_on_every_rank(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
+    proc, reports = run(tmp_path, "other", width=16, ckpt_path=str(fsdp_runs["dirpath"] / "last.ckpt"),
+                        dirpath=str(tmp_path / "ck"), strategy="fsdp2")
+    assert len(reports) == 2, proc.stderr[-3000:]
+    for report in reports:
+        assert report["error"].startswith("IncompatibleCheckpointError: the sharded checkpoint"), report
+        assert "Size mismatch" in report["error"] and "state_dict.net.0.weight" in report["error"], report
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_fsdp2_a_shard_that_fails_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path, async_save: bool) -> None:
     (tmp_path / "ck").mkdir()
