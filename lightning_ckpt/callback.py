@@ -520,6 +520,7 @@ class CheckpointCallback(ModelCheckpoint):
         size = self._last_full_size
         weights = sum(t.numel() * t.element_size() for t in trainer.lightning_module.state_dict().values())
         plan = plan_save(left, self._full_save_seconds, weights / size if size else 0.5, self._has_fallback)
+        plan = trainer.strategy.broadcast(plan)  # rank 0 measured the saves: every rank follows its plan
         signame = signal.Signals(latch.received).name if latch.received else "a peer rank's signal"
         message = (f"lightning-ckpt: {signame} received at epoch {trainer.current_epoch}, step "
                    f"{trainer.global_step}; {plan.reason}")
@@ -534,7 +535,8 @@ class CheckpointCallback(ModelCheckpoint):
                 "mode": self.mode if self.monitor is not None else None, "owner": self.owner + "/preempted",
                 "weights_only": plan.kind == "weights", "extra": {"preempted_by": signame, "plan": plan.kind}}
         self._last_global_step_saved = trainer.global_step
-        trainer.save_checkpoint(manager.url_of(name), plan.kind == "weights", storage_options={SAVE_META_KEY: meta})
+        self._write(trainer, manager.url_of(name), plan.kind == "weights", {SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
+        self._save_succeeded(trainer, name, must_succeed=True)
         rank_zero_info(f"lightning-ckpt: preemption checkpoint committed: {manager.url_of(name)}")
         if policy.requeue and trainer.is_global_zero:
             rank_zero_info(f"lightning-ckpt: {requeue_slurm_job()}")
@@ -657,15 +659,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_saved = time.monotonic()
         io = trainer.strategy._checkpoint_io
         assert isinstance(io, ManagedCheckpointIO)
-        options = {SAVE_META_KEY: {**meta, **extra}}
-        if sharded:
-            # sharded strategies write checkpoints themselves, to local paths only, bypassing the
-            # CheckpointIO: every rank hands its shards to the sharded checkpointer instead
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-            io.save_sharded(checkpoint, self.manager.url_of(name), storage_options=options)
-            trainer.strategy.barrier("lightning_ckpt.save_sharded")
-        else:
-            trainer.save_checkpoint(self.manager.url_of(name), self.save_weights_only, storage_options=options)
+        self._write(trainer, self.manager.url_of(name), self.save_weights_only, {SAVE_META_KEY: {**meta, **extra}})
         if not self._save_succeeded(trainer, name):
             return None
         if not background:
@@ -677,6 +671,20 @@ class CheckpointCallback(ModelCheckpoint):
             return None
         self._pending.append((record, io.last_pending if trainer.is_global_zero else None))
         return record
+
+    def _write(self, trainer: pl.Trainer, url: str, weights_only: bool, options: dict[str, Any]) -> None:
+        """Every rank: hand the Trainer's checkpoint to the IO, which writes (or starts writing) it.
+
+        Sharded strategies write checkpoints themselves, to local paths only, bypassing the
+        CheckpointIO: there every rank hands its shards to the sharded checkpointer instead.
+        """
+        if is_sharded(trainer.strategy):
+            io = self._install_io(trainer)
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+            io.save_sharded(checkpoint, url, storage_options=options)
+            trainer.strategy.barrier("lightning_ckpt.save_sharded")
+        else:
+            trainer.save_checkpoint(url, weights_only, storage_options=options)
 
     def _settle(self, trainer: pl.Trainer, wait: bool, final: bool = False) -> None:
         """Account for background saves that finished: retention, metrics, failures (all ranks agree).
@@ -717,7 +725,7 @@ class CheckpointCallback(ModelCheckpoint):
             self._prune(trainer)
             self._refresh_bookkeeping()
 
-    def _save_succeeded(self, trainer: pl.Trainer, name: str) -> bool:
+    def _save_succeeded(self, trainer: pl.Trainer, name: str, must_succeed: bool = False) -> bool:
         """All ranks learn whether rank 0's save committed; a failure warns, or fails the run.
 
         A failed periodic save leaves every older checkpoint intact and the next save tries again;
@@ -729,7 +737,7 @@ class CheckpointCallback(ModelCheckpoint):
         if reason is None:
             return True
         self.failed_saves += 1
-        if self.fail_on_save_error or _is_final_save(trainer):
+        if must_succeed or self.fail_on_save_error or _is_final_save(trainer):
             raise error if error is not None else CheckpointError(f"saving {name} failed on rank 0 ({reason})")
         rank_zero_warn(
             f"lightning-ckpt: saving {self.manager.url_of(name)} FAILED ({error}); older checkpoints are intact "
