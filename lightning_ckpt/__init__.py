@@ -26,7 +26,15 @@ from lightning_ckpt.errors import (
 from lightning_ckpt.integrity import Manifest
 from lightning_ckpt.io import ManagedCheckpointIO
 from lightning_ckpt.manager import CheckpointManager, SaveResult, load_checkpoint
-from lightning_ckpt.policies import EveryInterval, EveryNEpochs, EveryNSteps, KeepAll, KeepLatest, KeepTopK
+from lightning_ckpt.policies import (
+    EveryInterval,
+    EveryNEpochs,
+    EveryNSteps,
+    KeepAll,
+    KeepLatest,
+    KeepTopK,
+    OverheadBudget,
+)
 from lightning_ckpt.storage import RetryPolicy, Storage
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "ManagedCheckpointIO",
     "Manifest",
     "MonitorNotFoundError",
+    "OverheadBudget",
     "RetryPolicy",
     "SaveResult",
     "Storage",
