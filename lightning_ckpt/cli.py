@@ -5,8 +5,11 @@ subcommand is one ``cmd_*`` function that parses nothing, asks the manager, and 
 table for people or JSON for scripts (``--json``). Every URL fsspec reaches works, with
 ``--storage-option key=value`` (repeatable, values parsed as JSON when they parse) passed to every
 storage call. Exit codes: 0 success, 1 a check failed (a damaged or uncommitted checkpoint), 2 bad
-usage or input (unknown option, unknown URL protocol, missing path), each error as one
-``error: ...`` line on stderr. ``lightning-ckpt plan`` is the odd one out: arithmetic about save
+usage or input (unknown option, unknown URL protocol, missing path, a key that is needed and not
+given), each error as one ``error: ...`` line on stderr. Runs saved with a ``Signer`` or an
+``Encryptor`` are read with ``--signing-key-file``/``--encryption-key-file PATH`` (or
+``--signing-key-env``/``--encryption-key-env NAME``, naming the variable that holds the key):
+never a key itself on the command line, where ``ps`` and shell history would show it. ``lightning-ckpt plan`` is the odd one out: arithmetic about save
 intervals from :mod:`lightning_ckpt.planning`, no storage at all.
 """
 
@@ -43,11 +46,13 @@ from lightning_ckpt.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    KeyMissingError,
     UncommittedCheckpointError,
 )
 from lightning_ckpt.integrity import MANIFEST_SUFFIX, Manifest, manifest_name
 from lightning_ckpt.manager import PENDING_SUFFIX, CheckpointManager
 from lightning_ckpt.policies import MODES, KeepLatest, KeepTopK, RetentionPolicy
+from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, Storage, split_url
 
 __all__ = [
@@ -197,10 +202,37 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _keys(args: argparse.Namespace) -> tuple[Signer | None, Encryptor | None]:
+    """The Signer and Encryptor the key options name (files first, then variables), or None."""
+    built: list[Any] = []
+    for cls, what in ((Signer, "signing"), (Encryptor, "encryption")):
+        files = getattr(args, f"{what}_key_files", None) or []
+        names = getattr(args, f"{what}_key_envs", None) or []
+        keys = [*(cls.from_file(*files).keys if files else []), *(cls.from_env(*names).keys if names else [])]
+        built.append(cls(*keys) if keys else None)
+    return built[0], built[1]
+
+
+def _manager(url: str, args: argparse.Namespace) -> CheckpointManager:
+    signer, encryptor = _keys(args)
+    return CheckpointManager(url, _storage_options(args), signer=signer, encryptor=encryptor)
+
+
 def _open_file(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, str]:
     """The manager of a checkpoint file URL's directory, and the file's name."""
     directory, name = split_url(url)
-    return CheckpointManager(directory, _storage_options(args)), name
+    return _manager(directory, args), name
+
+
+def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
+    """The verified payload of ``name``; an encrypted one without a key says which option to give."""
+    info = manifest.extra.get("encryption") if manifest is not None else None
+    if info and manager.encryptor is None:
+        raise KeyMissingError(
+            f"{manager.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}): give its key "
+            "with --encryption-key-file PATH or --encryption-key-env NAME"
+        )
+    return manager.load(name, weights_only=True)
 
 
 @dataclass
@@ -216,7 +248,7 @@ class DirectoryScan:
 
 def _open_dir(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, DirectoryScan]:
     """The manager of directory ``url`` and a scan of it; a missing directory is a usage error."""
-    manager = CheckpointManager(url, _storage_options(args))
+    manager = _manager(url, args)
     storage = manager.storage
     if storage.fs.isfile(storage.root):
         raise UsageError(f"{manager.url} is a file, not a directory (try `lightning-ckpt inspect`)")
@@ -418,16 +450,22 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     """The manifest and a summary of the payload of one checkpoint file."""
     manager, name = _open_file(args.path, args)
     manifest = _manifest_or_none(manager, name)
-    error = None
+    error = missing_key = None
     payload: Any = None
     try:
-        payload = manager.load(name, weights_only=True)
+        payload = _load(manager, name, manifest)
+    except KeyMissingError as exc:  # the manifest is still worth showing; the payload needs the key
+        missing_key = exc
+        if manifest is not None:
+            error = _check(manager, name)  # the stored (encrypted) bytes verify without a key
     except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
         error = _reason(exc, manager, name)
     report = {
         "url": manager.url_of(name),
         "manifest": None if manifest is None else asdict(manifest),
         "verified": manifest is not None and error is None,
+        # read_manifest refused any manifest whose signature did not check out
+        "signature": "valid" if manager.signer is not None and manifest is not None else None,
         "error": error,
         "payload": None if payload is None else summarize_payload(payload),
     }
@@ -435,7 +473,11 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
         _print_json(report)
     else:
         _print_inspect(out, report)
-    return EXIT_FAILED if error else EXIT_OK
+    if error:
+        return EXIT_FAILED
+    if missing_key is not None:
+        return _fail(err, _reason(missing_key, manager, name), EXIT_USAGE)
+    return EXIT_OK
 
 
 def _manifest_or_none(manager: CheckpointManager, name: str) -> Manifest | None:
@@ -545,6 +587,12 @@ def _print_inspect(out: Console, report: dict[str, Any]) -> None:
         grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) or "-")
         grid.add_row("format", f"{manifest['format']} {manifest['format_version']}"
                      + (", weights only" if manifest["weights_only"] else ""))
+        encryption = manifest["extra"].get("encryption")
+        if encryption:
+            grid.add_row("encrypted", f"{encryption.get('alg')}, key id {encryption.get('key_id')}")
+        if report["signature"] is not None:
+            grid.add_row("signature", Text(f"{report['signature']} (HMAC-SHA256, checked with the given key)",
+                                           style="green"))
         if report["error"] is None:
             grid.add_row("verified", Text("yes (size and sha256 match)", style="green"))
     if report["error"] is not None:
@@ -664,7 +712,7 @@ class _Side:
 def _load_side(url: str, args: argparse.Namespace) -> _Side:
     manager, name = _open_file(url, args)
     manifest = _manifest_or_none(manager, name)
-    payload = manager.load(name, weights_only=True)
+    payload = _load(manager, name, manifest)
     if not isinstance(payload, Mapping):
         raise UsageError(f"{manager.url_of(name)} holds a {type(payload).__name__}, not a checkpoint dict")
     return _Side(manager.url_of(name), manifest, payload)
@@ -865,7 +913,7 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     """Write the weights of a checkpoint as safetensors (or a plain torch state dict)."""
     manager, name = _open_file(args.path, args)
     manifest = _manifest_or_none(manager, name)
-    payload = manager.load(name, weights_only=True)
+    payload = _load(manager, name, manifest)
     weights = _state_dict(payload) if isinstance(payload, Mapping) else None
     if weights is None:
         raise UsageError(f"{manager.url_of(name)} holds no tensors to export")
@@ -1034,6 +1082,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-option", dest="storage_options", metavar="KEY=VALUE", action="append", type=_storage_option,
         help="fsspec storage option (repeatable); VALUE is parsed as JSON when it parses",
     )  # fmt: skip
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument(
+        "--signing-key-file", dest="signing_key_files", metavar="PATH", action="append",
+        help="check manifest signatures (HMAC) with the key in PATH; repeatable for rotated keys",
+    )  # fmt: skip
+    signing.add_argument(
+        "--signing-key-env", dest="signing_key_envs", metavar="NAME", action="append",
+        help="the same, with the key in environment variable NAME (the name, never the key)",
+    )  # fmt: skip
+    encryption = argparse.ArgumentParser(add_help=False)
+    encryption.add_argument(
+        "--encryption-key-file", dest="encryption_key_files", metavar="PATH", action="append",
+        help="decrypt payloads (AES-256-GCM) with the key in PATH; repeatable for rotated keys",
+    )  # fmt: skip
+    encryption.add_argument(
+        "--encryption-key-env", dest="encryption_key_envs", metavar="NAME", action="append",
+        help="the same, with the key in environment variable NAME (the name, never the key)",
+    )  # fmt: skip
     monitor = argparse.ArgumentParser(add_help=False)
     monitor.add_argument("--monitor", help="metric to rank by (default: each manifest's monitor)")
     monitor.add_argument("--mode", choices=MODES, help="min or max (default: from the manifests' owner, else min)")
@@ -1041,36 +1107,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-ckpt",
         description="Inspect, verify, compare, prune and export lightning-ckpt checkpoints.",
-        epilog="exit codes: 0 ok, 1 a check failed (damaged or uncommitted checkpoint), 2 bad usage or input",
+        epilog="exit codes: 0 ok, 1 a check failed (damaged, uncommitted or badly signed checkpoint), "
+        "2 bad usage or input (including a missing key)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--storage-option", dest="global_storage_options", metavar="KEY=VALUE",
                         action="append", type=_storage_option, help="fsspec storage option for every URL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ls", parents=[storage, monitor], help="list the committed checkpoints of a directory")
+    p = sub.add_parser("ls", parents=[storage, signing, monitor], help="list the committed checkpoints of a directory")
     p.add_argument("url", help="checkpoint directory (path or URL)")
     p.add_argument("--json", action="store_true", help="a JSON list for scripts")
     p.add_argument("--verify", action="store_true", help="stream every payload and check size and sha256")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("inspect", parents=[storage], help="show a checkpoint's manifest and contents")
+    p = sub.add_parser("inspect", parents=[storage, signing, encryption], help="show a checkpoint's manifest and contents")
     p.add_argument("path", help="checkpoint file (path or URL)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", parents=[storage], help="verify a checkpoint file or a whole directory")
+    p = sub.add_parser("verify", parents=[storage, signing], help="verify a checkpoint file or a whole directory")
     p.add_argument("url", help="checkpoint file or directory")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("diff", parents=[storage], help="compare two checkpoint files")
+    p = sub.add_parser("diff", parents=[storage, signing, encryption], help="compare two checkpoint files")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.add_argument("--atol", type=_tolerance, default=0.0, help="ignore value changes up to this (default 0)")
     p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("prune", parents=[storage, monitor], help="delete checkpoints a retention policy drops")
+    p = sub.add_parser("prune", parents=[storage, signing, monitor], help="delete checkpoints a retention policy drops")
     p.add_argument("url", help="checkpoint directory")
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest (per owner)")
     p.add_argument("--keep-best", type=_count, metavar="K", help="keep the K best by --monitor (per owner)")
@@ -1079,7 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", action="store_true", help="also remove leftovers of interrupted saves")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("export", parents=[storage], help="export the weights as safetensors or a torch file")
+    p = sub.add_parser("export", parents=[storage, signing, encryption], help="export the weights as safetensors or a torch file")
     p.add_argument("path", help="checkpoint file")
     p.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
     p.add_argument("--output", "-o", required=True, help="output file (path or URL)")
@@ -1131,6 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args, out, err))
         except UsageError as exc:
             return _fail(err, str(exc), EXIT_USAGE)
+        except KeyMissingError as exc:  # not a damaged checkpoint: the invocation lacks its key
+            return _fail(err, _message(exc), EXIT_USAGE)
         except (CorruptCheckpointError, IncompatibleCheckpointError, UncommittedCheckpointError) as exc:
             return _fail(err, _message(exc), EXIT_FAILED)
         except CheckpointError as exc:
