@@ -29,9 +29,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -49,11 +48,18 @@ from lightning_ckpt.errors import (
     KeyMissingError,
     UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import MANIFEST_SUFFIX, Manifest, manifest_name
-from lightning_ckpt.manager import PENDING_SUFFIX, CheckpointManager
+from lightning_ckpt.integrity import MANIFEST_SUFFIX, PENDING_SUFFIX, Manifest, manifest_name
 from lightning_ckpt.policies import MODES, KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, Storage, split_url
+
+if TYPE_CHECKING:
+    import torch
+
+    from lightning_ckpt.manager import CheckpointManager
+
+# torch (about 2 s) and the manager that needs it are imported by the commands that read
+# checkpoints, not at startup: `--help`, `--version` and `plan` answer at once
 
 __all__ = [
     "DirectoryScan",
@@ -136,9 +142,15 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.Tensor`` (if torch was never imported, nothing is one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _plain(value: Any) -> Any:
     """``value`` made JSON-friendly: tensors to numbers or a short description, the rest to str."""
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return value.item() if value.numel() == 1 else f"tensor{list(value.shape)} {_dtype(value)}"
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -214,6 +226,8 @@ def _keys(args: argparse.Namespace) -> tuple[Signer | None, Encryptor | None]:
 
 
 def _manager(url: str, args: argparse.Namespace) -> CheckpointManager:
+    from lightning_ckpt.manager import CheckpointManager
+
     signer, encryptor = _keys(args)
     return CheckpointManager(url, _storage_options(args), signer=signer, encryptor=encryptor)
 
@@ -517,7 +531,7 @@ def summarize_payload(payload: Any) -> dict[str, Any]:
 def _state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
     """The tensors of ``state_dict`` (a Lightning checkpoint), else of the dict itself; None if none."""
     source = payload["state_dict"] if isinstance(payload.get("state_dict"), Mapping) else payload
-    tensors = {k: v for k, v in _flatten(source).items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in _flatten(source).items() if _is_tensor(v)}
     return tensors or None
 
 
@@ -740,8 +754,8 @@ def diff_checkpoints(
     """Differences of ``state_dict`` tensors, optimizer state tensors and metadata."""
     report: dict[str, Any] = {"state_dict": diff_tensors(_state_dict(a) or {}, _state_dict(b) or {}, atol)}
     opt_a, opt_b = _flatten(a.get("optimizer_states", [])), _flatten(b.get("optimizer_states", []))
-    tensors_a = {k: v for k, v in opt_a.items() if isinstance(v, torch.Tensor)}
-    tensors_b = {k: v for k, v in opt_b.items() if isinstance(v, torch.Tensor)}
+    tensors_a = {k: v for k, v in opt_a.items() if _is_tensor(v)}
+    tensors_b = {k: v for k, v in opt_b.items() if _is_tensor(v)}
     if tensors_a or tensors_b:
         report["optimizer_states"] = diff_tensors(tensors_a, tensors_b, atol)
     meta_a, meta_b = _metadata(a, manifest_a), _metadata(b, manifest_b)
@@ -761,9 +775,9 @@ def _natural(key: str) -> list[Any]:
 
 
 def _same_value(x: Any, y: Any) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+    if _is_tensor(x) or _is_tensor(y):
         return (
-            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            _is_tensor(x) and _is_tensor(y)
             and x.shape == y.shape and x.dtype == y.dtype and _max_abs_diff(x, y) == 0
         )  # fmt: skip
     if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
@@ -780,7 +794,7 @@ def _metadata(payload: Mapping[str, Any], manifest: Manifest | None) -> dict[str
             small = key != "optimizer_states"
             leaves = _flatten(payload[key], key)
             meta.update({k: v for k, v in leaves.items()
-                         if not isinstance(v, torch.Tensor) or (small and v.numel() == 1)})
+                         if not _is_tensor(v) or (small and v.numel() == 1)})
     if manifest is not None:
         meta.update({f"metrics.{k}": v for k, v in manifest.metrics.items()})
     return meta
@@ -816,6 +830,8 @@ def _describe(t: torch.Tensor | None) -> dict[str, Any] | None:
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| computed in float64 (complex128 for complex); equal NaNs and infinities count as 0."""
+    import torch
+
     if a.numel() == 0:
         return 0.0
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
@@ -911,6 +927,8 @@ def _retention(args: argparse.Namespace, manifests: Sequence[Manifest]) -> KeepU
 
 def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     """Write the weights of a checkpoint as safetensors (or a plain torch state dict)."""
+    import torch
+
     manager, name = _open_file(args.path, args)
     manifest = _manifest_or_none(manager, name)
     payload = _load(manager, name, manifest)

@@ -24,6 +24,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_SUFFIX",
+    "PENDING_SUFFIX",
     "HashingWriter",
     "Manifest",
     "manifest_name",
@@ -34,6 +35,8 @@ FORMAT = "lightning-ckpt"
 #: Bumped when a reader of an older version could misread the layout.
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
+#: a marker beside NAME while a save (or delete) of NAME is in progress; see :mod:`lightning_ckpt.manager`
+PENDING_SUFFIX = ".pending"
 #: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
 WRITE_BLOCK = 8 * 2**20
 

@@ -46,7 +46,14 @@ from lightning_ckpt.errors import (
     UncommittedCheckpointError,
     UnsafeCheckpointError,
 )
-from lightning_ckpt.integrity import MANIFEST_SUFFIX, HashingWriter, Manifest, manifest_name, versions
+from lightning_ckpt.integrity import (
+    MANIFEST_SUFFIX,
+    PENDING_SUFFIX,
+    HashingWriter,
+    Manifest,
+    manifest_name,
+    versions,
+)
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, split_url
@@ -55,7 +62,6 @@ __all__ = ["PENDING_SUFFIX", "CheckpointManager", "SaveResult", "load_checkpoint
 
 log = logging.getLogger("lightning_ckpt")
 
-PENDING_SUFFIX = ".pending"
 MapLocation = Any  # whatever torch.load accepts
 
 
