@@ -47,6 +47,7 @@ from lightning_ckpt.policies import (
     KeepAll,
     KeepLatest,
     KeepTopK,
+    KeepUnion,
     OverheadBudget,
     RetentionPolicy,
     SaveTrigger,
@@ -781,9 +782,8 @@ class CheckpointCallback(ModelCheckpoint):
         # only committed checkpoints compete: one still persisting may yet fail
         persisting = {r.name for r, _ in self._pending}
         committed = [r for r in self._records if r.name not in persisting]
-        keep = self.retention.keep(committed) | self._protected | persisting
-        if committed:
-            keep |= KeepLatest(1).keep(committed)
+        # the policy `lightning-ckpt prune` applies too: ours, plus the newest of our checkpoints
+        keep = KeepUnion((self.retention,)).keep(committed) | self._protected | persisting
         doomed = [r.name for r in committed if r.name not in keep]
         if doomed and trainer.is_global_zero:
             for name in doomed:

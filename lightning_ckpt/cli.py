@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ from lightning_ckpt.errors import (
     UncommittedCheckpointError,
 )
 from lightning_ckpt.integrity import MANIFEST_SUFFIX, PENDING_SUFFIX, Manifest, manifest_name
-from lightning_ckpt.policies import MODES, KeepLatest, KeepTopK, RetentionPolicy
+from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, Storage, split_url
 
@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DirectoryScan",
-    "KeepBestBy",
-    "KeepUnion",
     "UsageError",
     "best_names",
     "build_parser",
@@ -319,13 +317,6 @@ def _inferred_mode(manifests: Iterable[Manifest]) -> str | None:
     return modes.pop() if len(modes) == 1 else None
 
 
-def _ranked(manifests: Sequence[Manifest], monitor: str, mode: str) -> list[Manifest]:
-    """``manifests`` that logged ``monitor``, best first, ranked exactly as the callback ranks."""
-    as_monitored = [replace(m, monitor=monitor) for m in manifests]
-    by_name = {m.name: m for m in manifests}
-    return [by_name[m.name] for m in KeepTopK(1, monitor, mode).ranked(as_monitored)]
-
-
 def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | None) -> set[str]:
     """Names of the best checkpoints (all ties): by ``monitor``, else per each manifest's own monitor."""
     groups: dict[str, list[Manifest]] = defaultdict(list)
@@ -335,42 +326,11 @@ def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | N
             groups[key].append(m)
     names: set[str] = set()
     for key, group in groups.items():
-        ranked = _ranked(group, key, mode or _inferred_mode(group) or "min")
+        ranked = KeepBestBy(1, key, mode or _inferred_mode(group) or "min").ranked(group)
         if ranked:
             top = ranked[0].metrics[key]
             names |= {m.name for m in ranked if m.metrics[key] == top}
     return names
-
-
-@dataclass(frozen=True)
-class KeepUnion:
-    """Keep what any of ``policies`` keeps, plus the newest, within each owner's checkpoints.
-
-    Judging each owner separately is what the callback does (it prunes with its own owner): its
-    top-k and its ``last.ckpt`` are separate owners, so ``last.ckpt`` never takes the place of a
-    top-k or a latest checkpoint, and each owner keeps its newest one as the manager guarantees.
-    """
-
-    policies: tuple[RetentionPolicy, ...]
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        groups: dict[str | None, list[Manifest]] = defaultdict(list)
-        for m in checkpoints:
-            groups[m.owner].append(m)
-        policies = (*self.policies, KeepLatest(1))
-        return {name for group in groups.values() for p in policies for name in p.keep(group)}
-
-
-@dataclass(frozen=True)
-class KeepBestBy:
-    """:class:`KeepTopK` over a metric every manifest logged, whatever monitor it recorded."""
-
-    k: int
-    monitor: str
-    mode: str
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        return {m.name for m in _ranked(checkpoints, self.monitor, self.mode)[: self.k]}
 
 
 # ----------------------------------------------------------------------------------- ls

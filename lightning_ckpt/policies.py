@@ -6,14 +6,17 @@ storage or Lightning, so each is a few lines to unit-test. The callback builds t
 ModelCheckpoint's familiar keyword arguments; advanced users may pass their own. The one trigger
 with a memory is :class:`OverheadBudget`: it is told what each save cost and derives the next
 interval from it (the arithmetic of :func:`lightning_ckpt.planning.interval_for_budget`).
+:class:`KeepUnion` is retention as both the callback and ``lightning-ckpt prune`` apply it: per
+owner, the newest always kept; :class:`KeepBestBy` ranks by any logged metric.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from lightning_ckpt.errors import ConfigurationError
@@ -26,8 +29,10 @@ __all__ = [
     "EveryNEpochs",
     "EveryNSteps",
     "KeepAll",
+    "KeepBestBy",
     "KeepLatest",
     "KeepTopK",
+    "KeepUnion",
     "OverheadBudget",
     "RetentionPolicy",
     "SaveTrigger",
@@ -265,3 +270,49 @@ class KeepTopK:
         kth = ranked[self.k - 1].score
         return is_improvement(score, kth, self.mode)
 
+def _ranked_by(checkpoints: Iterable[Manifest], monitor: str, mode: str) -> list[Manifest]:
+    """``checkpoints`` that logged ``monitor``, best first, whatever monitor each one recorded."""
+    as_monitored = [replace(m, monitor=monitor) for m in checkpoints]
+    by_name = {m.name: m for m in checkpoints}
+    return [by_name[m.name] for m in KeepTopK(1, monitor, mode).ranked(as_monitored)]
+
+
+@dataclass(frozen=True)
+class KeepBestBy:
+    """:class:`KeepTopK` over a metric every manifest logged, whatever monitor it recorded."""
+
+    k: int
+    monitor: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigurationError(f"KeepBestBy(k={self.k}) must not be negative")
+        if self.mode not in MODES:
+            raise ConfigurationError(f"mode={self.mode!r} must be one of {MODES}")
+
+    def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
+        """Checkpoints that logged ``monitor``, best first (ties: the newer first)."""
+        return _ranked_by(list(checkpoints), self.monitor, self.mode)
+
+    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
+        return {m.name for m in self.ranked(checkpoints)[: self.k]}
+
+
+@dataclass(frozen=True)
+class KeepUnion:
+    """Keep what any of ``policies`` keeps, plus the newest, within each owner's checkpoints.
+
+    Judging each owner separately is what the callback does (it prunes with its own owner): its
+    top-k and its ``last.ckpt`` are separate owners, so ``last.ckpt`` never takes the place of a
+    top-k or a latest checkpoint, and each owner keeps its newest one as the manager guarantees.
+    """
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
+        groups: dict[str | None, list[Manifest]] = defaultdict(list)
+        for m in checkpoints:
+            groups[m.owner].append(m)
+        policies = (*self.policies, KeepLatest(1))
+        return {name for group in groups.values() for p in policies for name in p.keep(group)}

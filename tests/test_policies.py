@@ -13,8 +13,10 @@ from lightning_ckpt.policies import (
     EveryNEpochs,
     EveryNSteps,
     KeepAll,
+    KeepBestBy,
     KeepLatest,
     KeepTopK,
+    KeepUnion,
     OverheadBudget,
     is_improvement,
 )
@@ -177,3 +179,28 @@ def test_is_improvement() -> None:
     assert is_improvement(1.0, 2.0, "min") and not is_improvement(2.0, 1.0, "min")
     assert is_improvement(2.0, 1.0, "max")
     assert not is_improvement(math.nan, 1.0, "max")
+
+
+def owned(name: str, step: int, owner: str, **metrics: float) -> Manifest:
+    return Manifest(name=name, size=1, sha256="0" * 64, global_step=step, metrics=metrics, monitor="val_loss",
+                    owner=owner, created=float(step))
+
+
+def test_keep_best_by_ranks_by_any_logged_metric() -> None:
+    ckpts = [owned("a", 1, "x", val_loss=0.5, acc=0.7), owned("b", 2, "x", val_loss=0.3, acc=0.9),
+             owned("c", 3, "x", val_loss=0.4)]
+    assert KeepBestBy(1, "acc", "max").keep(ckpts) == {"b"}
+    assert [m.name for m in KeepBestBy(5, "acc", "max").ranked(ckpts)] == ["b", "a"]  # c never logged acc
+    assert KeepBestBy(2, "val_loss").keep(ckpts) == {"b", "c"}
+    with pytest.raises(ConfigurationError):
+        KeepBestBy(1, "acc", "avg")
+
+
+def test_keep_union_judges_each_owner_and_keeps_each_newest() -> None:
+    """As the callback prunes: top-k and last.ckpt are separate owners; each keeps its newest."""
+    ckpts = [owned("a", 1, "cb", val_loss=0.1), owned("b", 2, "cb", val_loss=0.5), owned("c", 3, "cb", val_loss=0.9),
+             owned("last", 3, "cb/last", val_loss=0.9)]
+    assert KeepUnion((KeepBestBy(1, "val_loss"),)).keep(ckpts) == {"a", "c", "last"}
+    assert KeepUnion((KeepLatest(2),)).keep(ckpts) == {"b", "c", "last"}
+    assert KeepUnion(()).keep(ckpts) == {"c", "last"}
+
