@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -48,21 +48,20 @@ from lightning_ckpt.errors import (
     KeyMissingError,
     UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import MANIFEST_SUFFIX, PENDING_SUFFIX, Manifest, manifest_name
+from lightning_ckpt.integrity import PENDING_SUFFIX, Manifest, manifest_name
 from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import TEMP_MARK, Storage, split_url
+from lightning_ckpt.storage import Storage, split_url
 
 if TYPE_CHECKING:
     import torch
 
-    from lightning_ckpt.manager import CheckpointManager
+    from lightning_ckpt.manager import CheckpointManager, DirectoryScan
 
 # torch (about 2 s) and the manager that needs it are imported by the commands that read
 # checkpoints, not at startup: `--help`, `--version` and `plan` answer at once
 
 __all__ = [
-    "DirectoryScan",
     "UsageError",
     "best_names",
     "build_parser",
@@ -78,7 +77,6 @@ __all__ = [
     "human_age",
     "human_size",
     "main",
-    "scan",
     "summarize_payload",
     "tensor_summary",
 ]
@@ -247,57 +245,23 @@ def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> A
     return manager.load(name, weights_only=True)
 
 
-@dataclass
-class DirectoryScan:
-    """One directory as the commit protocol sees it (the manager's view plus what it skips)."""
-
-    committed: list[Manifest] = field(default_factory=list)
-    damaged: list[tuple[str, str]] = field(default_factory=list)  # unreadable manifest or no payload
-    leftovers: list[str] = field(default_factory=list)  # exactly what manager.cleanup() removes
-    unmanaged: list[str] = field(default_factory=list)  # *.ckpt files without a manifest or marker
-    files: int = 0
-
-
 def _open_dir(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, DirectoryScan]:
     """The manager of directory ``url`` and a scan of it; a missing directory is a usage error."""
     manager = _manager(url, args)
     storage = manager.storage
     if storage.fs.isfile(storage.root):
         raise UsageError(f"{manager.url} is a file, not a directory (try `lightning-ckpt inspect`)")
-    found = scan(manager)
+    found = manager.scan()
     if not found.files and not storage.fs.isdir(storage.root):
         raise UsageError(f"no such directory: {manager.url}")
     return manager, found
 
 
-def scan(manager: CheckpointManager) -> DirectoryScan:
-    """Committed checkpoints (oldest first), damaged ones, leftovers and foreign ``.ckpt`` files."""
-    files = {f.name for f in manager.storage.list()}
-    found = DirectoryScan(files=len(files))
-    for fname in sorted(files):
-        if TEMP_MARK in fname:
-            found.leftovers.append(fname)
-        elif fname.endswith(PENDING_SUFFIX):
-            found.leftovers.append(fname)
-            name = fname[: -len(PENDING_SUFFIX)]
-            if name in files and manifest_name(name) not in files:
-                found.leftovers.append(name)
-        elif fname.endswith(MANIFEST_SUFFIX):
-            name = fname[: -len(MANIFEST_SUFFIX)]
-            if name not in files:
-                found.damaged.append((name, "its payload is missing (a manifest without a checkpoint file)"))
-                continue
-            try:
-                found.committed.append(manager.read_manifest(name))
-            except UncommittedCheckpointError:
-                continue  # deleted since the listing
-            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
-                found.damaged.append((name, _reason(exc, manager, name)))
-    claimed = set(found.leftovers) | {m.name for m in found.committed} | {n for n, _ in found.damaged}
-    found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
-    found.leftovers.sort()
-    found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
-    return found
+def _damaged(found: DirectoryScan, manager: CheckpointManager) -> list[tuple[str, str]]:
+    """(name, why) for every checkpoint whose manifest exists but cannot be used, by name."""
+    damaged = [(name, why.replace(manager.url_of(name), name)) for name, why in found.damaged]
+    damaged += [(name, "its payload is missing (a manifest without a checkpoint file)") for name in found.orphaned]
+    return sorted(damaged)
 
 
 def _check(manager: CheckpointManager, name: str) -> str | None:
@@ -361,7 +325,7 @@ def cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
             "verified": None if not args.verify else problems[m.name] is None,
             "problem": problems.get(m.name),
         })  # fmt: skip
-    notes = _directory_notes(found, manager.url)
+    notes = _directory_notes(found, manager)
     if args.json:
         _print_json(rows)
         for note in notes:
@@ -403,10 +367,11 @@ def _print_ls_table(out: Console, url: str, rows: list[dict[str, Any]]) -> None:
     _show(out, table)
 
 
-def _directory_notes(found: DirectoryScan, url: str) -> list[str]:
-    notes = []
-    if found.damaged:
-        notes.append("unreadable: " + "; ".join(f"{name}: {why}" for name, why in found.damaged))
+def _directory_notes(found: DirectoryScan, manager: CheckpointManager) -> list[str]:
+    notes, url = [], manager.url
+    damaged = _damaged(found, manager)
+    if damaged:
+        notes.append("unreadable: " + "; ".join(f"{name}: {why}" for name, why in damaged))
     if found.leftovers:
         notes.append(
             f"uncommitted leftovers of interrupted saves (`lightning-ckpt prune {url} --clean` removes them): "
@@ -635,7 +600,7 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         manager, found = _open_dir(args.url, args)
         results = [(m.name, _check(manager, m.name)) for m in found.committed]
-        results += found.damaged
+        results += _damaged(found, manager)
         clean = f"`lightning-ckpt prune {manager.url} --clean` removes it"
         results += [(name, f"uncommitted leftover of an interrupted save ({clean})") for name in found.leftovers]
         results += [
