@@ -9,8 +9,9 @@ usage or input (unknown option, unknown URL protocol, missing path, a key that i
 given), each error as one ``error: ...`` line on stderr. Runs saved with a ``Signer`` or an
 ``Encryptor`` are read with ``--signing-key-file``/``--encryption-key-file PATH`` (or
 ``--signing-key-env``/``--encryption-key-env NAME``, naming the variable that holds the key):
-never a key itself on the command line, where ``ps`` and shell history would show it. ``lightning-ckpt plan`` is the odd one out: arithmetic about save
-intervals from :mod:`lightning_ckpt.planning`, no storage at all.
+never a key itself on the command line, where ``ps`` and shell history would show it.
+``lightning-ckpt plan`` is the odd one out: arithmetic about save intervals from
+:mod:`lightning_ckpt.planning`, no storage at all.
 """
 
 from __future__ import annotations
@@ -960,6 +961,8 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
                      f"rework {optimal.rework_percent:.2f} % = {optimal.waste_percent:.2f} %")
     if budget is not None:
         grid.add_row(f"for a {args.budget:g} % budget", f"save every {fd(budget)} ({budget:.0f} s) or less often")
+        grid.add_row("  while training", f"CheckpointCallback(overhead_budget={args.budget / 100:g}) measures each "
+                     "save and keeps to it")
     _show(out, grid)
     return EXIT_OK
 

@@ -541,6 +541,10 @@ def test_plan(capsys: pytest.CaptureFixture[str]) -> None:
                             "--budget", "1", "--json")[1])  # fmt: skip
     assert report["plan"]["saves"] == 336 and report["interval_for_budget_seconds"] == pytest.approx(2000)
     assert report["young_daly"] is None
+    code, out, _ = cli(capsys, "plan", "--save-seconds", "20", "--every", "30m", "--train-hours", "168",
+                       "--budget", "1")  # fmt: skip
+    assert code == 0 and "save every 33.3 min (2000 s)" in out
+    assert "CheckpointCallback(overhead_budget=0.01)" in out  # the same idea, measured while training
 
 
 @pytest.mark.parametrize("bad", [["--every", "0"], ["--every", "soon"], ["--every", "-5m"]])
