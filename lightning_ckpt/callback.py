@@ -56,6 +56,8 @@ from lightning_ckpt.policies import (
     KeepAll,
     KeepLatest,
     KeepTopK,
+    KeepUnion,
+    OverheadBudget,
     RetentionPolicy,
     SaveTrigger,
 )
@@ -86,6 +88,11 @@ class CheckpointCallback(ModelCheckpoint):
         every_n_epochs: save at the end of every n-th epoch (default 1 when no other trigger).
         every_n_train_steps: save every n optimizer steps.
         train_time_interval: save when this much wall time passed since the last save.
+        overhead_budget: the fraction of training time saving may cost, e.g. ``0.01`` (1 %): the
+            interval between saves is derived from each save's measured blocking cost
+            (``cost / budget``, at least a minute; the first save at the first epoch end or after
+            10 minutes). An :class:`~lightning_ckpt.policies.OverheadBudget` sets those bounds.
+            Exclusive with the three triggers above.
         save_weights_only: save only the model weights (no optimizer, loops or callbacks).
         save_on_train_epoch_end: save at train-epoch end rather than after validation
             (``None``: decided as in Lightning).
@@ -128,6 +135,7 @@ class CheckpointCallback(ModelCheckpoint):
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         train_time_interval: timedelta | None = None,
+        overhead_budget: float | OverheadBudget | None = None,
         save_weights_only: bool = False,
         save_on_train_epoch_end: bool | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -162,12 +170,15 @@ class CheckpointCallback(ModelCheckpoint):
                 raise ConfigurationError(f"{arg}={value!r} must be a non-negative integer")
         if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
             raise ConfigurationError("train_time_interval must be a datetime.timedelta")
+        budget = overhead_budget if isinstance(overhead_budget, OverheadBudget) or overhead_budget is None \
+            else OverheadBudget(overhead_budget)
         chosen = [
             name
             for name, on in (
                 ("every_n_epochs", bool(every_n_epochs)),
                 ("every_n_train_steps", bool(every_n_train_steps)),
                 ("train_time_interval", train_time_interval is not None),
+                ("overhead_budget", budget is not None),
             )
             if on
         ]
@@ -203,10 +214,13 @@ class CheckpointCallback(ModelCheckpoint):
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._every_n_train_steps = every_n_train_steps or 0
         self._train_time_interval = train_time_interval
+        self.overhead_budget = budget
         if every_n_epochs is None:
-            every_n_epochs = 0 if (every_n_train_steps or train_time_interval) else 1
+            every_n_epochs = 0 if (every_n_train_steps or train_time_interval or budget) else 1
         self._every_n_epochs = every_n_epochs
-        self.trigger: SaveTrigger | None = _trigger(every_n_epochs, every_n_train_steps, train_time_interval)
+        self.trigger: SaveTrigger | None = budget or _trigger(every_n_epochs, every_n_train_steps, train_time_interval)
+        # the budget's clock both times saves and says when one is due (injectable in tests)
+        self._clock: Callable[[], float] = budget.clock if budget is not None else time.monotonic
         self.retention: RetentionPolicy = _retention(save_top_k, monitor, mode)
 
         self.dirpath: str | None = None
@@ -228,19 +242,22 @@ class CheckpointCallback(ModelCheckpoint):
         self._protected: set[str] = set()
         self._records: list[Manifest] = []
         self._last_global_step_saved = 0
-        self._last_time_saved = time.monotonic()
+        self._last_time_saved = self._clock()
         self._last_saved_name: tuple[int, str] | None = None
 
     # -- identity -------------------------------------------------------------------------
 
     @property
     def state_key(self) -> str:
+        # the budget joins the key only when set: keys of checkpoints written without it stay valid
+        budget = {} if self.overhead_budget is None else {"overhead_budget": self.overhead_budget.budget}
         return self._generate_state_key(
             monitor=self.monitor,
             mode=self.mode,
             every_n_train_steps=self._every_n_train_steps,
             every_n_epochs=self._every_n_epochs,
             train_time_interval=self._train_time_interval,
+            **budget,
         )
 
     @property
@@ -355,7 +372,7 @@ class CheckpointCallback(ModelCheckpoint):
         io = trainer.strategy._checkpoint_io
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         self.resumed_from = loaded
-        self._last_time_saved = time.monotonic()
+        self._last_time_saved = self._clock()
         self._protected = set()
         if loaded is None:
             return
@@ -438,8 +455,8 @@ class CheckpointCallback(ModelCheckpoint):
         if self.trigger is None or self._should_skip_saving_checkpoint(trainer):
             self._maybe_preempt(trainer)
             return
-        due = self.trigger.due_on_step(trainer.global_step, time.monotonic(), self._last_time_saved)
-        if self._train_time_interval is not None:
+        due = self.trigger.due_on_step(trainer.global_step, self._clock(), self._last_time_saved)
+        if self._train_time_interval is not None or self.overhead_budget is not None:
             due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
         if not due:
             self._maybe_preempt(trainer)
@@ -636,6 +653,24 @@ class CheckpointCallback(ModelCheckpoint):
         owner: str,
         on_done: Callable[[SaveResult], None] | None = None,
     ) -> Manifest | None:
+        if self.overhead_budget is None:
+            return self._save_now(trainer, name, candidates, owner, on_done)
+        # what training waits for: waiting on the previous background save, Lightning's state dump,
+        # and the write (or only the snapshot, with async_save); a failed save cost time as well
+        start = self._clock()
+        try:
+            return self._save_now(trainer, name, candidates, owner, on_done)
+        finally:
+            self.overhead_budget.record(self._clock() - start, trainer.global_step)
+
+    def _save_now(
+        self,
+        trainer: pl.Trainer,
+        name: str,
+        candidates: dict[str, float],
+        owner: str,
+        on_done: Callable[[SaveResult], None] | None,
+    ) -> Manifest | None:
         # the run's last save never skips: it waits for the one in flight; so does every sharded
         # save (skipping would be a decision every rank must share, and DCP runs one at a time)
         sharded = is_sharded(trainer.strategy)
@@ -656,7 +691,7 @@ class CheckpointCallback(ModelCheckpoint):
         if background:
             extra[BACKGROUND] = self.when_busy
         self._last_global_step_saved = trainer.global_step
-        self._last_time_saved = time.monotonic()
+        self._last_time_saved = self._clock()
         io = trainer.strategy._checkpoint_io
         assert isinstance(io, ManagedCheckpointIO)
         self._write(trainer, self.manager.url_of(name), self.save_weights_only, {SAVE_META_KEY: {**meta, **extra}})
@@ -778,9 +813,8 @@ class CheckpointCallback(ModelCheckpoint):
         # only committed checkpoints compete: one still persisting may yet fail
         persisting = {r.name for r, _ in self._pending}
         committed = [r for r in self._records if r.name not in persisting]
-        keep = self.retention.keep(committed) | self._protected | persisting
-        if committed:
-            keep |= KeepLatest(1).keep(committed)
+        # the policy `lightning-ckpt prune` applies too: ours, plus the newest of our checkpoints
+        keep = KeepUnion((self.retention,)).keep(committed) | self._protected | persisting
         doomed = [r.name for r in committed if r.name not in keep]
         if doomed and trainer.is_global_zero:
             for name in doomed:

@@ -5,9 +5,13 @@ subcommand is one ``cmd_*`` function that parses nothing, asks the manager, and 
 table for people or JSON for scripts (``--json``). Every URL fsspec reaches works, with
 ``--storage-option key=value`` (repeatable, values parsed as JSON when they parse) passed to every
 storage call. Exit codes: 0 success, 1 a check failed (a damaged or uncommitted checkpoint), 2 bad
-usage or input (unknown option, unknown URL protocol, missing path), each error as one
-``error: ...`` line on stderr. ``lightning-ckpt plan`` is the odd one out: arithmetic about save
-intervals from :mod:`lightning_ckpt.planning`, no storage at all.
+usage or input (unknown option, unknown URL protocol, missing path, a key that is needed and not
+given), each error as one ``error: ...`` line on stderr. Runs saved with a ``Signer`` or an
+``Encryptor`` are read with ``--signing-key-file``/``--encryption-key-file PATH`` (or
+``--signing-key-env``/``--encryption-key-env NAME``, naming the variable that holds the key):
+never a key itself on the command line, where ``ps`` and shell history would show it.
+``lightning-ckpt plan`` is the odd one out: arithmetic about save intervals from
+:mod:`lightning_ckpt.planning`, no storage at all.
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -43,17 +46,23 @@ from lightning_ckpt.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    KeyMissingError,
     UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import MANIFEST_SUFFIX, Manifest, manifest_name
-from lightning_ckpt.manager import PENDING_SUFFIX, CheckpointManager
-from lightning_ckpt.policies import MODES, KeepLatest, KeepTopK, RetentionPolicy
-from lightning_ckpt.storage import TEMP_MARK, Storage, split_url
+from lightning_ckpt.integrity import PENDING_SUFFIX, Manifest, manifest_name
+from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
+from lightning_ckpt.security import Encryptor, Signer
+from lightning_ckpt.storage import Storage, split_url
+
+if TYPE_CHECKING:
+    import torch
+
+    from lightning_ckpt.manager import CheckpointManager, DirectoryScan
+
+# torch (about 2 s) and the manager that needs it are imported by the commands that read
+# checkpoints, not at startup: `--help`, `--version` and `plan` answer at once
 
 __all__ = [
-    "DirectoryScan",
-    "KeepBestBy",
-    "KeepUnion",
     "UsageError",
     "best_names",
     "build_parser",
@@ -69,7 +78,6 @@ __all__ = [
     "human_age",
     "human_size",
     "main",
-    "scan",
     "summarize_payload",
     "tensor_summary",
 ]
@@ -131,9 +139,15 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.Tensor`` (if torch was never imported, nothing is one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _plain(value: Any) -> Any:
     """``value`` made JSON-friendly: tensors to numbers or a short description, the rest to str."""
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return value.item() if value.numel() == 1 else f"tensor{list(value.shape)} {_dtype(value)}"
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -197,63 +211,58 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _keys(args: argparse.Namespace) -> tuple[Signer | None, Encryptor | None]:
+    """The Signer and Encryptor the key options name (files first, then variables), or None."""
+    built: list[Any] = []
+    for cls, what in ((Signer, "signing"), (Encryptor, "encryption")):
+        files = getattr(args, f"{what}_key_files", None) or []
+        names = getattr(args, f"{what}_key_envs", None) or []
+        keys = [*(cls.from_file(*files).keys if files else []), *(cls.from_env(*names).keys if names else [])]
+        built.append(cls(*keys) if keys else None)
+    return built[0], built[1]
+
+
+def _manager(url: str, args: argparse.Namespace) -> CheckpointManager:
+    from lightning_ckpt.manager import CheckpointManager
+
+    signer, encryptor = _keys(args)
+    return CheckpointManager(url, _storage_options(args), signer=signer, encryptor=encryptor)
+
+
 def _open_file(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, str]:
     """The manager of a checkpoint file URL's directory, and the file's name."""
     directory, name = split_url(url)
-    return CheckpointManager(directory, _storage_options(args)), name
+    return _manager(directory, args), name
 
 
-@dataclass
-class DirectoryScan:
-    """One directory as the commit protocol sees it (the manager's view plus what it skips)."""
-
-    committed: list[Manifest] = field(default_factory=list)
-    damaged: list[tuple[str, str]] = field(default_factory=list)  # unreadable manifest or no payload
-    leftovers: list[str] = field(default_factory=list)  # exactly what manager.cleanup() removes
-    unmanaged: list[str] = field(default_factory=list)  # *.ckpt files without a manifest or marker
-    files: int = 0
+def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
+    """The verified payload of ``name``; an encrypted one without a key says which option to give."""
+    info = manifest.extra.get("encryption") if manifest is not None else None
+    if info and manager.encryptor is None:
+        raise KeyMissingError(
+            f"{manager.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}): give its key "
+            "with --encryption-key-file PATH or --encryption-key-env NAME"
+        )
+    return manager.load(name, weights_only=True)
 
 
 def _open_dir(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, DirectoryScan]:
     """The manager of directory ``url`` and a scan of it; a missing directory is a usage error."""
-    manager = CheckpointManager(url, _storage_options(args))
+    manager = _manager(url, args)
     storage = manager.storage
     if storage.fs.isfile(storage.root):
         raise UsageError(f"{manager.url} is a file, not a directory (try `lightning-ckpt inspect`)")
-    found = scan(manager)
+    found = manager.scan()
     if not found.files and not storage.fs.isdir(storage.root):
         raise UsageError(f"no such directory: {manager.url}")
     return manager, found
 
 
-def scan(manager: CheckpointManager) -> DirectoryScan:
-    """Committed checkpoints (oldest first), damaged ones, leftovers and foreign ``.ckpt`` files."""
-    files = {f.name for f in manager.storage.list()}
-    found = DirectoryScan(files=len(files))
-    for fname in sorted(files):
-        if TEMP_MARK in fname:
-            found.leftovers.append(fname)
-        elif fname.endswith(PENDING_SUFFIX):
-            found.leftovers.append(fname)
-            name = fname[: -len(PENDING_SUFFIX)]
-            if name in files and manifest_name(name) not in files:
-                found.leftovers.append(name)
-        elif fname.endswith(MANIFEST_SUFFIX):
-            name = fname[: -len(MANIFEST_SUFFIX)]
-            if name not in files:
-                found.damaged.append((name, "its payload is missing (a manifest without a checkpoint file)"))
-                continue
-            try:
-                found.committed.append(manager.read_manifest(name))
-            except UncommittedCheckpointError:
-                continue  # deleted since the listing
-            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
-                found.damaged.append((name, _reason(exc, manager, name)))
-    claimed = set(found.leftovers) | {m.name for m in found.committed} | {n for n, _ in found.damaged}
-    found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
-    found.leftovers.sort()
-    found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
-    return found
+def _damaged(found: DirectoryScan, manager: CheckpointManager) -> list[tuple[str, str]]:
+    """(name, why) for every checkpoint whose manifest exists but cannot be used, by name."""
+    damaged = [(name, why.replace(manager.url_of(name), name)) for name, why in found.damaged]
+    damaged += [(name, "its payload is missing (a manifest without a checkpoint file)") for name in found.orphaned]
+    return sorted(damaged)
 
 
 def _check(manager: CheckpointManager, name: str) -> str | None:
@@ -273,13 +282,6 @@ def _inferred_mode(manifests: Iterable[Manifest]) -> str | None:
     return modes.pop() if len(modes) == 1 else None
 
 
-def _ranked(manifests: Sequence[Manifest], monitor: str, mode: str) -> list[Manifest]:
-    """``manifests`` that logged ``monitor``, best first, ranked exactly as the callback ranks."""
-    as_monitored = [replace(m, monitor=monitor) for m in manifests]
-    by_name = {m.name: m for m in manifests}
-    return [by_name[m.name] for m in KeepTopK(1, monitor, mode).ranked(as_monitored)]
-
-
 def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | None) -> set[str]:
     """Names of the best checkpoints (all ties): by ``monitor``, else per each manifest's own monitor."""
     groups: dict[str, list[Manifest]] = defaultdict(list)
@@ -289,42 +291,11 @@ def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | N
             groups[key].append(m)
     names: set[str] = set()
     for key, group in groups.items():
-        ranked = _ranked(group, key, mode or _inferred_mode(group) or "min")
+        ranked = KeepBestBy(1, key, mode or _inferred_mode(group) or "min").ranked(group)
         if ranked:
             top = ranked[0].metrics[key]
             names |= {m.name for m in ranked if m.metrics[key] == top}
     return names
-
-
-@dataclass(frozen=True)
-class KeepUnion:
-    """Keep what any of ``policies`` keeps, plus the newest, within each owner's checkpoints.
-
-    Judging each owner separately is what the callback does (it prunes with its own owner): its
-    top-k and its ``last.ckpt`` are separate owners, so ``last.ckpt`` never takes the place of a
-    top-k or a latest checkpoint, and each owner keeps its newest one as the manager guarantees.
-    """
-
-    policies: tuple[RetentionPolicy, ...]
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        groups: dict[str | None, list[Manifest]] = defaultdict(list)
-        for m in checkpoints:
-            groups[m.owner].append(m)
-        policies = (*self.policies, KeepLatest(1))
-        return {name for group in groups.values() for p in policies for name in p.keep(group)}
-
-
-@dataclass(frozen=True)
-class KeepBestBy:
-    """:class:`KeepTopK` over a metric every manifest logged, whatever monitor it recorded."""
-
-    k: int
-    monitor: str
-    mode: str
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        return {m.name for m in _ranked(checkpoints, self.monitor, self.mode)[: self.k]}
 
 
 # ----------------------------------------------------------------------------------- ls
@@ -355,7 +326,7 @@ def cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
             "verified": None if not args.verify else problems[m.name] is None,
             "problem": problems.get(m.name),
         })  # fmt: skip
-    notes = _directory_notes(found, manager.url)
+    notes = _directory_notes(found, manager)
     if args.json:
         _print_json(rows)
         for note in notes:
@@ -397,10 +368,11 @@ def _print_ls_table(out: Console, url: str, rows: list[dict[str, Any]]) -> None:
     _show(out, table)
 
 
-def _directory_notes(found: DirectoryScan, url: str) -> list[str]:
-    notes = []
-    if found.damaged:
-        notes.append("unreadable: " + "; ".join(f"{name}: {why}" for name, why in found.damaged))
+def _directory_notes(found: DirectoryScan, manager: CheckpointManager) -> list[str]:
+    notes, url = [], manager.url
+    damaged = _damaged(found, manager)
+    if damaged:
+        notes.append("unreadable: " + "; ".join(f"{name}: {why}" for name, why in damaged))
     if found.leftovers:
         notes.append(
             f"uncommitted leftovers of interrupted saves (`lightning-ckpt prune {url} --clean` removes them): "
@@ -418,16 +390,22 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     """The manifest and a summary of the payload of one checkpoint file."""
     manager, name = _open_file(args.path, args)
     manifest = _manifest_or_none(manager, name)
-    error = None
+    error = missing_key = None
     payload: Any = None
     try:
-        payload = manager.load(name, weights_only=True)
+        payload = _load(manager, name, manifest)
+    except KeyMissingError as exc:  # the manifest is still worth showing; the payload needs the key
+        missing_key = exc
+        if manifest is not None:
+            error = _check(manager, name)  # the stored (encrypted) bytes verify without a key
     except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
         error = _reason(exc, manager, name)
     report = {
         "url": manager.url_of(name),
         "manifest": None if manifest is None else asdict(manifest),
         "verified": manifest is not None and error is None,
+        # read_manifest refused any manifest whose signature did not check out
+        "signature": "valid" if manager.signer is not None and manifest is not None else None,
         "error": error,
         "payload": None if payload is None else summarize_payload(payload),
     }
@@ -435,7 +413,11 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
         _print_json(report)
     else:
         _print_inspect(out, report)
-    return EXIT_FAILED if error else EXIT_OK
+    if error:
+        return EXIT_FAILED
+    if missing_key is not None:
+        return _fail(err, _reason(missing_key, manager, name), EXIT_USAGE)
+    return EXIT_OK
 
 
 def _manifest_or_none(manager: CheckpointManager, name: str) -> Manifest | None:
@@ -475,7 +457,7 @@ def summarize_payload(payload: Any) -> dict[str, Any]:
 def _state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
     """The tensors of ``state_dict`` (a Lightning checkpoint), else of the dict itself; None if none."""
     source = payload["state_dict"] if isinstance(payload.get("state_dict"), Mapping) else payload
-    tensors = {k: v for k, v in _flatten(source).items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in _flatten(source).items() if _is_tensor(v)}
     return tensors or None
 
 
@@ -545,6 +527,12 @@ def _print_inspect(out: Console, report: dict[str, Any]) -> None:
         grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) or "-")
         grid.add_row("format", f"{manifest['format']} {manifest['format_version']}"
                      + (", weights only" if manifest["weights_only"] else ""))
+        encryption = manifest["extra"].get("encryption")
+        if encryption:
+            grid.add_row("encrypted", f"{encryption.get('alg')}, key id {encryption.get('key_id')}")
+        if report["signature"] is not None:
+            grid.add_row("signature", Text(f"{report['signature']} (HMAC-SHA256, checked with the given key)",
+                                           style="green"))
         if report["error"] is None:
             grid.add_row("verified", Text("yes (size and sha256 match)", style="green"))
     if report["error"] is not None:
@@ -613,7 +601,7 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         manager, found = _open_dir(args.url, args)
         results = [(m.name, _check(manager, m.name)) for m in found.committed]
-        results += found.damaged
+        results += _damaged(found, manager)
         clean = f"`lightning-ckpt prune {manager.url} --clean` removes it"
         results += [(name, f"uncommitted leftover of an interrupted save ({clean})") for name in found.leftovers]
         results += [
@@ -664,7 +652,7 @@ class _Side:
 def _load_side(url: str, args: argparse.Namespace) -> _Side:
     manager, name = _open_file(url, args)
     manifest = _manifest_or_none(manager, name)
-    payload = manager.load(name, weights_only=True)
+    payload = _load(manager, name, manifest)
     if not isinstance(payload, Mapping):
         raise UsageError(f"{manager.url_of(name)} holds a {type(payload).__name__}, not a checkpoint dict")
     return _Side(manager.url_of(name), manifest, payload)
@@ -692,8 +680,8 @@ def diff_checkpoints(
     """Differences of ``state_dict`` tensors, optimizer state tensors and metadata."""
     report: dict[str, Any] = {"state_dict": diff_tensors(_state_dict(a) or {}, _state_dict(b) or {}, atol)}
     opt_a, opt_b = _flatten(a.get("optimizer_states", [])), _flatten(b.get("optimizer_states", []))
-    tensors_a = {k: v for k, v in opt_a.items() if isinstance(v, torch.Tensor)}
-    tensors_b = {k: v for k, v in opt_b.items() if isinstance(v, torch.Tensor)}
+    tensors_a = {k: v for k, v in opt_a.items() if _is_tensor(v)}
+    tensors_b = {k: v for k, v in opt_b.items() if _is_tensor(v)}
     if tensors_a or tensors_b:
         report["optimizer_states"] = diff_tensors(tensors_a, tensors_b, atol)
     meta_a, meta_b = _metadata(a, manifest_a), _metadata(b, manifest_b)
@@ -713,9 +701,9 @@ def _natural(key: str) -> list[Any]:
 
 
 def _same_value(x: Any, y: Any) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+    if _is_tensor(x) or _is_tensor(y):
         return (
-            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            _is_tensor(x) and _is_tensor(y)
             and x.shape == y.shape and x.dtype == y.dtype and _max_abs_diff(x, y) == 0
         )  # fmt: skip
     if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
@@ -732,7 +720,7 @@ def _metadata(payload: Mapping[str, Any], manifest: Manifest | None) -> dict[str
             small = key != "optimizer_states"
             leaves = _flatten(payload[key], key)
             meta.update({k: v for k, v in leaves.items()
-                         if not isinstance(v, torch.Tensor) or (small and v.numel() == 1)})
+                         if not _is_tensor(v) or (small and v.numel() == 1)})
     if manifest is not None:
         meta.update({f"metrics.{k}": v for k, v in manifest.metrics.items()})
     return meta
@@ -768,6 +756,8 @@ def _describe(t: torch.Tensor | None) -> dict[str, Any] | None:
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| computed in float64 (complex128 for complex); equal NaNs and infinities count as 0."""
+    import torch
+
     if a.numel() == 0:
         return 0.0
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
@@ -863,9 +853,11 @@ def _retention(args: argparse.Namespace, manifests: Sequence[Manifest]) -> KeepU
 
 def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     """Write the weights of a checkpoint as safetensors (or a plain torch state dict)."""
+    import torch
+
     manager, name = _open_file(args.path, args)
     manifest = _manifest_or_none(manager, name)
-    payload = manager.load(name, weights_only=True)
+    payload = _load(manager, name, manifest)
     weights = _state_dict(payload) if isinstance(payload, Mapping) else None
     if weights is None:
         raise UsageError(f"{manager.url_of(name)} holds no tensors to export")
@@ -969,6 +961,8 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
                      f"rework {optimal.rework_percent:.2f} % = {optimal.waste_percent:.2f} %")
     if budget is not None:
         grid.add_row(f"for a {args.budget:g} % budget", f"save every {fd(budget)} ({budget:.0f} s) or less often")
+        grid.add_row("  while training", f"CheckpointCallback(overhead_budget={args.budget / 100:g}) measures each "
+                     "save and keeps to it")
     _show(out, grid)
     return EXIT_OK
 
@@ -1034,6 +1028,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-option", dest="storage_options", metavar="KEY=VALUE", action="append", type=_storage_option,
         help="fsspec storage option (repeatable); VALUE is parsed as JSON when it parses",
     )  # fmt: skip
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument(
+        "--signing-key-file", dest="signing_key_files", metavar="PATH", action="append",
+        help="check manifest signatures (HMAC) with the key in PATH; repeatable for rotated keys",
+    )  # fmt: skip
+    signing.add_argument(
+        "--signing-key-env", dest="signing_key_envs", metavar="NAME", action="append",
+        help="the same, with the key in environment variable NAME (the name, never the key)",
+    )  # fmt: skip
+    encryption = argparse.ArgumentParser(add_help=False)
+    encryption.add_argument(
+        "--encryption-key-file", dest="encryption_key_files", metavar="PATH", action="append",
+        help="decrypt payloads (AES-256-GCM) with the key in PATH; repeatable for rotated keys",
+    )  # fmt: skip
+    encryption.add_argument(
+        "--encryption-key-env", dest="encryption_key_envs", metavar="NAME", action="append",
+        help="the same, with the key in environment variable NAME (the name, never the key)",
+    )  # fmt: skip
     monitor = argparse.ArgumentParser(add_help=False)
     monitor.add_argument("--monitor", help="metric to rank by (default: each manifest's monitor)")
     monitor.add_argument("--mode", choices=MODES, help="min or max (default: from the manifests' owner, else min)")
@@ -1041,36 +1053,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-ckpt",
         description="Inspect, verify, compare, prune and export lightning-ckpt checkpoints.",
-        epilog="exit codes: 0 ok, 1 a check failed (damaged or uncommitted checkpoint), 2 bad usage or input",
+        epilog="exit codes: 0 ok, 1 a check failed (damaged, uncommitted or badly signed checkpoint), "
+        "2 bad usage or input (including a missing key)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--storage-option", dest="global_storage_options", metavar="KEY=VALUE",
                         action="append", type=_storage_option, help="fsspec storage option for every URL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ls", parents=[storage, monitor], help="list the committed checkpoints of a directory")
+    p = sub.add_parser("ls", parents=[storage, signing, monitor], help="list the committed checkpoints of a directory")
     p.add_argument("url", help="checkpoint directory (path or URL)")
     p.add_argument("--json", action="store_true", help="a JSON list for scripts")
     p.add_argument("--verify", action="store_true", help="stream every payload and check size and sha256")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("inspect", parents=[storage], help="show a checkpoint's manifest and contents")
+    p = sub.add_parser("inspect", parents=[storage, signing, encryption], help="show a checkpoint's manifest and contents")
     p.add_argument("path", help="checkpoint file (path or URL)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", parents=[storage], help="verify a checkpoint file or a whole directory")
+    p = sub.add_parser("verify", parents=[storage, signing], help="verify a checkpoint file or a whole directory")
     p.add_argument("url", help="checkpoint file or directory")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("diff", parents=[storage], help="compare two checkpoint files")
+    p = sub.add_parser("diff", parents=[storage, signing, encryption], help="compare two checkpoint files")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.add_argument("--atol", type=_tolerance, default=0.0, help="ignore value changes up to this (default 0)")
     p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("prune", parents=[storage, monitor], help="delete checkpoints a retention policy drops")
+    p = sub.add_parser("prune", parents=[storage, signing, monitor], help="delete checkpoints a retention policy drops")
     p.add_argument("url", help="checkpoint directory")
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest (per owner)")
     p.add_argument("--keep-best", type=_count, metavar="K", help="keep the K best by --monitor (per owner)")
@@ -1079,7 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", action="store_true", help="also remove leftovers of interrupted saves")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("export", parents=[storage], help="export the weights as safetensors or a torch file")
+    p = sub.add_parser("export", parents=[storage, signing, encryption], help="export the weights as safetensors or a torch file")
     p.add_argument("path", help="checkpoint file")
     p.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
     p.add_argument("--output", "-o", required=True, help="output file (path or URL)")
@@ -1131,6 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args, out, err))
         except UsageError as exc:
             return _fail(err, str(exc), EXIT_USAGE)
+        except KeyMissingError as exc:  # not a damaged checkpoint: the invocation lacks its key
+            return _fail(err, _message(exc), EXIT_USAGE)
         except (CorruptCheckpointError, IncompatibleCheckpointError, UncommittedCheckpointError) as exc:
             return _fail(err, _message(exc), EXIT_FAILED)
         except CheckpointError as exc:

@@ -25,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "MANIFEST_SUFFIX",
+    "PENDING_SUFFIX",
     "HashingWriter",
     "Manifest",
     "manifest_name",
@@ -38,6 +39,8 @@ FORMAT_VERSION = 2
 #: The layout of a sharded checkpoint: a directory whose every file is listed in ``Manifest.files``.
 SHARDED_FORMAT_VERSION = 2
 MANIFEST_SUFFIX = ".manifest.json"
+#: a marker beside NAME while a save (or delete) of NAME is in progress; see :mod:`lightning_ckpt.manager`
+PENDING_SUFFIX = ".pending"
 #: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
 WRITE_BLOCK = 8 * 2**20
 

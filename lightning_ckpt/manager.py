@@ -30,7 +30,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import torch
@@ -47,16 +47,22 @@ from lightning_ckpt.errors import (
     UncommittedCheckpointError,
     UnsafeCheckpointError,
 )
-from lightning_ckpt.integrity import MANIFEST_SUFFIX, HashingWriter, Manifest, manifest_name, versions
+from lightning_ckpt.integrity import (
+    MANIFEST_SUFFIX,
+    PENDING_SUFFIX,
+    HashingWriter,
+    Manifest,
+    manifest_name,
+    versions,
+)
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, split_url
 
-__all__ = ["PENDING_SUFFIX", "CheckpointManager", "SaveResult", "load_checkpoint"]
+__all__ = ["PENDING_SUFFIX", "CheckpointManager", "DirectoryScan", "SaveResult", "load_checkpoint"]
 
 log = logging.getLogger("lightning_ckpt")
 
-PENDING_SUFFIX = ".pending"
 MapLocation = Any  # whatever torch.load accepts
 
 
@@ -72,6 +78,24 @@ class SaveResult:
     def throughput(self) -> float:
         """Bytes per second of the whole save (serialize + write + commit)."""
         return self.manifest.size / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class DirectoryScan:
+    """One directory as the commit protocol sees it: what readers use, and what they skip."""
+
+    #: committed checkpoints whose manifest parses (and authenticates, with a signer), oldest first
+    committed: list[Manifest] = field(default_factory=list)
+    #: (name, why) for manifests that do not parse, do not authenticate, or describe another file
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+    #: names whose manifest exists but whose payload does not
+    orphaned: list[str] = field(default_factory=list)
+    #: leftovers of interrupted saves: exactly what :meth:`CheckpointManager.cleanup` removes
+    leftovers: list[str] = field(default_factory=list)
+    #: ``*.ckpt`` files with neither a manifest nor a marker (not written by us)
+    unmanaged: list[str] = field(default_factory=list)
+    #: how many files the directory holds
+    files: int = 0
 
 
 class CheckpointManager:
@@ -248,36 +272,57 @@ class CheckpointManager:
 
         A manifest that cannot be read is reported with a warning and left out.
         """
-        files = {f.name: f.size for f in self.storage.list()}
-        dirs: set[str] | None = None
-        out = []
-        for fname in files:
-            if not fname.endswith(MANIFEST_SUFFIX):
-                continue
-            name = fname[: -len(MANIFEST_SUFFIX)]
-            if name not in files:
-                if dirs is None:  # a sharded checkpoint is a directory: listed only when one is met
-                    dirs = set(self.storage.dirs())
-                if name not in dirs:
+        found = self.scan()
+        for name, why in found.damaged:
+            warnings.warn(f"skipping {self.url_of(name)}: {why}", CheckpointWarning, stacklevel=2)
+        return [m for m in found.committed if owner is None or m.owner == owner]
+
+    def scan(self) -> DirectoryScan:
+        """One listing of the directory, sorted into committed, damaged, orphaned, leftover and foreign files.
+
+        Reads every manifest, never a payload, and changes nothing.
+        """
+        files = {f.name for f in self.storage.list()}
+        found = DirectoryScan(files=len(files))
+        subdirs: set[str] | None = None
+
+        def is_dir(name: str) -> bool:  # a sharded checkpoint is a directory: listed only when one is met
+            nonlocal subdirs
+            if subdirs is None:
+                subdirs = set(self.storage.dirs())
+            return name in subdirs
+
+        for fname in sorted(files):
+            if TEMP_MARK in fname:
+                found.leftovers.append(fname)
+            elif fname.endswith(PENDING_SUFFIX):
+                found.leftovers.append(fname)
+                name = fname[: -len(PENDING_SUFFIX)]
+                if name in files and manifest_name(name) not in files:
+                    found.leftovers.append(name)
+                elif manifest_name(name) not in files and is_dir(name):
+                    found.leftovers.append(name + "/")
+            elif fname.endswith(MANIFEST_SUFFIX):
+                name = fname[: -len(MANIFEST_SUFFIX)]
+                if name not in files and not is_dir(name):
+                    found.orphaned.append(name)
                     continue
-            try:
-                manifest = self._parse_manifest(self.storage.read_bytes(fname), name)
-            except CheckpointNotFoundError:
-                continue  # deleted since the listing
-            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
-                warnings.warn(f"skipping {self.url_of(name)}: {exc}", CheckpointWarning, stacklevel=2)
-                continue
-            if manifest.name != name:
-                warnings.warn(
-                    f"skipping {self.url_of(name)}: its manifest describes {manifest.name!r}",
-                    CheckpointWarning,
-                    stacklevel=2,
-                )
-                continue
-            if owner is not None and manifest.owner != owner:
-                continue
-            out.append(manifest)
-        return sorted(out, key=lambda m: (m.global_step or 0, m.created))
+                try:
+                    manifest = self._parse_manifest(self.storage.read_bytes(fname), name)
+                except CheckpointNotFoundError:
+                    continue  # deleted since the listing
+                except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+                    found.damaged.append((name, str(exc)))
+                    continue
+                if manifest.name != name:
+                    found.damaged.append((name, f"its manifest describes {manifest.name!r}"))
+                    continue
+                found.committed.append(manifest)
+        claimed = {*found.leftovers, *found.orphaned, *(m.name for m in found.committed), *(n for n, _ in found.damaged)}
+        found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
+        found.leftovers.sort()
+        found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
+        return found
 
     def read_manifest(self, name: str) -> Manifest:
         """The manifest of committed ``name``; raises if absent or uncommitted."""

@@ -3,18 +3,25 @@
 Save triggers answer "is a save due now?" from (epoch, step, time) alone; retention policies
 answer "which of these committed checkpoints stay?" from their manifests alone. Neither touches
 storage or Lightning, so each is a few lines to unit-test. The callback builds them from
-ModelCheckpoint's familiar keyword arguments; advanced users may pass their own.
+ModelCheckpoint's familiar keyword arguments; advanced users may pass their own. The one trigger
+with a memory is :class:`OverheadBudget`: it is told what each save cost and derives the next
+interval from it (the arithmetic of :func:`lightning_ckpt.planning.interval_for_budget`).
+:class:`KeepUnion` is retention as both the callback and ``lightning-ckpt prune`` apply it: per
+owner, the newest always kept; :class:`KeepBestBy` ranks by any logged metric.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from lightning_ckpt.errors import ConfigurationError
 from lightning_ckpt.integrity import Manifest
+from lightning_ckpt.planning import interval_for_budget
 
 __all__ = [
     "AnyOf",
@@ -22,8 +29,11 @@ __all__ = [
     "EveryNEpochs",
     "EveryNSteps",
     "KeepAll",
+    "KeepBestBy",
     "KeepLatest",
     "KeepTopK",
+    "KeepUnion",
+    "OverheadBudget",
     "RetentionPolicy",
     "SaveTrigger",
     "is_improvement",
@@ -89,6 +99,80 @@ class EveryNEpochs:
 
     def due_on_epoch(self, epoch: int) -> bool:
         return (epoch + 1) % self.n == 0
+
+
+class OverheadBudget:
+    """Due when the training time since the last save reaches ``save cost / budget``.
+
+    A save that blocks training for ``C`` seconds, started every ``C / budget`` seconds, costs
+    ``budget`` of the wall time (``lightning-ckpt plan --budget`` prints the same number). The
+    callback reports the blocking cost of every save with :meth:`record`; the interval after a
+    save is derived from that save's cost, so it follows storage that gets slower or faster.
+
+    Args:
+        budget: the fraction of training time saving may take, ``0 < budget < 1`` (``0.01`` = 1 %).
+        min_interval: never save more often than this (seconds), however cheap a save is: a tiny
+            model on a fast disk would otherwise save every few steps.
+        warmup: before the first save has been measured, save once this many seconds of training
+            passed or at the first epoch end, whichever comes first.
+        clock: seconds as a monotonic float; the callback reads it both to time saves and to
+            decide when one is due (tests inject a fake one).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        min_interval: float = 60.0,
+        warmup: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+            raise ConfigurationError(
+                f"overhead_budget={budget!r} must be a fraction between 0 and 1 (0.01 is 1 % of the training time)"
+            )
+        for name, value in (("min_interval", min_interval), ("warmup", warmup)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigurationError(f"OverheadBudget({name}={value!r}) must be a finite number of seconds >= 0")
+        if not callable(clock):
+            raise ConfigurationError("OverheadBudget(clock=...) must be a callable returning seconds")
+        self.budget = float(budget)
+        self.min_interval = float(min_interval)
+        self.warmup = float(warmup)
+        self.clock = clock
+        #: the blocking cost of the last save event (seconds); None until one was measured
+        self.save_seconds: float | None = None
+        self._step: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"OverheadBudget(budget={self.budget!r}, min_interval={self.min_interval!r}, "
+                f"warmup={self.warmup!r}, save_seconds={self.save_seconds!r})")
+
+    def record(self, seconds: float, step: int | None = None) -> None:
+        """Report that a save blocked training for ``seconds``.
+
+        Saves reported for the same ``step`` (a top-k checkpoint and ``last.ckpt``) add up: the
+        training paid for both before it went on.
+        """
+        seconds = max(0.0, float(seconds))
+        if step is not None and step == self._step and self.save_seconds is not None:
+            seconds += self.save_seconds
+        self.save_seconds, self._step = seconds, step
+
+    @property
+    def interval(self) -> float:
+        """Seconds from one save's start to the next: ``save_seconds / budget``, at least ``min_interval``."""
+        if self.save_seconds is None:
+            return self.warmup
+        if self.save_seconds <= 0:
+            return self.min_interval
+        return max(self.min_interval, interval_for_budget(self.save_seconds, 100.0 * self.budget))
+
+    def due_on_step(self, step: int, now: float, last_save_time: float) -> bool:
+        return now - last_save_time >= self.interval
+
+    def due_on_epoch(self, epoch: int) -> bool:
+        # the first save is what tells the cost; afterwards only the measured interval counts
+        return self.save_seconds is None
 
 
 @dataclass(frozen=True)
@@ -185,3 +269,50 @@ class KeepTopK:
             return True
         kth = ranked[self.k - 1].score
         return is_improvement(score, kth, self.mode)
+
+def _ranked_by(checkpoints: Iterable[Manifest], monitor: str, mode: str) -> list[Manifest]:
+    """``checkpoints`` that logged ``monitor``, best first, whatever monitor each one recorded."""
+    as_monitored = [replace(m, monitor=monitor) for m in checkpoints]
+    by_name = {m.name: m for m in checkpoints}
+    return [by_name[m.name] for m in KeepTopK(1, monitor, mode).ranked(as_monitored)]
+
+
+@dataclass(frozen=True)
+class KeepBestBy:
+    """:class:`KeepTopK` over a metric every manifest logged, whatever monitor it recorded."""
+
+    k: int
+    monitor: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigurationError(f"KeepBestBy(k={self.k}) must not be negative")
+        if self.mode not in MODES:
+            raise ConfigurationError(f"mode={self.mode!r} must be one of {MODES}")
+
+    def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
+        """Checkpoints that logged ``monitor``, best first (ties: the newer first)."""
+        return _ranked_by(list(checkpoints), self.monitor, self.mode)
+
+    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
+        return {m.name for m in self.ranked(checkpoints)[: self.k]}
+
+
+@dataclass(frozen=True)
+class KeepUnion:
+    """Keep what any of ``policies`` keeps, plus the newest, within each owner's checkpoints.
+
+    Judging each owner separately is what the callback does (it prunes with its own owner): its
+    top-k and its ``last.ckpt`` are separate owners, so ``last.ckpt`` never takes the place of a
+    top-k or a latest checkpoint, and each owner keeps its newest one as the manager guarantees.
+    """
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
+        groups: dict[str | None, list[Manifest]] = defaultdict(list)
+        for m in checkpoints:
+            groups[m.owner].append(m)
+        policies = (*self.policies, KeepLatest(1))
+        return {name for group in groups.values() for p in policies for name in p.keep(group)}

@@ -91,7 +91,8 @@ class Fault:
       given, which is then raised afterwards.
     - ``kind="hang"``: set ``entered``, then block until ``release`` is set (the operation then
       proceeds, or raises ``exc`` if given) or ``timeout`` passes (``TimeoutError``).
-    - ``kind="slow"``: sleep ``delay`` seconds, then proceed.
+    - ``kind="slow"``: ``sleep(delay)``, then proceed. ``sleep`` is :func:`time.sleep` unless the
+      test passes a fake clock's advance, so "this write took 5 s" needs no real waiting.
 
     ``path`` is an ``fnmatch`` glob over the ``faulty`` path (``*`` also matches ``/``).
     ``times=None`` means every matching call from the ``nth`` on.
@@ -106,6 +107,7 @@ class Fault:
     keep: int | None = None
     commit: bool = False
     delay: float = 0.0
+    sleep: Callable[[float], Any] = time.sleep
     timeout: float = 30.0
     release: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
@@ -217,7 +219,7 @@ class FaultPlan:
         short: Fault | None = None
         for fault in firing:  # outside the lock: a hang must not block other threads' calls
             if fault.kind == "slow":
-                time.sleep(fault.delay)
+                fault.sleep(fault.delay)
             elif fault.kind == "hang":
                 fault.entered.set()
                 released = fault.release.wait(fault.timeout)

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from backends import backend  # noqa: F401
+from faulty_fs import Fault, FaultPlan, register
 from helpers import TinyModel, fit
 
 from lightning_ckpt import (
@@ -20,6 +21,7 @@ from lightning_ckpt import (
     MonitorNotFoundError,
     UnsupportedURLError,
 )
+from lightning_ckpt.policies import OverheadBudget
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -44,6 +46,10 @@ def names(cb: CheckpointCallback) -> list[str]:
         ({"filename": "a/{epoch}"}, "must not contain"),
         ({"save_last": "link"}, "save_last"),
         ({"storage_options": "key=1"}, "storage_options"),
+        ({"overhead_budget": 1}, "between 0 and 1"),
+        ({"overhead_budget": 0.01, "train_time_interval": timedelta(minutes=1)}, "mutually exclusive"),
+        ({"overhead_budget": 0.01, "every_n_train_steps": 5}, "mutually exclusive"),
+        ({"overhead_budget": 0.01, "every_n_epochs": 2}, "mutually exclusive"),
     ],
 )
 def test_invalid_configuration_fails_at_construction(kwargs: dict, message: str) -> None:
@@ -136,6 +142,62 @@ def test_train_time_interval(tmp_path) -> None:
     cb = CheckpointCallback(dirpath=str(tmp_path), train_time_interval=timedelta(microseconds=1), save_top_k=-1)
     fit(cb, max_epochs=1)
     assert len(names(cb)) == 8  # due after every step
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class OneSecondSteps(pl.Callback):
+    """Every training step takes one second of the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.clock.advance(1.0)
+
+
+def test_overhead_budget_adapts_the_interval_to_the_measured_save_cost() -> None:
+    """Saves cost 0.5 s, then 2 s (slower storage): within 10 % they come 5 s, then 20 s apart."""
+    register()
+    clock = FakeClock()
+    plan = FaultPlan(  # the payload's commit is where the (fake) time goes
+        Fault(op="close", kind="slow", path="*.ckpt", delay=0.5, times=2, sleep=clock.advance),
+        Fault(op="close", kind="slow", path="*.ckpt", nth=3, delay=2.0, times=None, sleep=clock.advance),
+    )
+    budget = OverheadBudget(0.1, min_interval=0, warmup=3, clock=clock)
+    cb = CheckpointCallback(dirpath="faulty://budget/ckpts", storage_options={"target_protocol": "memory",
+                            "plan": plan}, overhead_budget=budget, save_top_k=-1, filename="{step}")
+    fit(cb, max_epochs=4, extra_callbacks=[OneSecondSteps(clock)])  # 32 steps
+    steps = [m.global_step for m in cb.manager.manifests()]
+    # step 3: the warm-up (nothing measured yet); 0.5 s measured -> one every 5 s: steps 8 and 13
+    # (8 waits for the epoch's validation); 2 s measured at 13 -> the next 20 s later, at step 31
+    assert steps == [3, 8, 13, 31]
+    assert budget.save_seconds == pytest.approx(2.0)
+    assert "overhead_budget" in cb.state_key
+
+
+def test_overhead_budget_first_save_is_at_the_first_epoch_end(tmp_path) -> None:
+    """Within the default 10-minute warm-up a short epoch ends first; its save is measured."""
+    budget = OverheadBudget(0.01, clock=FakeClock())  # time stands still: no interval ever passes
+    cb = CheckpointCallback(dirpath=str(tmp_path), overhead_budget=budget, save_top_k=-1)
+    fit(cb, max_epochs=2)
+    assert names(cb) == ["epoch=0-step=8.ckpt"]
+    assert budget.save_seconds == 0.0  # measured with the (frozen) clock
+
+
+def test_overhead_budget_as_a_fraction_builds_the_policy() -> None:
+    cb = CheckpointCallback(dirpath="memory://budget", overhead_budget=0.02)
+    assert isinstance(cb.trigger, OverheadBudget) and cb.trigger is cb.overhead_budget
+    assert (cb.trigger.budget, cb.trigger.min_interval, cb.trigger.warmup) == (0.02, 60.0, 600.0)
 
 
 def test_save_weights_only(tmp_path) -> None:

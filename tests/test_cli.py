@@ -23,6 +23,7 @@ from safetensors.torch import load, load_file
 from lightning_ckpt import CheckpointManager, Storage
 from lightning_ckpt.cli import _storage_option, main
 from lightning_ckpt.integrity import manifest_name
+from lightning_ckpt.security import Encryptor, Signer, key_id
 
 OWNER = "CheckpointCallback{monitor=val_loss,mode=min,filename=None}"
 LOSSES = [0.9, 0.4, 0.6, 0.5]  # the best is epoch 1, neither the first nor the newest
@@ -63,9 +64,9 @@ def lightning_dict(epoch: int, step: int, seed: int | None = None) -> dict[str, 
 
 
 def make_run(url: str, losses: list[float] = LOSSES, last: bool = True, owner: str = OWNER,
-             mode: str = "min") -> CheckpointManager:
+             mode: str = "min", signer: Signer | None = None, encryptor: Encryptor | None = None) -> CheckpointManager:
     """One checkpoint per epoch plus ``last.ckpt``, as the callback would leave them."""
-    manager = CheckpointManager(url)
+    manager = CheckpointManager(url, signer=signer, encryptor=encryptor)
     for epoch, loss in enumerate(losses):
         step = 8 * (epoch + 1)
         manager.save(lightning_dict(epoch, step), NAMES[epoch], epoch=epoch, global_step=step,
@@ -540,6 +541,10 @@ def test_plan(capsys: pytest.CaptureFixture[str]) -> None:
                             "--budget", "1", "--json")[1])  # fmt: skip
     assert report["plan"]["saves"] == 336 and report["interval_for_budget_seconds"] == pytest.approx(2000)
     assert report["young_daly"] is None
+    code, out, _ = cli(capsys, "plan", "--save-seconds", "20", "--every", "30m", "--train-hours", "168",
+                       "--budget", "1")  # fmt: skip
+    assert code == 0 and "save every 33.3 min (2000 s)" in out
+    assert "CheckpointCallback(overhead_budget=0.01)" in out  # the same idea, measured while training
 
 
 @pytest.mark.parametrize("bad", [["--every", "0"], ["--every", "soon"], ["--every", "-5m"]])
@@ -601,3 +606,142 @@ def test_console_entry_point(tmp_path: Any) -> None:
     result = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "verify", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+# keys: signed and encrypted runs ---------------------------------------------------------------
+
+SIGN_KEY, ENC_KEY, OTHER_KEY = "ab" * 32, "cd" * 32, "ef" * 32
+
+
+@pytest.fixture
+def keys(tmp_path: Any) -> dict[str, str]:
+    """Key files as a user keeps them: 64 hex digits and a newline."""
+    paths = {}
+    for label, key in (("sign", SIGN_KEY), ("enc", ENC_KEY), ("other", OTHER_KEY)):
+        path = tmp_path / f"{label}.key"
+        path.write_text(key + "\n")
+        paths[label] = str(path)
+    return paths
+
+
+@pytest.fixture
+def secure_run(run_url: str) -> str:
+    """A run saved with CheckpointCallback(signer=..., encryptor=...)'s manager settings."""
+    make_run(run_url, signer=Signer(bytes.fromhex(SIGN_KEY)), encryptor=Encryptor(bytes.fromhex(ENC_KEY)))
+    return run_url
+
+
+def tamper_manifest(url: str, name: str) -> None:
+    """Make a worse checkpoint look like the best one: edit its manifest, keep its signature."""
+    storage = Storage(url)
+    raw = json.loads(storage.read_bytes(manifest_name(name)))
+    raw["metrics"]["val_loss"] = 0.01
+    storage.write_bytes(manifest_name(name), json.dumps(raw).encode())
+
+
+def test_verify_checks_signatures_with_the_signing_key(capsys: pytest.CaptureFixture[str], secure_run: str,
+                                                       keys: dict[str, str]) -> None:
+    code, out, err = cli(capsys, "verify", secure_run, "--signing-key-file", keys["sign"])
+    assert code == 0, err
+    assert "5 ok, 0 bad" in out
+    tamper_manifest(secure_run, NAMES[2])
+    code, out, _ = cli(capsys, "verify", secure_run, "--signing-key-file", keys["sign"])
+    assert code == 1
+    assert f"BAD {NAMES[2]}: the signature of the manifest of {NAMES[2]} does not match its manifest (tampered)" in out
+    code, out, _ = cli(capsys, "verify", f"{secure_run}/{NAMES[2]}", "--signing-key-file", keys["sign"])
+    assert code == 1 and f"BAD {NAMES[2]}" in out and "tampered" in out
+    # without the key only sizes and sha256 are checked: the edited manifest goes unnoticed
+    code, out, _ = cli(capsys, "verify", secure_run)
+    assert code == 0
+
+
+def test_verify_with_the_wrong_signing_key_names_both_key_ids(capsys: pytest.CaptureFixture[str], secure_run: str,
+                                                              keys: dict[str, str]) -> None:
+    code, out, _ = cli(capsys, "verify", secure_run, "--signing-key-file", keys["other"])
+    assert code == 1 and "0 ok, 5 bad" in out
+    signed_with, configured = key_id(bytes.fromhex(SIGN_KEY)), key_id(bytes.fromhex(OTHER_KEY))
+    assert f"signed with key '{signed_with}', not one of the configured keys ['{configured}']" in out
+    # rotation: the new key first, the old one still accepted
+    code, out, _ = cli(capsys, "verify", secure_run, "--signing-key-file", keys["other"],
+                       "--signing-key-file", keys["sign"])
+    assert code == 0 and "5 ok, 0 bad" in out
+
+
+def test_ls_and_prune_with_a_signing_key_leave_unsigned_manifests_out(
+    capsys: pytest.CaptureFixture[str], secure_run: str, keys: dict[str, str]
+) -> None:
+    tamper_manifest(secure_run, NAMES[2])
+    code, out, _ = cli(capsys, "ls", secure_run, "--json", "--signing-key-file", keys["sign"])
+    assert code == 0 and NAMES[2] not in {row["name"] for row in json.loads(out)}
+    code, out, _ = cli(capsys, "ls", secure_run, "--signing-key-file", keys["sign"])
+    assert f"unreadable: {NAMES[2]}: the signature of the manifest of {NAMES[2]}" in out
+    # prune never deletes (nor trusts the score of) what it cannot authenticate
+    code, out, err = cli(capsys, "prune", secure_run, "--keep-best", "1", "--signing-key-file", keys["sign"])
+    assert code == 0, err
+    assert NAMES[2] in files(secure_run) and f"deleted {NAMES[0]}" in out and f"deleted {NAMES[2]}" not in out
+    assert "warning: skipping" in err
+
+
+def test_inspect_diff_export_decrypt_with_the_encryption_key(capsys: pytest.CaptureFixture[str], secure_run: str,
+                                                             keys: dict[str, str], tmp_path: Any) -> None:
+    enc = ("--encryption-key-file", keys["enc"])
+    code, out, err = cli(capsys, "inspect", f"{secure_run}/{NAMES[1]}", *enc, "--signing-key-file", keys["sign"])
+    assert code == 0, err
+    assert f"encrypted  AES-256-GCM, key id {key_id(bytes.fromhex(ENC_KEY))}" in out
+    assert "signature  valid" in out and "state_dict" in out
+    code, out, err = cli(capsys, "diff", f"{secure_run}/{NAMES[0]}", f"{secure_run}/{NAMES[1]}", *enc, "--json")
+    assert code == 0, err
+    assert json.loads(out)["state_dict"]["same"] == 0
+    target = tmp_path / "w.safetensors"
+    code, _, err = cli(capsys, "export", f"{secure_run}/{NAMES[1]}", "-o", str(target), *enc)
+    assert code == 0, err
+    assert torch.equal(load_file(str(target))["net.0.weight"], lightning_dict(1, 16)["state_dict"]["net.0.weight"])
+
+
+def test_encryption_key_from_a_named_environment_variable(capsys: pytest.CaptureFixture[str], secure_run: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_RUN_KEY", ENC_KEY)
+    code, out, err = cli(capsys, "inspect", f"{secure_run}/{NAMES[1]}", "--json", "--encryption-key-env", "MY_RUN_KEY")
+    assert code == 0, err
+    assert json.loads(out)["payload"]["lightning"]["global_step"] == 16
+    monkeypatch.delenv("MY_RUN_KEY")
+    code, _, err = cli(capsys, "inspect", f"{secure_run}/{NAMES[1]}", "--encryption-key-env", "MY_RUN_KEY")
+    assert code == 2 and "MY_RUN_KEY" in err and "is not set" in err
+
+
+def test_a_missing_encryption_key_is_a_usage_error_that_says_what_to_give(
+    capsys: pytest.CaptureFixture[str], secure_run: str, keys: dict[str, str], tmp_path: Any
+) -> None:
+    url = f"{secure_run}/{NAMES[1]}"
+    hint = "give its key with --encryption-key-file PATH or --encryption-key-env NAME"
+    # inspect still shows the manifest, and the stored bytes verify without the key
+    code, out, err = cli(capsys, "inspect", url)
+    assert code == 2 and "verified   yes" in out and "payload" not in out
+    assert err.startswith("error:") and hint in err
+    for argv in (["diff", url, f"{secure_run}/{NAMES[0]}"], ["export", url, "-o", str(tmp_path / "w.safetensors")]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and hint in err, argv
+    code, _, err = cli(capsys, "inspect", url, "--encryption-key-file", keys["other"])
+    assert code == 2 and f"encrypted with key '{key_id(bytes.fromhex(ENC_KEY))}'" in err
+    # listing and verifying need no key: the manifest records the stored (encrypted) bytes
+    assert cli(capsys, "verify", secure_run)[0] == 0 and cli(capsys, "ls", secure_run, "--verify")[0] == 0
+
+
+def test_bad_key_files_are_usage_errors(capsys: pytest.CaptureFixture[str], secure_run: str, tmp_path: Any) -> None:
+    short = tmp_path / "short.key"
+    short.write_text("abcd\n")
+    code, _, err = cli(capsys, "verify", secure_run, "--signing-key-file", str(tmp_path / "nope.key"))
+    assert code == 2 and "cannot read key file" in err
+    code, _, err = cli(capsys, "inspect", f"{secure_run}/{NAMES[1]}", "--encryption-key-file", str(short))
+    assert code == 2 and "must be 32 bytes" in err
+
+
+def test_no_option_takes_a_key_itself() -> None:
+    """Keys only ever come from files or named variables (a key on the command line leaks to ps)."""
+    from lightning_ckpt.cli import build_parser
+
+    options = {o for a in build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+               for action in a._actions for o in action.option_strings}
+    assert {o for o in options if "key" in o} == {"--signing-key-file", "--signing-key-env",
+                                                  "--encryption-key-file", "--encryption-key-env"}
+

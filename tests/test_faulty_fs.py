@@ -421,6 +421,18 @@ def test_slow_delays_each_matching_call(memfs: tuple[FaultyFileSystem, str]) -> 
     assert fs.cat_file(f"{root}/x") == b"chunk" * 5
 
 
+def test_slow_sleeps_through_an_injected_sleep(memfs: tuple[FaultyFileSystem, str]) -> None:
+    fs, root = memfs
+    slept: list[float] = []
+    fs.add_fault(Fault(op="close", kind="slow", delay=5.0, times=None, sleep=slept.append))
+
+    with fs.open(f"{root}/x", "wb") as f:
+        f.write(b"data")
+
+    assert slept == [5.0]
+    assert fs.cat_file(f"{root}/x") == b"data"
+
+
 # ------------------------------------------------------------------------- bookkeeping
 def test_calls_record_every_operation_in_order(memfs: tuple[FaultyFileSystem, str]) -> None:
     fs, root = memfs

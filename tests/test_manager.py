@@ -60,6 +60,30 @@ def test_listing_sees_only_committed(backend) -> None:  # noqa: F811
         mgr.load("half.ckpt")
 
 
+def test_scan_sorts_every_file_and_changes_nothing(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    save(mgr, "b.ckpt", 2)
+    save(mgr, "a.ckpt", 1)
+    mgr.storage.write_bytes("half.ckpt", b"partial")
+    mgr.storage.write_bytes("half.ckpt" + PENDING_SUFFIX, b"{}")
+    mgr.storage.write_bytes("bad.ckpt", b"x")
+    mgr.storage.write_bytes("bad.ckpt.manifest.json", b"{not json")
+    mgr.storage.write_bytes("gone.ckpt.manifest.json", mgr.storage.read_bytes("a.ckpt.manifest.json"))
+    mgr.storage.write_bytes("foreign.ckpt", b"someone else's")
+    before = {f.name for f in mgr.storage.list()}
+    found = mgr.scan()
+    assert {f.name for f in mgr.storage.list()} == before
+    assert [m.name for m in found.committed] == ["a.ckpt", "b.ckpt"]  # oldest first
+    assert [n for n, _ in found.damaged] == ["bad.ckpt"] and "not valid JSON" in found.damaged[0][1]
+    assert found.orphaned == ["gone.ckpt"]
+    assert found.leftovers == ["half.ckpt", "half.ckpt.pending"] == sorted(mgr.cleanup())
+    assert found.unmanaged == ["foreign.ckpt"] and found.files == len(before)
+    # manifests() is the committed part, warning about what it skips
+    with pytest.warns(CheckpointWarning, match="bad.ckpt"):
+        assert [m.name for m in mgr.manifests()] == ["a.ckpt", "b.ckpt"]
+
+
 def test_cleanup_removes_only_our_leftovers(backend) -> None:  # noqa: F811
     url, options = backend
     mgr = CheckpointManager(url, options)
