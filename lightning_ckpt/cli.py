@@ -243,6 +243,10 @@ def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> A
             f"{manager.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}): give its key "
             "with --encryption-key-file PATH or --encryption-key-env NAME"
         )
+    if manifest is not None and manifest.sharded:  # every shard read into full tensors, verified first
+        from lightning_ckpt.sharded import consolidate
+
+        return consolidate(manager, name)
     return manager.load(name, weights_only=True)
 
 
@@ -527,6 +531,9 @@ def _print_inspect(out: Console, report: dict[str, Any]) -> None:
         grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) or "-")
         grid.add_row("format", f"{manifest['format']} {manifest['format_version']}"
                      + (", weights only" if manifest["weights_only"] else ""))
+        if manifest.get("files"):
+            shards = [f for f in manifest["files"] if f.endswith(".distcp")]
+            grid.add_row("sharded", f"{len(manifest['files'])} files, {len(shards)} shard files (read whole here)")
         encryption = manifest["extra"].get("encryption")
         if encryption:
             grid.add_row("encrypted", f"{encryption.get('alg')}, key id {encryption.get('key_id')}")

@@ -25,6 +25,7 @@ import errno
 import io
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -333,8 +334,10 @@ def _dcp_load_everything(target: str, options: dict[str, Any]) -> dict[str, Any]
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FsspecReader(target, **options), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming a single process": intended
+        warnings.simplefilter("ignore", UserWarning)
+        _load_state_dict(state, storage_reader=FsspecReader(target, **options),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state
 
 

@@ -6,6 +6,8 @@ everything but the collectives -- those are covered by 2-process runs in test_di
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from backends import backend  # noqa: F401
@@ -147,3 +149,49 @@ def test_encrypted_sharded_checkpoints_are_refused_up_front(tmp_path) -> None:
     mgr = CheckpointManager(str(tmp_path), encryptor=Encryptor(b"k" * 32))
     with pytest.raises(ConfigurationError, match="encrypting sharded"):
         ShardedCheckpointer(mgr)
+
+
+# -- the command line on sharded checkpoints ------------------------------------------------------
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from lightning_ckpt.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_lists_verifies_inspects_diffs_prunes_and_exports_sharded_checkpoints(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    save(mgr, "a.ckpt", 1, loss=0.9)
+    save(mgr, "b.ckpt", 2, loss=0.5)
+    code, out, _ = cli(capsys, "ls", mgr.url, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["a.ckpt", "b.ckpt"]
+    code, out, _ = cli(capsys, "verify", mgr.url)
+    assert code == 0 and "2 ok, 0 bad" in out
+    code, out, _ = cli(capsys, "inspect", mgr.url_of("b.ckpt"))
+    assert code == 0 and "sharded" in out and "layer.weight" in out
+    code, out, _ = cli(capsys, "diff", mgr.url_of("a.ckpt"), mgr.url_of("b.ckpt"))
+    assert code == 0 and "layer.weight" in out
+    target = tmp_path / "model.safetensors"
+    code, _, _ = cli(capsys, "export", mgr.url_of("b.ckpt"), "--format", "safetensors", "--output", str(target))
+    assert code == 0
+    weights = load_file(str(target))
+    assert torch.equal(weights["layer.weight"], tensors(2)["state_dict"]["layer.weight"])
+    code, _, _ = cli(capsys, "prune", mgr.url, "--keep-last", "1")
+    assert code == 0 and [m.name for m in mgr.manifests()] == ["b.ckpt"]
+    assert mgr.storage.dirs() == ["b.ckpt"]
+
+
+def test_cli_verify_names_the_damaged_shard(tmp_path, capsys) -> None:
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    save(mgr, "a.ckpt", 1)
+    shard = tmp_path / "run" / "a.ckpt" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out, _ = cli(capsys, "verify", mgr.url)
+    assert code == 1 and "a.ckpt/__0_0.distcp does not match the sha256" in out
