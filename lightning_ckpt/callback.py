@@ -65,6 +65,7 @@ from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeu
 from lightning_ckpt.resumable import is_stateful, make_stateful, optimizer_mismatch
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor, Signer
+from lightning_ckpt.sharded import ShardedPendingSave
 from lightning_ckpt.storage import RetryPolicy, Storage, split_url
 
 __all__ = ["CheckpointCallback"]
@@ -201,7 +202,7 @@ class CheckpointCallback(ModelCheckpoint):
             raise ConfigurationError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
         self.async_save = bool(async_save)
         self.when_busy = when_busy
-        self._pending: list[tuple[Manifest, PendingSave | None]] = []
+        self._pending: list[tuple[Manifest, PendingSave | ShardedPendingSave | None]] = []
         self.failed_saves = 0
         if preemption is not None and not isinstance(preemption, (bool, Preemption)):
             raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
@@ -743,7 +744,8 @@ class CheckpointCallback(ModelCheckpoint):
                     errors[record.name] = exc
                 else:
                     settled.append(record.name)
-                    self._log_save_metrics(trainer, result, pending.stall_seconds, record.global_step)
+                    if result is not None:
+                        self._log_save_metrics(trainer, result, pending.stall_seconds, record.global_step)
             outcome = (settled, failed)
         settled, failed = trainer.strategy.broadcast(outcome) or ([], [])
         done = set(settled) | {name for name, _ in failed}
@@ -890,9 +892,11 @@ class CheckpointCallback(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.exact_resume and state_dict.get("rng") is not None:
             per_rank = state_dict.get("rng_per_rank")
-            same_world = isinstance(per_rank, list) and len(per_rank) == distributed.world_size()
             # at another world size there is no bit-exact continuation: every rank takes rank 0's
-            self._rng_to_restore = per_rank[distributed.rank()] if same_world else state_dict["rng"]
+            if isinstance(per_rank, list) and len(per_rank) == distributed.world_size():
+                self._rng_to_restore = per_rank[distributed.rank()]
+            else:
+                self._rng_to_restore = state_dict["rng"]
         if state_dict.get("dirpath") != self.dirpath:
             warnings.warn(
                 f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "

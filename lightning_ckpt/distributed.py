@@ -11,7 +11,16 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["active", "all_gather", "barrier", "broadcast", "background_group", "rank", "world_size"]
+__all__ = [
+    "active",
+    "all_gather",
+    "background_group",
+    "barrier",
+    "broadcast",
+    "rank",
+    "release_background_group",
+    "world_size",
+]
 
 _background: tuple[Any, Any] | None = None  # (the world group it belongs to, the group)
 
@@ -69,3 +78,14 @@ def background_group() -> Any:
     if _background is None or _background[0] is not world:
         _background = (world, dist.new_group(backend="gloo"))
     return _background[1]
+
+
+def release_background_group() -> None:
+    """Destroy the background group (after every background collective finished); local, not collective."""
+    global _background
+    if _background is None:
+        return
+    world, group = _background
+    _background = None
+    if dist.is_available() and dist.is_initialized() and dist.group.WORLD is world:
+        dist.destroy_process_group(group)

@@ -23,9 +23,9 @@ from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpoint
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
-    "SHARDED_FORMAT_VERSION",
     "MANIFEST_SUFFIX",
     "PENDING_SUFFIX",
+    "SHARDED_FORMAT_VERSION",
     "HashingWriter",
     "Manifest",
     "manifest_name",
@@ -108,10 +108,12 @@ class Manifest:
         ``size`` is the total and ``sha256`` a digest of the sorted file table, so a listing
         shows one figure for the whole checkpoint and any change to any file changes it.
         """
-        table = {path: {"size": int(size), "sha256": sha} for path, (size, sha) in sorted(files.items())}
+        table: dict[str, dict[str, Any]] = {
+            path: {"size": int(size), "sha256": sha} for path, (size, sha) in sorted(files.items())
+        }
         digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
-        return cls(name=name, size=sum(f["size"] for f in table.values()), sha256=digest, files=table,
-                   format_version=SHARDED_FORMAT_VERSION, **fields)
+        total = sum(int(size) for size, _ in files.values())
+        return cls(name=name, size=total, sha256=digest, files=table, format_version=SHARDED_FORMAT_VERSION, **fields)
 
     def to_json(self) -> bytes:
         """Serialize (stable key order, so identical states give identical manifests)."""

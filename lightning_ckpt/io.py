@@ -181,7 +181,10 @@ class ManagedCheckpointIO(CheckpointIO):
         manager: CheckpointManager, name: str, module: Any, optimizers: Any, strict: bool, weights_only: bool
     ) -> dict[str, Any]:
         """A single-file checkpoint (say, from a one-GPU run) into a sharded model, as Lightning does."""
-        from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
+        from lightning.fabric.strategies.model_parallel import (
+            _load_raw_module_state,
+            _rekey_optimizer_state_if_needed,
+        )
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         checkpoint = manager.load(name, map_location="cpu", weights_only=weights_only)
@@ -262,6 +265,7 @@ class ManagedCheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         """Lightning's end of the strategy: finish background saves and free their buffers."""
         self._wait_sharded()
+        distributed.release_background_group()  # nothing of ours left for the interpreter's exit
         savers, self._savers = self._savers, {}
         for saver in savers.values():
             saver.close()

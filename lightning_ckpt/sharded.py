@@ -32,7 +32,12 @@ from typing import Any, TypeVar
 import torch
 
 from lightning_ckpt import distributed
-from lightning_ckpt.errors import CheckpointError, ConfigurationError, IncompatibleCheckpointError, StorageError
+from lightning_ckpt.errors import (
+    CheckpointError,
+    ConfigurationError,
+    IncompatibleCheckpointError,
+    StorageError,
+)
 from lightning_ckpt.integrity import HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 
@@ -76,11 +81,10 @@ class ShardedCheckpointer:
             if rank == 0:
                 meta, error = _attempt(lambda: _write_meta(directory, extras))
             self._agree(error, name)
-            files = directory.list()  # every rank sees the same complete set after the agreement
-            mine = sorted(f.name for f in files)[rank :: distributed.world_size()]
-            share, error = _attempt(lambda: {path: directory.digest(path) for path in mine})
+            # every rank sees the same complete set after the agreement, and hashes its share
+            share, error = _attempt(lambda: _digest_share(directory, rank, distributed.world_size()))
             self._agree(error, name)
-            manifest: Manifest | None = None
+            committed: Manifest | None = None
             if rank == 0:
                 table: dict[str, tuple[int, str]] = {}
                 for part in distributed.all_gather(share):
@@ -89,15 +93,17 @@ class ShardedCheckpointer:
                     table[META_FILE] = meta
                 manifest = Manifest.for_files(name, table, versions=versions(), **fields)
                 _, error = _attempt(lambda: self.manager.commit(manifest))
+                committed = manifest
             else:
                 distributed.all_gather(share)
             self._agree(error, name)
-            manifest = distributed.broadcast(manifest)
+            committed = distributed.broadcast(committed)
+            assert committed is not None
         except BaseException:
             if rank == 0:
                 self.manager.abandon_directory(name)
             raise
-        return SaveResult(manifest, url, time.perf_counter() - start)
+        return SaveResult(committed, url, time.perf_counter() - start)
 
     def save_async(
         self,
@@ -128,12 +134,15 @@ class ShardedCheckpointer:
         if rank == 0:
             torch.save(dict(extras), meta)  # now: loops and callbacks change with the next step
         target, options = storage.fsspec_target(name)
+        future, error = _attempt(lambda: _dcp_async_save(dict(tensors), target, options, group),
+                                 f"could not start writing the shards of {pending.url}")
         try:
-            future = _dcp_async_save(dict(tensors), target, options, group)
+            self._agree(error, name)  # a rank that could not even stage its shards fails it everywhere
         except BaseException:
             if rank == 0:
                 self.manager.abandon_directory(name)
             raise
+        assert future is not None
         pending.stall_seconds = time.perf_counter() - start
 
         def finish() -> None:
@@ -298,6 +307,12 @@ def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> d
 
 
 # -- DCP plumbing -----------------------------------------------------------------------------
+
+def _digest_share(directory: Any, index: int, count: int) -> dict[str, tuple[int, str]]:
+    """Size and sha256 of every ``count``-th file of ``directory`` from the ``index``-th."""
+    mine = sorted(f.name for f in directory.list())[index::count]
+    return {path: directory.digest(path) for path in mine}
+
 
 def _write_meta(directory: Any, extras: Mapping[str, Any]) -> tuple[int, str]:
     with directory.open_write(META_FILE) as f:

@@ -13,6 +13,7 @@ permission and "no space" errors are not.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -382,10 +383,10 @@ class Storage:
         sub.root, sub.url = path, self.url_of(name)
         return sub
 
-    def dirs(self) -> list[str]:
+    def dirs(self) -> builtins.list[str]:
         """Names of the directories directly inside this one (an absent directory has none)."""
 
-        def op() -> list[str]:
+        def op() -> builtins.list[str]:
             self.fs.invalidate_cache(self.root)
             try:
                 entries = self.fs.ls(self.root, detail=True)

@@ -79,7 +79,11 @@ class Net(pl.LightningModule):
 
 def full_state(trainer: pl.Trainer, model: Net) -> dict[str, torch.Tensor]:
     """Model + optimizer state as full tensors (gathered from shards), keyed by name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     if not model.sharded:
         out = {f"model.{k}": v for k, v in model.state_dict().items()}
