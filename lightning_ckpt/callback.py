@@ -44,6 +44,7 @@ from lightning_ckpt.io import (
     SAVE_META_KEY,
     ManagedCheckpointIO,
     attach_sharded,
+    bypasses_checkpoint_io,
     is_sharded,
 )
 from lightning_ckpt.manager import CheckpointManager, SaveResult
@@ -296,7 +297,7 @@ class CheckpointCallback(ModelCheckpoint):
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
         io.model = pl_module
-        if is_sharded(trainer.strategy):
+        if bypasses_checkpoint_io(trainer.strategy):
             attach_sharded(trainer.strategy, io)
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
@@ -719,6 +720,14 @@ class CheckpointCallback(ModelCheckpoint):
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
             io.save_sharded(checkpoint, url, storage_options=options)
             trainer.strategy.barrier("lightning_ckpt.save_sharded")
+        elif bypasses_checkpoint_io(trainer.strategy):
+            # a full state dict gathered on every rank (a collective), written by rank 0, as Lightning
+            # does -- through our IO, since this strategy would refuse the storage options
+            io = self._install_io(trainer)
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+            if trainer.is_global_zero:
+                io.save_checkpoint(checkpoint, url, storage_options=options)
+            trainer.strategy.barrier("lightning_ckpt.save_full")
         else:
             trainer.save_checkpoint(url, weights_only, storage_options=options)
 

@@ -29,7 +29,7 @@ from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.sharded import ShardedCheckpointer, ShardedPendingSave
 from lightning_ckpt.storage import split_url
 
-__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "is_sharded"]
+__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "bypasses_checkpoint_io", "is_sharded"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -284,6 +284,16 @@ def is_sharded(strategy: Any) -> bool:
     return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
         getattr(strategy, "_state_dict_type", None) == "sharded"
     )
+
+
+def bypasses_checkpoint_io(strategy: Any) -> bool:
+    """Whether ``strategy`` saves and loads checkpoints itself instead of through its ``CheckpointIO``.
+
+    Sharded strategies (:func:`is_sharded`), and ``ModelParallelStrategy`` also when it gathers a
+    full state dict (``save_distributed_checkpoint=False``): it refuses ``storage_options`` and
+    reads checkpoints through local ``Path``s.
+    """
+    return is_sharded(strategy) or hasattr(strategy, "_save_distributed_checkpoint")
 
 
 def attach_sharded(strategy: Any, io: ManagedCheckpointIO) -> None:

@@ -129,7 +129,8 @@ def main(config: dict[str, Any]) -> None:
     if sharded:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy: Any = ModelParallelStrategy(data_parallel_size=config["devices"], tensor_parallel_size=1)
+        strategy: Any = ModelParallelStrategy(data_parallel_size=config["devices"], tensor_parallel_size=1,
+                                              save_distributed_checkpoint=not config.get("full_state_dict", False))
     else:
         strategy = config.get("strategy", "ddp")
     storage_options = config.get("storage_options")

@@ -214,6 +214,19 @@ def test_fsdp2_a_damaged_shard_is_skipped_by_last_and_refused_by_name(fsdp_runs:
     assert len(reports) == 2 and all("CorruptCheckpointError" in r.get("error", "") for r in reports), reports
 
 
+def test_fsdp2_gathering_a_full_state_dict_writes_one_file_and_resumes_exactly(
+    fsdp_runs: dict[str, Any], tmp_path: Path
+) -> None:
+    # ModelParallelStrategy(save_distributed_checkpoint=False) refuses storage options and reads
+    # local paths only: the callback writes the gathered state through its own IO and loads it back
+    common = {**fsdp_runs["common"], "full_state_dict": True, "dirpath": str(tmp_path / "ck")}
+    ok(*run(tmp_path, "part", max_steps=10, **common))
+    assert all((tmp_path / "ck" / name).is_file() for name in committed(tmp_path / "ck"))
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", **common))
+    assert resumed[0]["resumed_from"] == str(tmp_path / "ck" / "last.ckpt")
+    assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in fsdp_runs["full"]]
+
+
 def test_fsdp2_a_checkpoint_of_another_model_is_refused_on_every_rank(fsdp_runs: dict[str, Any], tmp_path: Path) -> None:
     proc, reports = run(tmp_path, "other", width=16, ckpt_path=str(fsdp_runs["dirpath"] / "last.ckpt"),
                         dirpath=str(tmp_path / "ck"), strategy="fsdp2")
