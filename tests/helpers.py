@@ -75,3 +75,16 @@ def fit(
     t = trainer([callback, *(extra_callbacks or [])], max_epochs=max_epochs, **kwargs)
     t.fit(model, train, val, ckpt_path=ckpt_path)
     return t, model
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -10,7 +10,7 @@ import pytest
 import torch
 from backends import backend  # noqa: F401
 from faulty_fs import Fault, FaultPlan, register
-from helpers import TinyModel, fit
+from helpers import FakeClock, TinyModel, fit
 
 from lightning_ckpt import (
     CheckpointCallback,
@@ -142,17 +142,6 @@ def test_train_time_interval(tmp_path) -> None:
     cb = CheckpointCallback(dirpath=str(tmp_path), train_time_interval=timedelta(microseconds=1), save_top_k=-1)
     fit(cb, max_epochs=1)
     assert len(names(cb)) == 8  # due after every step
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class OneSecondSteps(pl.Callback):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from helpers import FakeClock
 
 from lightning_ckpt.errors import ConfigurationError
 from lightning_ckpt.integrity import Manifest
@@ -43,19 +44,6 @@ def test_every_interval() -> None:
     t = EveryInterval(60)
     assert not t.due_on_step(1, now=159.0, last_save_time=100.0)
     assert t.due_on_step(1, now=160.0, last_save_time=100.0)
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_overhead_budget_first_save_after_warmup_or_the_first_epoch_end() -> None:
