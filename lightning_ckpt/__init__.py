@@ -8,6 +8,7 @@ Add :class:`CheckpointCallback` to a ``Trainer`` and resume with ``trainer.fit(c
 from lightning_ckpt._version import __version__
 from lightning_ckpt.callback import CheckpointCallback
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
@@ -30,6 +31,7 @@ from lightning_ckpt.policies import EveryInterval, EveryNEpochs, EveryNSteps, Ke
 from lightning_ckpt.storage import RetryPolicy, Storage
 
 __all__ = [
+    "BucketNotFoundError",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointManager",

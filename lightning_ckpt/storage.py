@@ -27,6 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointNotFoundError,
     ConfigurationError,
     StorageError,
@@ -42,6 +43,8 @@ T = TypeVar("T")
 TEMP_MARK = ".lckpt-tmp-"
 
 _CHUNK = 8 * 2**20
+# how S3 (NoSuchBucket), GCS and Azure word a missing bucket once fsspec made it a FileNotFoundError
+_NO_BUCKET = "bucket does not exist"
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EBUSY}
 _TRANSIENT_WORDS = ("throttl", "slowdown", "slow down", "timeout", "timed out", "503", "500", "502", "504",
                     "internalerror", "serviceunavailable", "connection reset", "connection aborted",
@@ -176,10 +179,24 @@ class Storage:
                 raise self.translate(exc, what, target) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _check_bucket(self, cause: BaseException) -> None:
+        """After a "not found" on an object store: raise if the bucket itself is missing."""
+        split = getattr(self.fs, "split_path", None)  # s3fs, gcsfs, adlfs: stores with buckets
+        if self.is_local or split is None or not self.root:
+            return
+        bucket = split(self.root)[0]
+        self.fs.invalidate_cache(bucket)
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise _bucket_missing(bucket, self.url) from cause
+
     @staticmethod
     def translate(exc: BaseException, what: str, target: str) -> Exception:
         """Map a raw filesystem exception to the matching :class:`CheckpointError`."""
         message = f"could not {what} {target}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, FileNotFoundError) and _NO_BUCKET in str(exc).lower():
+            return BucketNotFoundError(errno.ENOENT, f"could not {what} {target}: {exc} (check the bucket name)")
         if isinstance(exc, FileNotFoundError):
             return CheckpointNotFoundError(errno.ENOENT, f"could not {what} {target}: not found")
         if isinstance(exc, PermissionError):
@@ -211,13 +228,18 @@ class Storage:
         return self._call("stat", name, op)
 
     def list(self) -> list[FileInfo]:
-        """Files directly inside this directory (an absent directory is empty)."""
+        """Files directly inside this directory.
+
+        An absent directory (or prefix) is empty; an absent *bucket* is not: it raises
+        :class:`BucketNotFoundError`, so a misspelt bucket never looks like "no checkpoint yet".
+        """
 
         def op() -> list[FileInfo]:
             self.fs.invalidate_cache(self.root)
             try:
                 entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._check_bucket(exc)
                 return []
             out = []
             for entry in entries:
@@ -391,6 +413,12 @@ class _TranslatingWriter:
 
     def writable(self) -> bool:
         return True
+
+
+def _bucket_missing(bucket: str, url: str) -> BucketNotFoundError:
+    return BucketNotFoundError(
+        errno.ENOENT, f"the bucket {bucket!r} of {url} does not exist (check the URL and storage_options)"
+    )
 
 
 def _readinto(f: Any, view: memoryview) -> int:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
+import torch
 from backends import backend  # noqa: F401
 
+from lightning_ckpt import CheckpointManager
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointNotFoundError,
     ConfigurationError,
     StorageError,
@@ -150,3 +154,21 @@ def test_botocore_connection_errors_are_transient() -> None:
         pass
 
     assert is_transient(EndpointConnectionError('Could not connect to the endpoint URL: "http://x"'))
+
+
+def test_a_missing_bucket_is_an_error_but_a_missing_prefix_is_empty(s3_server, s3_bucket_url) -> None:
+    url, options = s3_bucket_url
+    assert Storage(f"{url}/no/such/prefix", options).list() == []  # legitimately empty
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(BucketNotFoundError, match=bucket) as info:
+        Storage(f"s3://{bucket}/run", options).list()
+    assert not isinstance(info.value, FileNotFoundError)  # never "no checkpoint yet"
+    with pytest.raises(BucketNotFoundError, match=bucket):
+        Storage(f"s3://{bucket}", options).list()
+    manager = CheckpointManager(f"s3://{bucket}/run", options)
+    with pytest.raises(BucketNotFoundError):
+        manager.latest()  # what ckpt_path="last" asks: an error, not a fresh start
+    with pytest.raises(BucketNotFoundError, match=bucket):
+        manager.save({"w": torch.ones(2)}, "a.ckpt")
+    with pytest.raises(FileNotFoundError):
+        s3_server.filesystem().info(bucket)  # and nothing created it
