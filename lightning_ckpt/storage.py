@@ -23,7 +23,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -312,6 +312,46 @@ class Storage:
 
         return self._call("read", name, op)
 
+    def stream(
+        self,
+        name: str,
+        sink: Callable[[memoryview], None],
+        *,
+        limit: int | None = None,
+        restart: Callable[[], None] | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Read ``name`` from the start in blocks of 8 MiB, handing each block to ``sink``.
+
+        Returns the number of bytes read; with ``limit``, reads at most ``limit`` bytes and
+        reports a longer file by returning ``limit + 1``. A transient failure restarts the read
+        from the beginning after calling ``restart()`` (the sink must forget what it got);
+        without ``restart`` a failure is not retried. ``progress(bytes_read, limit)`` is called
+        after every block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
+        """
+        path = self.path(name)
+        attempts = [0]
+
+        def op() -> int:
+            if attempts[0] and restart is not None:
+                restart()
+            attempts[0] += 1
+            block = memoryview(bytearray(_CHUNK))
+            total = 0
+            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+                while limit is None or total < limit:
+                    want = _CHUNK if limit is None else min(_CHUNK, limit - total)
+                    n = _readinto(f, block[:want])
+                    if n == 0:
+                        return total
+                    sink(block[:n])
+                    total += n
+                    if progress is not None:
+                        progress(total, limit)
+                return total + 1 if f.read(1) else total
+
+        return self._call("read", name, op, retry=restart is not None)
+
     # -- writing ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -328,7 +368,7 @@ class Storage:
         path = self.path(name)
         if self.is_local:
             with self._open_local(name, path) as f:
-                yield _CountingWriter(f, progress) if progress is not None else f  # type: ignore[misc]
+                yield _CountingWriter(f, progress) if progress is not None else f  # type: ignore[misc]  # a write-only stream
             return
         if self._s3:
             with self._open_s3(name, path, progress) as f:
@@ -342,7 +382,7 @@ class Storage:
             raise self.translate(exc, "open for writing", self.url_of(name)) from exc
         try:
             writer: Any = _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))
-            yield _CountingWriter(writer, progress) if progress is not None else writer
+            yield _CountingWriter(writer, progress) if progress is not None else writer  # type: ignore[misc]
         except BaseException:
             _discard(f)
             with contextlib.suppress(Exception):

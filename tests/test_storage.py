@@ -192,7 +192,7 @@ class S3Calls:
         fs.connect()
         fs.s3.meta.events.register("before-call.s3", self._seen, unique_id=f"s3calls-{id(self)}")
 
-    def _seen(self, model, **kwargs) -> None:  # noqa: ANN001
+    def _seen(self, model, **kwargs) -> None:
         self.count[model.name] = self.count.get(model.name, 0) + 1
         if self.fail.get(model.name, 0) > 0:
             self.fail[model.name] -= 1
