@@ -330,6 +330,8 @@ class Storage:
         after every block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
         """
         path = self.path(name)
+        if self._s3:
+            return self._call("read", name, lambda: self._stream_s3(path, sink, limit, progress), retry=False)
         attempts = [0]
 
         def op() -> int:
@@ -351,6 +353,53 @@ class Storage:
                 return total + 1 if f.read(1) else total
 
         return self._call("read", name, op, retry=restart is not None)
+
+    def _stream_s3(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
+                   progress: Progress | None) -> int:
+        """Ranged GETs of :data:`PART_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
+
+        Each range is retried on its own on transient errors, so a blip costs one range, not a
+        restart; at most ``PARTS_IN_FLIGHT`` ranges are in memory.
+        """
+        from fsspec.asyn import sync
+
+        self.fs.invalidate_cache(path)
+        info = sync(self.fs.loop, self.fs._info, path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
+        size = int(info.get("size") or 0)
+        end = size if limit is None else min(size, limit)
+        starts = list(range(0, end, PART_SIZE))
+        pending: list[concurrent.futures.Future[bytes]] = []
+
+        async def fetch(start: int) -> bytes:
+            for attempt in range(1, self.retry.attempts + 1):
+                try:
+                    data = await self.fs._cat_file(path, start=start, end=min(start + PART_SIZE, end))
+                    if len(data) != min(PART_SIZE, end - start):  # replaced by a shorter object meanwhile
+                        raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
+                    return bytes(data)
+                except Exception as exc:
+                    if attempt >= self.retry.attempts or not is_transient(exc):
+                        raise
+                    await asyncio.sleep(self.retry.delay(attempt))
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        done = 0
+        try:
+            for i in range(len(starts)):
+                while len(pending) < PARTS_IN_FLIGHT and i + len(pending) < len(starts):
+                    pending.append(asyncio.run_coroutine_threadsafe(fetch(starts[i + len(pending)]), self.fs.loop))
+                data = pending.pop(0).result()
+                sink(memoryview(data))
+                done += len(data)
+                del data
+                if progress is not None:
+                    progress(done, limit)
+        finally:
+            for future in pending:
+                future.cancel()
+        return limit + 1 if limit is not None and size > limit else done
 
     # -- writing ----------------------------------------------------------------------------
 
