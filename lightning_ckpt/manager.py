@@ -568,10 +568,15 @@ class CheckpointManager:
         """Remove leftovers of interrupted saves and deletes; return what was removed.
 
         Only files provably ours are touched: payloads whose ``.pending`` marker exists without
-        a manifest, the markers themselves, and temporary files carrying our mark.
+        a manifest, the markers themselves, temporary files carrying our mark, and on S3 the
+        unfinished multipart uploads of those pending names (a writer killed mid-upload leaves
+        its parts stored, invisible and billed); they are listed as ``"NAME (unfinished upload)"``.
         """
         files = {f.name for f in self.storage.list()}
         removed: list[str] = []
+        pending = [f[: -len(PENDING_SUFFIX)] for f in files if f.endswith(PENDING_SUFFIX)]
+        for name in self.storage.abort_incomplete_uploads(pending):
+            removed.append(f"{name} (unfinished upload)")
         for fname in sorted(files):
             if TEMP_MARK in fname:
                 self.storage.delete(fname)

@@ -23,7 +23,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -519,6 +519,44 @@ class Storage:
             self.fs.invalidate_cache(self.root)
 
         self._call("copy to", dst, op)
+
+    def abort_incomplete_uploads(self, names: Collection[str]) -> list[str]:
+        """Abort unfinished multipart uploads of ``names`` in this directory; return those names.
+
+        A writer killed mid-upload (SIGKILL, a lost node) leaves its parts on the server, unseen by
+        listings but stored (and billed) until aborted. Only uploads to exactly these names are
+        touched. A no-op on backends without multipart uploads (local, memory, and fsspec's
+        other stores, whose unfinished uploads this package cannot list).
+        """
+        if not self._s3 or not names:
+            return []
+        from fsspec.asyn import sync
+
+        bucket, prefix, _ = self.fs.split_path(self.root)
+        ours = {f"{prefix}/{name}" if prefix else name: name for name in names}
+
+        def call(method: str, **kwargs: Any) -> Any:
+            return sync(self.fs.loop, self.fs._call_s3, method, Bucket=bucket, **kwargs)
+
+        def op() -> list[str]:
+            aborted = []
+            query: dict[str, str] = {"Prefix": f"{prefix}/" if prefix else ""}
+            while True:
+                page = call("list_multipart_uploads", **query)
+                for upload in page.get("Uploads") or []:
+                    name = ours.get(upload.get("Key", ""))
+                    if name is None:
+                        continue
+                    try:
+                        call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
+                    except FileNotFoundError:
+                        continue  # completed or aborted meanwhile
+                    aborted.append(name)
+                if not page.get("IsTruncated"):
+                    return aborted
+                query.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+        return self._call("abort the unfinished uploads in", None, op)
 
     def delete(self, name: str) -> None:
         """Delete ``name``; an absent file is fine (object stores cannot tell the difference)."""
