@@ -14,6 +14,7 @@ permission and "no space" errors are not.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import contextlib
 import errno
@@ -520,7 +521,7 @@ class Storage:
 
         self._call("copy to", dst, op)
 
-    def abort_incomplete_uploads(self, names: Collection[str]) -> list[str]:
+    def abort_incomplete_uploads(self, names: Collection[str]) -> builtins.list[str]:
         """Abort unfinished multipart uploads of ``names`` in this directory; return those names.
 
         A writer killed mid-upload (SIGKILL, a lost node) leaves its parts on the server, unseen by
@@ -538,8 +539,8 @@ class Storage:
         def call(method: str, **kwargs: Any) -> Any:
             return sync(self.fs.loop, self.fs._call_s3, method, Bucket=bucket, **kwargs)
 
-        def op() -> list[str]:
-            aborted = []
+        def op() -> builtins.list[str]:
+            aborted: builtins.list[str] = []
             query: dict[str, str] = {"Prefix": f"{prefix}/" if prefix else ""}
             while True:
                 page = call("list_multipart_uploads", **query)
