@@ -418,7 +418,10 @@ class Storage:
         path = self.path(name)
         if self.is_local:
             with self._open_local(name, path) as f:
-                yield _CountingWriter(f, progress) if progress is not None else f  # type: ignore[misc]  # a write-only stream
+                counted = _CountingWriter(f, progress) if progress is not None else None
+                yield counted if counted is not None else f  # type: ignore[misc]  # a write-only stream
+            if counted is not None and progress is not None:
+                progress(counted.size, counted.size)
             return
         if self._s3:
             with self._open_s3(name, path, progress) as f:
@@ -432,7 +435,9 @@ class Storage:
             raise self.translate(exc, "open for writing", self.url_of(name)) from exc
         try:
             writer: Any = _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))
-            yield _CountingWriter(writer, progress) if progress is not None else writer  # type: ignore[misc]
+            if progress is not None:
+                writer = _CountingWriter(writer, progress)
+            yield writer
         except BaseException:
             _discard(f)
             with contextlib.suppress(Exception):
@@ -447,6 +452,8 @@ class Storage:
             raise self.translate(exc, "finish writing", self.url_of(name)) from exc
         finally:
             self.fs.invalidate_cache(self.root)
+        if progress is not None:
+            progress(writer.size, writer.size)
 
     @contextlib.contextmanager
     def _open_s3(self, name: str, path: str, progress: Progress | None) -> Iterator[IO[bytes]]:
