@@ -731,8 +731,11 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
                 if _stamp(st) != source.stamp:
                     raise CorruptCheckpointError(f"{url} changed while it was being loaded; load it again")
             return out
+        # a spool: by its /proc/self/fd path where there is one, so torch reads straight into the
+        # tensors (through a Python file object every record is read into bytes, then copied)
+        spool_path = _fd_path(source.file)
         source.file.seek(0)
-        return torch.load(source.file, map_location=map_location, weights_only=weights_only)
+        return torch.load(spool_path or source.file, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"(GLOBAL \S+ was not an allowed global|Unsupported global: \S+)", str(exc))
         if weights_only and refused:
