@@ -59,6 +59,8 @@ S3_MAX_PARTS = 10_000
 #: first part size of our S3 uploads, and how many parts are uploaded at once
 PART_SIZE = 16 * 2**20
 PARTS_IN_FLIGHT = 4
+#: ranged GETs of a download, PARTS_IN_FLIGHT at once
+RANGE_SIZE = 8 * 2**20
 #: the part size doubles every this many parts, so 10,000 parts reach S3's 5 TiB object limit
 PART_GROWTH_EVERY = 1000
 # how S3 (NoSuchBucket), GCS and Azure word a missing bucket once fsspec made it a FileNotFoundError
@@ -357,7 +359,7 @@ class Storage:
 
     def _stream_s3(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
                    progress: Progress | None) -> int:
-        """Ranged GETs of :data:`PART_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
+        """Ranged GETs of :data:`RANGE_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
 
         Each range is retried on its own on transient errors, so a blip costs one range, not a
         restart; at most ``PARTS_IN_FLIGHT`` ranges are in memory.
@@ -370,14 +372,14 @@ class Storage:
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
         size = int(info.get("size") or 0)
         end = size if limit is None else min(size, limit)
-        starts = list(range(0, end, PART_SIZE))
+        starts = list(range(0, end, RANGE_SIZE))
         pending: list[concurrent.futures.Future[bytes]] = []
 
         async def fetch(start: int) -> bytes:
             for attempt in range(1, self.retry.attempts + 1):
                 try:
-                    data = await self.fs._cat_file(path, start=start, end=min(start + PART_SIZE, end))
-                    if len(data) != min(PART_SIZE, end - start):  # replaced by a shorter object meanwhile
+                    data = await self.fs._cat_file(path, start=start, end=min(start + RANGE_SIZE, end))
+                    if len(data) != min(RANGE_SIZE, end - start):  # replaced by a shorter object meanwhile
                         raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
                     return bytes(data)
                 except Exception as exc:
@@ -630,7 +632,8 @@ class _S3Upload:
         self._progress = progress
         self._max_buffers = max(1, in_flight)
         self._part = 1
-        self._buf = bytearray(part_size(1))
+        self._cap = part_size(1)
+        self._buf = bytearray()  # grows as written: a small object never costs a whole part
         self._fill = 0
         self._free: list[bytearray] = []
         self._buffers = 1
@@ -650,11 +653,14 @@ class _S3Upload:
         while pos < view.nbytes:
             if self._part > S3_MAX_PARTS:
                 raise self._translate(OSError(errno.EFBIG, f"larger than {S3_MAX_PARTS} parts can hold"), "write")
-            take = min(len(self._buf) - self._fill, view.nbytes - pos)
-            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            take = min(self._cap - self._fill, view.nbytes - pos)
+            if len(self._buf) == self._fill:
+                self._buf += view[pos : pos + take]
+            else:  # a preallocated (reused) part buffer
+                self._buf[self._fill : self._fill + take] = view[pos : pos + take]
             self._fill += take
             pos += take
-            if self._fill == len(self._buf):
+            if self._fill == self._cap:
                 self._send_part()
         self.size += view.nbytes
         if self._progress is not None:
@@ -672,13 +678,10 @@ class _S3Upload:
         if self._done:
             return
         if self._upload_id is None:
-            body = self._buf
-            del body[self._fill :]
-            self._call("put_object", "write", Body=body)
+            self._call("put_object", "write", Body=memoryview(self._buf)[: self._fill])
         else:
             if self._fill:
-                del self._buf[self._fill :]
-                self._submit(self._part, self._buf)
+                self._submit(self._part, self._buf, self._fill)
             self._wait(until=0)
             parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
             self._call("complete_multipart_upload", "finish writing", UploadId=self._upload_id,
@@ -715,7 +718,7 @@ class _S3Upload:
         except Exception as exc:
             raise self._translate(exc, what) from exc
 
-    async def _upload_part(self, number: int, body: bytearray) -> str:
+    async def _upload_part(self, number: int, body: memoryview) -> str:
         out = await self._retrying("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
         return str(out["ETag"])
 
@@ -723,7 +726,8 @@ class _S3Upload:
         body = kwargs.pop("Body", None)
         for attempt in range(1, self._retry.attempts + 1):
             if body is not None:
-                # a fresh reader per attempt (rewound); aiohttp would copy a bytearray body twice
+                # a fresh reader per attempt (rewound); aiohttp would copy a bytearray body twice.
+                # Buffers are never resized: the HTTP client may hold a view of one for a while
                 kwargs["Body"] = _BufferReader(body)
             try:
                 return await self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
@@ -736,13 +740,14 @@ class _S3Upload:
     def _send_part(self) -> None:
         if self._upload_id is None:
             self._upload_id = str(self._call("create_multipart_upload", "start writing")["UploadId"])
-        self._submit(self._part, self._buf)
+        self._submit(self._part, self._buf, self._fill)
         self._part += 1
         self._reap()
         if self._part > S3_MAX_PARTS:  # only reachable past ~8 TiB; the next write raises
             self._buf, self._fill = bytearray(), 0
             return
-        self._buf, self._fill = self._next_buffer(part_size(self._part)), 0
+        self._cap = part_size(self._part)
+        self._buf, self._fill = self._next_buffer(self._cap), 0
 
     def _next_buffer(self, size: int) -> bytearray:
         while True:
@@ -756,9 +761,11 @@ class _S3Upload:
                 return bytearray(size)
             self._wait(until=len(self._pending) - 1)
 
-    def _submit(self, number: int, body: bytearray) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._fs.loop)
-        self._pending[future] = (number, body)
+    def _submit(self, number: int, buffer: bytearray, length: int) -> None:
+        future = asyncio.run_coroutine_threadsafe(
+            self._upload_part(number, memoryview(buffer)[:length]), self._fs.loop
+        )
+        self._pending[future] = (number, buffer)
 
     def _collect(self, future: concurrent.futures.Future[str]) -> None:
         number, body = self._pending.pop(future)
@@ -784,8 +791,8 @@ class _S3Upload:
 class _BufferReader(io.RawIOBase):
     """A seekable, zero-copy reader over a part buffer (the HTTP client reads it in small chunks)."""
 
-    def __init__(self, data: bytearray) -> None:
-        self._view = memoryview(data)
+    def __init__(self, data: memoryview) -> None:
+        self._view = data
         self._pos = 0
 
     def __len__(self) -> int:

@@ -183,6 +183,11 @@ def _uploads(server, url: str) -> list[dict]:
     return fs.call_s3("list_multipart_uploads", Bucket=url.removeprefix("s3://").split("/")[0]).get("Uploads") or []
 
 
+def own_client(options: dict) -> dict:
+    """Options for a filesystem of the test's own: hooks attached to it cannot reach other tests."""
+    return {**options, "skip_instance_cache": True}
+
+
 class S3Calls:
     """Counts (and optionally fails) S3 API calls of a filesystem: botocore event hooks, no mocks."""
 
@@ -203,7 +208,7 @@ def test_s3_small_objects_are_one_put_and_large_ones_parallel_parts(s3_server, s
     from lightning_ckpt.storage import PART_SIZE
 
     url, options = s3_bucket_url
-    s = Storage(f"{url}/run", options)
+    s = Storage(f"{url}/run", own_client(options))
     calls = S3Calls(s.fs)
     s.write_bytes("small", b"x" * 1000)
     assert calls.count.get("PutObject") == 1 and "CreateMultipartUpload" not in calls.count
@@ -232,7 +237,7 @@ def test_s3_transient_part_failures_are_retried(s3_server, s3_bucket_url) -> Non
     from lightning_ckpt.storage import PART_SIZE
 
     url, options = s3_bucket_url
-    s = Storage(f"{url}/run", options, retry=RetryPolicy(attempts=4, initial_delay=0.01))
+    s = Storage(f"{url}/run", own_client(options), retry=RetryPolicy(attempts=4, initial_delay=0.01))
     s.fs.retries = 1  # s3fs's own retry loop off: ours must do it
     calls = S3Calls(s.fs, fail={"UploadPart": 2})
     data = os.urandom(2 * PART_SIZE + 10)
