@@ -34,7 +34,7 @@ FORMAT = "lightning-ckpt"
 #: Bumped when a reader of an older version could misread the layout.
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
-#: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
+#: Largest single write handed to the storage, so that uploads fill their parts block by block.
 WRITE_BLOCK = 8 * 2**20
 
 

@@ -9,6 +9,12 @@ from an outage: only ``FileNotFoundError`` means absent, everything else becomes
 :class:`~lightning_ckpt.errors.StorageError` naming the URL. Transient failures (connection
 resets, timeouts, throttling, 5xx) are retried with exponential backoff by :class:`RetryPolicy`;
 permission and "no space" errors are not.
+
+S3 gets its own transfer code on top of s3fs's client: uploads of up to four parts at once with
+part sizes that grow with the upload (:func:`part_size`), ranged downloads four at a time, and
+:meth:`Storage.abort_incomplete_uploads` for writers that were killed mid-upload. A missing
+bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
+Transfers report their progress to an optional ``progress(done, total)`` callback.
 """
 
 from __future__ import annotations
