@@ -5,7 +5,9 @@ script starts on loopback (``tests/s3_server.py``'s :class:`SeaweedS3`):
 
 - ``ours``: ``lightning_ckpt.CheckpointManager(dirpath, storage_options).save(state, name)``
   (streams ``torch.save`` into the storage: temp file + fsync + rename locally, a multipart
-  upload on S3, sha256 on the way) and ``.load(name)`` (verifies size + sha256 while streaming).
+  parallel multipart upload on S3, sha256 on the way) and ``.load(name)`` (verifies size +
+  sha256 while streaming; a local file is then memory-mapped, a remote one spooled to a
+  temporary file and loaded from there).
 - ``lightning``: what ``ModelCheckpoint`` ends up calling, ``Trainer.save_checkpoint`` ->
   ``TorchCheckpointIO.save_checkpoint`` -> ``lightning.fabric.utilities.cloud_io._atomic_save``
   (``torch.save`` into a ``BytesIO``, then ``fs.open(path, "wb")`` locally / ``fs.pipe`` on S3 of
@@ -13,6 +15,9 @@ script starts on loopback (``tests/s3_server.py``'s :class:`SeaweedS3`):
 - ``raw``: the floor: the same serialized bytes written with ``open`` + ``write`` + ``fsync``
   (local) or ``fs.pipe`` (S3), and read back with ``read()`` / ``fs.cat_file`` (no
   deserialization).
+
+A load is timed (and its memory measured) up to and including one read of every loaded tensor,
+as ``load_state_dict`` would do: otherwise a memory-mapped load would look free.
 
 Every case (each method x backend x phase x repeat) runs in a FRESH process forked from a
 ``multiprocessing`` fork server that has only imported the libraries, so one case's
@@ -255,17 +260,26 @@ def _save_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "extra_rss": mem.extra, "rss_method": mem.method, "size": size}
 
 
+def _touched(state: dict[str, Any]) -> dict[str, Any]:
+    """Read every loaded tensor once, as ``load_state_dict`` would: a memory-mapped load is lazy,
+    and its memory and time only show when the tensors are used."""
+    for value in state.values():
+        if hasattr(value, "sum"):
+            value.sum()
+    return state
+
+
 def _load_case(case: dict[str, Any]) -> dict[str, Any]:
     method, backend = case["method"], case["backend"]
     path = f"{case['url']}/{case['name']}"
     target = _filesystem(case)
 
     if method == "ours":
-        out, seconds, mem = _timed(lambda: target.load(case["name"]))
+        out, seconds, mem = _timed(lambda: _touched(target.load(case["name"])))
     elif method == "lightning":
         from lightning.fabric.utilities.cloud_io import _load
 
-        out, seconds, mem = _timed(lambda: _load(path))
+        out, seconds, mem = _timed(lambda: _touched(_load(path)))
     elif backend == "s3":
         out, seconds, mem = _timed(lambda: target.cat_file(path))
     else:

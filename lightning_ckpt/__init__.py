@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt._version import __version__
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
@@ -73,6 +74,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BucketNotFoundError",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointManager",

@@ -16,18 +16,22 @@ subclass also derives from the builtin a caller would naturally catch, so
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
     └── StorageError                (OSError)           the storage failed (after retries)
         ├── StoragePermissionError  (PermissionError)   credentials / permissions
+        ├── BucketNotFoundError                         the URL's bucket/container does not exist
         └── UnsupportedURLError     (ValueError)        no fsspec implementation for the URL
 
 Warnings (a damaged checkpoint skipped by ``"last"``, a failed periodic save that the next save
 retries) are :class:`CheckpointWarning`.
 
 Only a real "not found" means "absent"; every other I/O failure is a :class:`StorageError`
-carrying the URL and the cause, so an outage is never mistaken for "no checkpoint yet".
+carrying the URL and the cause, so an outage is never mistaken for "no checkpoint yet". A missing
+bucket is not "no checkpoint yet" either (a typo in the URL must not start a run afresh), so
+:class:`BucketNotFoundError` is deliberately *not* a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BucketNotFoundError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointWarning",
@@ -100,6 +104,14 @@ class StorageError(CheckpointError, OSError):
 
 class StoragePermissionError(StorageError, PermissionError):
     """The storage refused the operation (credentials, permissions)."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket (or container) named in an object-store URL does not exist.
+
+    Not a ``FileNotFoundError`` on purpose: callers that treat "not found" as "no checkpoint yet"
+    must not start a run from scratch because the bucket name is wrong.
+    """
 
 
 class UnsupportedURLError(StorageError, ValueError):

@@ -41,7 +41,7 @@ SHARDED_FORMAT_VERSION = 2
 MANIFEST_SUFFIX = ".manifest.json"
 #: a marker beside NAME while a save (or delete) of NAME is in progress; see :mod:`lightning_ckpt.manager`
 PENDING_SUFFIX = ".pending"
-#: Largest single write handed to the storage (s3fs uploads a part per filled 8 MiB block).
+#: Largest single write handed to the storage, so that uploads fill their parts block by block.
 WRITE_BLOCK = 8 * 2**20
 
 

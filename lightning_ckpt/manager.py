@@ -21,12 +21,18 @@ proves we wrote them) and never touches any other file. Deletion runs the protoc
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import re
+import shutil
+import stat
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -39,10 +45,12 @@ from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    ConfigurationError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     KeyMissingError,
     ShardedCheckpointError,
+    StorageError,
     TamperedCheckpointError,
     UncommittedCheckpointError,
     UnsafeCheckpointError,
@@ -57,12 +65,13 @@ from lightning_ckpt.integrity import (
 )
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, split_url
+from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, split_url
 
 __all__ = ["PENDING_SUFFIX", "CheckpointManager", "DirectoryScan", "SaveResult", "load_checkpoint"]
 
 log = logging.getLogger("lightning_ckpt")
 
+READ_BLOCK = 8 * 2**20
 MapLocation = Any  # whatever torch.load accepts
 
 
@@ -110,6 +119,9 @@ class CheckpointManager:
             (listing skips them with a warning). Off by default.
         encryptor: encrypt every payload written; decrypt on load (its keys must include the one
             a checkpoint was written with, else :class:`KeyMissingError`). Off by default.
+        spool_dir: a local directory for the temporary files that remote checkpoints are
+            downloaded into while loading (default: the system's temporary directory). Needs
+            free space for the largest checkpoint loaded.
     """
 
     def __init__(
@@ -121,11 +133,15 @@ class CheckpointManager:
         *,
         signer: Signer | None = None,
         encryptor: Encryptor | None = None,
+        spool_dir: str | None = None,
     ) -> None:
+        if spool_dir is not None and not os.path.isdir(spool_dir):
+            raise ConfigurationError(f"spool_dir={spool_dir!r} is not an existing directory")
         self.storage = storage or Storage(dirpath, storage_options, retry)
         self.signer = signer
         self.encryptor = encryptor
-        self._verified: dict[str, tuple[Manifest, bytearray]] = {}
+        self.spool_dir = spool_dir
+        self._verified: dict[str, tuple[Manifest, _Source]] = {}
 
     @property
     def url(self) -> str:
@@ -155,17 +171,19 @@ class CheckpointManager:
         weights_only: bool = False,
         extra: Mapping[str, Any] | None = None,
         write: Callable[[Any], None] | None = None,
+        progress: Progress | None = None,
     ) -> SaveResult:
         """Serialize ``state`` to ``name`` and commit it; return its manifest.
 
         ``write(stream)`` may replace the default ``torch.save(state, stream)`` (the async saver
         streams from its own buffers). On any failure nothing new becomes visible and older
         checkpoints are untouched; an existing committed ``name`` is replaced.
+        ``progress(bytes_written, None)`` is called as blocks reach the storage.
         """
         start = time.perf_counter()
         self._begin(name)
         try:
-            with self.storage.open_write(name) as f:
+            with self.storage.open_write(name, progress=progress) as f:
                 latch = _ErrorLatch(f)
                 writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
                 stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
@@ -251,7 +269,12 @@ class CheckpointManager:
         # replacing a committed checkpoint: decommit it first so no reader pairs the old
         # manifest with a new, partly written payload
         self.storage.delete(manifest_name(name))
-        self._verified.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        kept = self._verified.pop(name, None)
+        if kept is not None:
+            kept[1].close()
 
     def _end(self, name: str) -> None:
         self.storage.delete(name + PENDING_SUFFIX)
@@ -345,34 +368,119 @@ class CheckpointManager:
 
     # -- verifying and loading --------------------------------------------------------------
 
-    def verify(self, name: str, keep: bool = False) -> Manifest:
+    def verify(self, name: str, keep: bool = False, progress: Progress | None = None) -> Manifest:
         """Stream ``name`` and check size and sha256 against its manifest.
 
-        With ``keep=True`` the verified bytes are kept for the next :meth:`load` of ``name``,
-        so resolving ``"last"`` and loading it read the payload once.
+        With ``keep=True`` the verified payload is kept for the next :meth:`load` of ``name``, so
+        resolving ``"last"`` and loading it read the payload once: a local file stays open (the
+        load reads exactly the bytes that were hashed), a remote one stays in its download spool.
+        Nothing is kept in memory.
         """
         manifest = self.read_manifest(name)
         if manifest.sharded:
             self.verify_files(name, manifest)
             return manifest
-        buffer = self._read_verified(name, manifest)
+        source = self._fetch(name, manifest, progress)
         if keep:
-            self._verified = {name: (manifest, buffer)}
+            self._keep(name, manifest, source)
+        else:
+            source.close()
         return manifest
 
-    def _read_verified(self, name: str, manifest: Manifest) -> bytearray:
-        buffer = bytearray(manifest.size)
-        digest = hashlib.sha256()
-        n = self.storage.read_into(name, memoryview(buffer), sink=digest.update)
+    def _keep(self, name: str, manifest: Manifest, source: _Source) -> None:
+        for _, old in self._verified.values():
+            old.close()
+        self._verified = {name: (manifest, source)}
+
+    def _fetch(self, name: str, manifest: Manifest | None, progress: Progress | None = None) -> _Source:
+        """The payload of ``name``, checked against ``manifest`` (unchecked without one) as it streams.
+
+        A local file is hashed in place and kept open; a remote one is downloaded into an
+        anonymous temporary spool file in ``spool_dir`` while it is hashed. Either way only one
+        8 MiB block is in memory at a time.
+        """
         url = self.url_of(name)
-        if n != manifest.size:
-            raise CorruptCheckpointError(
-                f"{url} is {'longer' if n > manifest.size else f'{n} bytes'}; its manifest says "
-                f"{manifest.size} bytes (truncated or overwritten)"
-            )
-        if digest.hexdigest() != manifest.sha256:
-            raise CorruptCheckpointError(f"{url} does not match the sha256 in its manifest (damaged)")
-        return buffer
+        digest = hashlib.sha256()
+        limit = None if manifest is None else manifest.size
+        if self.storage.is_local:
+            source = self._open_local(name)
+            try:
+                n = _hash_file(source.file, digest, limit, progress, lambda exc: self.storage.translate(exc, "read", url))
+            except BaseException:
+                source.close()
+                raise
+        else:
+            source = self._spool(name, manifest)
+            spool = source.file
+
+            def sink(block: memoryview) -> None:
+                try:
+                    spool.write(block)
+                except OSError as exc:  # the local spool, not the storage, failed
+                    raise StorageError(exc.errno or errno.EIO, f"could not spool {url} to {self.spool_dir or tempfile.gettempdir()}: {exc}") from exc
+                digest.update(block)
+
+            def restart() -> None:
+                nonlocal digest
+                spool.seek(0)
+                spool.truncate()
+                digest = hashlib.sha256()
+
+            try:
+                n = self.storage.stream(name, sink, limit=limit, restart=restart, progress=progress)
+                spool.flush()
+            except BaseException:
+                source.close()
+                raise
+        source.size = n
+        if manifest is not None:
+            try:
+                if n != manifest.size:
+                    raise CorruptCheckpointError(
+                        f"{url} is {'longer' if n > manifest.size else f'{n} bytes'}; its manifest says "
+                        f"{manifest.size} bytes (truncated or overwritten)"
+                    )
+                if digest.hexdigest() != manifest.sha256:
+                    raise CorruptCheckpointError(f"{url} does not match the sha256 in its manifest (damaged)")
+            except BaseException:
+                source.close()
+                raise
+        return source
+
+    def _open_local(self, name: str) -> _Source:
+        path = self.storage.path(name)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - owned by the returned source
+        except OSError as exc:
+            raise self.storage.translate(exc, "read", self.url_of(name)) from exc
+        try:
+            st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):  # pragma: no cover - open() refuses directories on Linux
+                raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
+        except OSError as exc:
+            f.close()
+            raise self.storage.translate(exc, "read", self.url_of(name)) from exc
+        return _Source(file=f, path=path, stamp=_stamp(st))
+
+    def _spool(self, name: str, manifest: Manifest | None) -> _Source:
+        where = self.spool_dir or tempfile.gettempdir()
+        if manifest is not None:
+            try:
+                free = shutil.disk_usage(where).free
+            except OSError:
+                free = None
+            if free is not None and free < manifest.size:
+                raise StorageError(
+                    errno.ENOSPC,
+                    f"cannot download {self.url_of(name)} ({manifest.size / 2**20:.0f} MiB) into {where}: only "
+                    f"{free / 2**20:.0f} MiB free (pass spool_dir= a larger local directory)",
+                )
+        try:
+            # anonymous: unlinked at once where the OS allows, so even a SIGKILL leaves nothing behind
+            spool = tempfile.TemporaryFile(prefix="lckpt-spool-", dir=self.spool_dir)  # noqa: SIM115
+        except OSError as exc:
+            raise StorageError(exc.errno or errno.EIO, f"cannot create a download spool file in {where}: {exc}") from exc
+        return _Source(file=spool)
 
     def load(
         self,
@@ -380,16 +488,23 @@ class CheckpointManager:
         map_location: MapLocation = "cpu",
         weights_only: bool = True,
         verify: bool = True,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Verify and deserialize checkpoint ``name``.
 
         ``weights_only=True`` (the default) refuses pickled code; a payload that needs it raises
         :class:`UnsafeCheckpointError`. A file without a manifest that was not left by one of our
         saves (a plain Lightning checkpoint) loads with a warning that it was not verified.
+
+        Memory: about one copy of the checkpoint at most. A local file is hashed in a streaming
+        pass, then memory-mapped by ``torch.load(mmap=True)``; a remote one is downloaded into
+        a temporary spool file in ``spool_dir`` while being hashed, loaded from there, and the
+        spool removed. ``progress(bytes_read, total)`` is called while the payload streams.
         """
         kept = self._verified.pop(name, None)
         if kept is not None:
-            manifest, buffer = kept
+            manifest: Manifest | None
+            manifest, source = kept
         else:
             try:
                 manifest = self.read_manifest(name)
@@ -406,54 +521,56 @@ class CheckpointManager:
                     CheckpointWarning,
                     stacklevel=2,
                 )
-                return self._deserialize(name, self._read_plain(name), map_location, weights_only)
+                return self._deserialize(name, None, self._fetch(name, None, progress), map_location, weights_only)
             if manifest.sharded:
                 raise ShardedCheckpointError(
                     f"{self.url_of(name)} is a sharded checkpoint ({len(manifest.files)} files written by several "
                     "processes): resume it with trainer.fit(ckpt_path=...) under a sharded strategy, or make one "
                     "file of it with lightning_ckpt.sharded.consolidate() or `lightning-ckpt export`"
                 )
-            buffer = self._read_verified(name, manifest) if verify else self._read_plain(name)
-        return self._deserialize(name, self._decrypt(name, manifest, buffer), map_location, weights_only)
+            source = self._fetch(name, manifest if verify else None, progress)
+        return self._deserialize(name, manifest, source, map_location, weights_only)
 
-    def _decrypt(self, name: str, manifest: Manifest, buffer: bytearray) -> bytearray:
-        """The plaintext of a verified payload (a second buffer: each GCM chunk is checked whole)."""
-        info = manifest.extra.get("encryption")
-        if not info:
-            return buffer
+    def _deserialize(
+        self, name: str, manifest: Manifest | None, source: _Source, map_location: MapLocation, weights_only: bool
+    ) -> Any:
+        url = self.url_of(name)
+        try:
+            if not source.size:
+                raise CorruptCheckpointError(f"{url} is empty")
+            info = manifest.extra.get("encryption") if manifest is not None else None
+            if info:
+                return self._load_encrypted(name, info, source, map_location, weights_only)
+            return _torch_load(url, source, map_location, weights_only)
+        finally:
+            source.close()
+
+    def _load_encrypted(
+        self, name: str, info: Mapping[str, Any], source: _Source, map_location: MapLocation, weights_only: bool
+    ) -> Any:
+        """Decrypt the verified ciphertext chunk by chunk into memory (plaintext never touches a
+        disk), then load it: on Linux from a memfd that the tensors map, so ~1x the checkpoint."""
+        url = self.url_of(name)
         if self.encryptor is None:
             raise KeyMissingError(
-                f"{self.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}); "
+                f"{url} is encrypted ({info.get('alg')}, key id {info.get('key_id')}); "
                 "pass encryptor=Encryptor(...) with its key to load it"
             )
-        return self.encryptor.decrypt(buffer, info, self.url_of(name))
-
-    def _read_plain(self, name: str) -> bytearray:
-        size = self.storage.info(name).size
-        buffer = bytearray(size)
-        self.storage.read_into(name, memoryview(buffer))
-        return buffer
-
-    def _deserialize(self, name: str, buffer: bytearray, map_location: MapLocation, weights_only: bool) -> Any:
-        url = self.url_of(name)
-        if not buffer:
-            raise CorruptCheckpointError(f"{url} is empty")
+        plain = _Source(file=_memory_file())
         try:
-            return torch.load(
-                io.BufferedReader(_MemoryReader(memoryview(buffer))),
-                map_location=map_location,
-                weights_only=weights_only,
-            )
-        except pickle.UnpicklingError as exc:
-            refused = re.search(r"(GLOBAL \S+ was not an allowed global|Unsupported global: \S+)", str(exc))
-            if weights_only and refused:
-                raise UnsafeCheckpointError(
-                    f"{url} holds objects that weights-only loading refuses ({refused.group(1)}). "
-                    "If you trust the file, load it with weights_only=False."
-                ) from exc
-            raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
-        except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
-            raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+            decryptor = self.encryptor.decryptor(info, url, source.size, plain.file.write)
+            source.file.seek(0)
+            _hash_file(source.file, None, source.size, None, lambda exc: self.storage.translate(exc, "read", url),
+                       sink=decryptor.write)
+            decryptor.close()
+            source.close()
+            plain.size = plain.file.tell()
+            plain.file.flush()
+            if _fd_path(plain.file) is not None:
+                plain.path = _fd_path(plain.file)
+            return _torch_load(url, plain, map_location, weights_only)
+        finally:
+            plain.close()
 
     # -- choosing ---------------------------------------------------------------------------
 
@@ -491,7 +608,7 @@ class CheckpointManager:
         else:
             self.storage.delete(name)
         self.storage.delete(name + PENDING_SUFFIX)
-        self._verified.pop(name, None)
+        self._forget(name)
 
     def prune(
         self,
@@ -519,10 +636,15 @@ class CheckpointManager:
         """Remove leftovers of interrupted saves and deletes; return what was removed.
 
         Only files provably ours are touched: payloads whose ``.pending`` marker exists without
-        a manifest, the markers themselves, and temporary files carrying our mark.
+        a manifest, the markers themselves, temporary files carrying our mark, and on S3 the
+        unfinished multipart uploads of those pending names (a writer killed mid-upload leaves
+        its parts stored, invisible and billed); they are listed as ``"NAME (unfinished upload)"``.
         """
         files = {f.name for f in self.storage.list()}
         removed: list[str] = []
+        pending = [f[: -len(PENDING_SUFFIX)] for f in files if f.endswith(PENDING_SUFFIX)]
+        for name in self.storage.abort_incomplete_uploads(pending):
+            removed.append(f"{name} (unfinished upload)")
         for fname in sorted(files):
             if TEMP_MARK in fname:
                 self.storage.delete(fname)
@@ -631,32 +753,119 @@ class _ErrorLatch:
         return True
 
 
-class _MemoryReader(io.RawIOBase):
-    """A seekable, zero-copy reader over a memoryview, so torch.load needs no second copy."""
+@dataclass
+class _Source:
+    """A payload ready for ``torch.load``: an open file (a local checkpoint, a download spool or
+    decrypted plaintext) and, for a local file, its path and identity when it was hashed."""
 
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._pos = 0
+    file: Any
+    path: str | None = None
+    stamp: tuple[int, ...] | None = None
+    size: int = 0
 
-    def readable(self) -> bool:
-        return True
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
 
-    def seekable(self) -> bool:
-        return True
 
-    def tell(self) -> int:
-        return self._pos
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), len(self._view) - self._pos))
-        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
+def _fd_path(f: Any) -> str | None:
+    """A path naming exactly the open file ``f`` (Linux ``/proc/self/fd``), if the OS has one."""
+    try:
+        path = f"/proc/self/fd/{f.fileno()}"
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return path if os.path.exists(path) else None
+
+
+def _memory_file() -> Any:
+    """A growable in-memory file: a memfd (Linux, mappable by torch.load) or a BytesIO."""
+    create = getattr(os, "memfd_create", None)
+    if create is not None:
+        with contextlib.suppress(OSError):
+            f = os.fdopen(create("lckpt-plaintext", getattr(os, "MFD_CLOEXEC", 0)), "w+b")
+            if _fd_path(f) is not None:
+                return f
+            f.close()
+    return io.BytesIO()
+
+
+def _hash_file(
+    f: Any,
+    digest: Any,
+    limit: int | None,
+    progress: Progress | None,
+    translate: Callable[[BaseException], Exception],
+    sink: Callable[[memoryview], Any] | None = None,
+) -> int:
+    """Read ``f`` in 8 MiB blocks into ``digest``/``sink``; like :meth:`Storage.stream` for open files."""
+    block = memoryview(bytearray(READ_BLOCK))
+    total = 0
+    try:
+        while limit is None or total < limit:
+            want = READ_BLOCK if limit is None else min(READ_BLOCK, limit - total)
+            n = f.readinto(block[:want])
+            if not n:
+                return total
+            if digest is not None:
+                digest.update(block[:n])
+            if sink is not None:
+                sink(block[:n])
+            total += n
+            if progress is not None:
+                progress(total, limit)
+        return total + 1 if f.read(1) else total
+    except OSError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise translate(exc) from exc
+
+
+def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_only: bool) -> Any:
+    """``torch.load`` a verified source, memory-mapped where it is a file we may map.
+
+    Mapping (``mmap=True``) keeps a single copy: tensors read their bytes from the page cache (a
+    local checkpoint) or from the memfd (decrypted plaintext) only when touched. A local file is
+    mapped through its open descriptor, i.e. exactly the inode that was hashed; one changed in
+    place since is refused. A download spool is read, not mapped, so it is freed right away
+    instead of staying allocated on the spool disk for as long as any loaded tensor lives.
+    """
+    try:
+        target = _fd_path(source.file) if source.path is not None else None
+        if target is not None or source.path is not None:
+            try:
+                mapped: str = target or source.path  # type: ignore[assignment]  # one of them is set
+                out = torch.load(mapped, map_location=map_location, weights_only=weights_only, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # only an old (non-zip) format cannot be mapped
+                    raise
+                source.file.seek(0)
+                out = torch.load(source.file, map_location=map_location, weights_only=weights_only)
+            if source.stamp is not None:
+                st = os.fstat(source.file.fileno()) if target else os.stat(source.path)  # type: ignore[arg-type]
+                if _stamp(st) != source.stamp:
+                    raise CorruptCheckpointError(f"{url} changed while it was being loaded; load it again")
+            return out
+        # a spool: by its /proc/self/fd path where there is one, so torch reads straight into the
+        # tensors (through a Python file object every record is read into bytes, then copied)
+        spool_path = _fd_path(source.file)
+        source.file.seek(0)
+        return torch.load(spool_path or source.file, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"(GLOBAL \S+ was not an allowed global|Unsupported global: \S+)", str(exc))
+        if weights_only and refused:
+            raise UnsafeCheckpointError(
+                f"{url} holds objects that weights-only loading refuses ({refused.group(1)}). "
+                "If you trust the file, load it with weights_only=False."
+            ) from exc
+        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
 
 
 def load_checkpoint(
@@ -667,8 +876,10 @@ def load_checkpoint(
     *,
     signer: Signer | None = None,
     encryptor: Encryptor | None = None,
+    spool_dir: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Verify and load the checkpoint at ``url`` (any fsspec URL) without Lightning."""
     directory, name = split_url(url)
-    manager = CheckpointManager(directory, storage_options, signer=signer, encryptor=encryptor)
-    return manager.load(name, map_location, weights_only)
+    manager = CheckpointManager(directory, storage_options, signer=signer, encryptor=encryptor, spool_dir=spool_dir)
+    return manager.load(name, map_location, weights_only, progress=progress)

@@ -27,7 +27,7 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from lightning_ckpt.errors import (
@@ -37,7 +37,7 @@ from lightning_ckpt.errors import (
     TamperedCheckpointError,
 )
 
-__all__ = ["Encryptor", "Signer", "key_id"]
+__all__ = ["DecryptingWriter", "Encryptor", "Signer", "key_id"]
 
 ALG_HMAC = "HMAC-SHA256"
 ALG_AES = "AES-256-GCM"
@@ -214,6 +214,18 @@ class Encryptor(_Keyring):
 
     def decrypt(self, data: bytes | bytearray | memoryview, info: Mapping[str, Any], where: str) -> bytearray:
         """The plaintext of a whole encrypted payload (a second buffer; chunks are authenticated)."""
+        key, chunk = self._key_and_chunk(info, where)
+        return decrypt(data, key, chunk, where)
+
+    def decryptor(
+        self, info: Mapping[str, Any], where: str, total: int, sink: Callable[[bytes], Any]
+    ) -> DecryptingWriter:
+        """A write-only stream taking the ``total`` bytes of an encrypted payload in any pieces and
+        handing each authenticated plaintext chunk to ``sink``; at most one chunk is buffered."""
+        key, chunk = self._key_and_chunk(info, where)
+        return DecryptingWriter(sink, key, chunk, total, where)
+
+    def _key_and_chunk(self, info: Mapping[str, Any], where: str) -> tuple[bytes, int]:
         if info.get("alg") != ALG_AES:
             raise CorruptCheckpointError(f"{where} uses an unknown encryption {info.get('alg')!r}")
         key = self.key_for(info.get("key_id"))
@@ -224,7 +236,7 @@ class Encryptor(_Keyring):
         chunk = info.get("chunk")
         if not isinstance(chunk, int) or chunk < 1:
             raise CorruptCheckpointError(f"{where}: the manifest's encryption record has no valid chunk size")
-        return decrypt(data, key, chunk, where)
+        return key, chunk
 
 
 class EncryptingWriter:
@@ -271,6 +283,78 @@ class EncryptingWriter:
         if not self._closed:
             self._closed = True
             self._emit(final=True)
+
+
+class DecryptingWriter:
+    """The inverse of :class:`EncryptingWriter`, streaming: ``write`` ciphertext, get plaintext.
+
+    The ciphertext's ``total`` size must be known (the manifest records it): it tells which chunk
+    is the last, and the last chunk's authentication refuses a truncated or extended stream.
+    """
+
+    def __init__(self, sink: Callable[[bytes], Any], key: bytes, chunk: int, total: int, where: str) -> None:
+        from cryptography.exceptions import InvalidTag
+
+        self._invalid_tag = InvalidTag
+        self._sink = sink
+        self._aes = _aesgcm(key)
+        self._chunk = chunk
+        self._total = total
+        self._where = where
+        self._buf = bytearray()
+        self._prefix: bytes | None = None
+        self._pos = 0  # ciphertext bytes consumed
+        self._index = 0
+        self._finished = False
+        if total < len(MAGIC) + _PREFIX + _TAG:
+            raise CorruptCheckpointError(f"{where} is not a lightning-ckpt encrypted payload (or is truncated)")
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        if self._finished and view.nbytes:
+            raise CorruptCheckpointError(f"{self._where}: data after the last encrypted chunk")
+        self._buf += view
+        self._drain()
+        return view.nbytes
+
+    def _drain(self) -> None:
+        head = len(MAGIC) + _PREFIX
+        if self._prefix is None:
+            if len(self._buf) < head:
+                return
+            if bytes(self._buf[: len(MAGIC)]) != MAGIC:
+                raise CorruptCheckpointError(f"{self._where} is not a lightning-ckpt encrypted payload")
+            self._prefix = bytes(self._buf[len(MAGIC) : head])
+            del self._buf[:head]
+            self._pos = head
+        while not self._finished:
+            remaining = self._total - self._pos
+            if remaining < _TAG:
+                raise CorruptCheckpointError(f"{self._where}: encrypted payload truncated at chunk {self._index}")
+            final = remaining <= self._chunk + _TAG
+            size = remaining if final else self._chunk + _TAG
+            if len(self._buf) < size:
+                return
+            nonce = self._prefix + struct.pack(">I", self._index)
+            try:
+                plain = self._aes.decrypt(nonce, bytes(self._buf[:size]), _aad(self._prefix, self._index, final))
+            except self._invalid_tag:
+                raise CorruptCheckpointError(
+                    f"{self._where}: encrypted chunk {self._index} does not authenticate (damaged, reordered or "
+                    "truncated)"
+                ) from None
+            del self._buf[:size]
+            self._pos += size
+            self._index += 1
+            self._finished = final
+            self._sink(plain)
+        if self._buf:
+            raise CorruptCheckpointError(f"{self._where}: data after the last encrypted chunk")
+
+    def close(self) -> None:
+        """Raise unless the whole stream, up to its authenticated last chunk, was written."""
+        if not self._finished:
+            raise CorruptCheckpointError(f"{self._where}: encrypted payload truncated at chunk {self._index}")
 
 
 def decrypt(data: bytes | bytearray | memoryview, key: bytes, chunk: int, where: str) -> bytearray:

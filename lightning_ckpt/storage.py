@@ -9,19 +9,29 @@ from an outage: only ``FileNotFoundError`` means absent, everything else becomes
 :class:`~lightning_ckpt.errors.StorageError` naming the URL. Transient failures (connection
 resets, timeouts, throttling, 5xx) are retried with exponential backoff by :class:`RetryPolicy`;
 permission and "no space" errors are not.
+
+S3 gets its own transfer code on top of s3fs's client: uploads of up to four parts at once with
+part sizes that grow with the upload (:func:`part_size`), ranged downloads four at a time, and
+:meth:`Storage.abort_incomplete_uploads` for writers that were killed mid-upload. A missing
+bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
+Transfers report their progress to an optional ``progress(done, total)`` callback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import io
+import logging
 import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -29,6 +39,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointNotFoundError,
     ConfigurationError,
     StorageError,
@@ -36,14 +47,31 @@ from lightning_ckpt.errors import (
     UnsupportedURLError,
 )
 
-__all__ = ["TEMP_MARK", "FileInfo", "RetryPolicy", "Storage", "split_url"]
+__all__ = ["TEMP_MARK", "FileInfo", "Progress", "RetryPolicy", "Storage", "part_size", "split_url"]
 
 T = TypeVar("T")
+#: ``progress(bytes_done, bytes_total_or_None)``, called at block granularity during a transfer.
+Progress = Callable[[int, "int | None"], None]
+
+log = logging.getLogger("lightning_ckpt")
 
 #: Every temporary file this package creates contains this mark, so leftovers are provably ours.
 TEMP_MARK = ".lckpt-tmp-"
 
 _CHUNK = 8 * 2**20
+# S3 multipart uploads: at most 10,000 parts of 5 MiB to 5 GiB each (the last may be smaller)
+S3_MIN_PART = 5 * 2**20
+S3_MAX_PART = 5 * 2**30
+S3_MAX_PARTS = 10_000
+#: first part size of our S3 uploads, and how many parts are uploaded at once
+PART_SIZE = 16 * 2**20
+PARTS_IN_FLIGHT = 4
+#: ranged GETs of a download, PARTS_IN_FLIGHT at once
+RANGE_SIZE = 8 * 2**20
+#: the part size doubles every this many parts, so 10,000 parts reach S3's 5 TiB object limit
+PART_GROWTH_EVERY = 1000
+# how S3 (NoSuchBucket), GCS and Azure word a missing bucket once fsspec made it a FileNotFoundError
+_NO_BUCKET = "bucket does not exist"
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EBUSY}
 _TRANSIENT_WORDS = ("throttl", "slowdown", "slow down", "timeout", "timed out", "503", "500", "502", "504",
                     "internalerror", "serviceunavailable", "connection reset", "connection aborted",
@@ -87,6 +115,22 @@ def is_transient(exc: BaseException) -> bool:
         return exc.errno in _TRANSIENT_ERRNOS
     text = f"{type(exc).__name__} {exc}".lower()
     return any(word in text for word in _TRANSIENT_WORDS)
+
+
+def part_size(part_number: int, base: int = PART_SIZE, grow_every: int = PART_GROWTH_EVERY) -> int:
+    """Size of part ``part_number`` (1-based) of a multipart upload.
+
+    ``base`` for the first ``grow_every`` parts, doubling every ``grow_every`` parts after that,
+    always within S3's 5 MiB .. 5 GiB. With the defaults the first 1,000 parts hold 15.6 GiB and
+    10,000 parts more than S3's 5 TiB object limit (fixed 8 MiB parts stop at 78 GiB).
+    """
+    if not 1 <= part_number <= S3_MAX_PARTS:
+        raise ValueError(f"part number {part_number} is outside 1..{S3_MAX_PARTS}")
+    if base < 1 or grow_every < 1:
+        raise ValueError("base and grow_every must be positive")
+    tier = (part_number - 1) // grow_every
+    size = base << min(tier, 62)  # past 2**62 the cap applies anyway
+    return max(S3_MIN_PART, min(S3_MAX_PART, size))
 
 
 @dataclass(frozen=True)
@@ -138,6 +182,7 @@ class Storage:
             raise UnsupportedURLError(f"cannot open {url!r}: {exc}") from exc
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
+        self._s3 = _is_s3(fs)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
         self.url = self.root if self.is_local and "://" not in url else fs.unstrip_protocol(self.root)
 
@@ -178,10 +223,24 @@ class Storage:
                 raise self.translate(exc, what, target) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _check_bucket(self, cause: BaseException) -> None:
+        """After a "not found" on an object store: raise if the bucket itself is missing."""
+        split = getattr(self.fs, "split_path", None)  # s3fs, gcsfs, adlfs: stores with buckets
+        if self.is_local or split is None or not self.root:
+            return
+        bucket = split(self.root)[0]
+        self.fs.invalidate_cache(bucket)
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise _bucket_missing(bucket, self.url) from cause
+
     @staticmethod
     def translate(exc: BaseException, what: str, target: str) -> Exception:
         """Map a raw filesystem exception to the matching :class:`CheckpointError`."""
         message = f"could not {what} {target}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, FileNotFoundError) and _NO_BUCKET in str(exc).lower():
+            return BucketNotFoundError(errno.ENOENT, f"could not {what} {target}: {exc} (check the bucket name)")
         if isinstance(exc, FileNotFoundError):
             return CheckpointNotFoundError(errno.ENOENT, f"could not {what} {target}: not found")
         if isinstance(exc, PermissionError):
@@ -213,13 +272,18 @@ class Storage:
         return self._call("stat", name, op)
 
     def list(self) -> list[FileInfo]:
-        """Files directly inside this directory (an absent directory is empty)."""
+        """Files directly inside this directory.
+
+        An absent directory (or prefix) is empty; an absent *bucket* is not: it raises
+        :class:`BucketNotFoundError`, so a misspelt bucket never looks like "no checkpoint yet".
+        """
 
         def op() -> list[FileInfo]:
             self.fs.invalidate_cache(self.root)
             try:
                 entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._check_bucket(exc)
                 return []
             out = []
             for entry in entries:
@@ -258,19 +322,118 @@ class Storage:
 
         return self._call("read", name, op)
 
+    def stream(
+        self,
+        name: str,
+        sink: Callable[[memoryview], None],
+        *,
+        limit: int | None = None,
+        restart: Callable[[], None] | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Read ``name`` from the start in blocks of 8 MiB, handing each block to ``sink``.
+
+        Returns the number of bytes read; with ``limit``, reads at most ``limit`` bytes and
+        reports a longer file by returning ``limit + 1``. A transient failure restarts the read
+        from the beginning after calling ``restart()`` (the sink must forget what it got);
+        without ``restart`` a failure is not retried. ``progress(bytes_read, limit)`` is called
+        after every block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
+        """
+        path = self.path(name)
+        if self._s3:
+            return self._call("read", name, lambda: self._stream_s3(path, sink, limit, progress), retry=False)
+        attempts = [0]
+
+        def op() -> int:
+            if attempts[0] and restart is not None:
+                restart()
+            attempts[0] += 1
+            block = memoryview(bytearray(_CHUNK))
+            total = 0
+            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+                while limit is None or total < limit:
+                    want = _CHUNK if limit is None else min(_CHUNK, limit - total)
+                    n = _readinto(f, block[:want])
+                    if n == 0:
+                        return total
+                    sink(block[:n])
+                    total += n
+                    if progress is not None:
+                        progress(total, limit)
+                return total + 1 if f.read(1) else total
+
+        return self._call("read", name, op, retry=restart is not None)
+
+    def _stream_s3(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
+                   progress: Progress | None) -> int:
+        """Ranged GETs of :data:`RANGE_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
+
+        Each range is retried on its own on transient errors, so a blip costs one range, not a
+        restart; at most ``PARTS_IN_FLIGHT`` ranges are in memory.
+        """
+        from fsspec.asyn import sync
+
+        self.fs.invalidate_cache(path)
+        info = sync(self.fs.loop, self.fs._info, path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
+        size = int(info.get("size") or 0)
+        end = size if limit is None else min(size, limit)
+        starts = list(range(0, end, RANGE_SIZE))
+        pending: list[concurrent.futures.Future[bytes]] = []
+
+        async def fetch(start: int) -> bytes:
+            for attempt in range(1, self.retry.attempts + 1):
+                try:
+                    data = await self.fs._cat_file(path, start=start, end=min(start + RANGE_SIZE, end))
+                    if len(data) != min(RANGE_SIZE, end - start):  # replaced by a shorter object meanwhile
+                        raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
+                    return bytes(data)
+                except Exception as exc:
+                    if attempt >= self.retry.attempts or not is_transient(exc):
+                        raise
+                    await asyncio.sleep(self.retry.delay(attempt))
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        done = 0
+        try:
+            for i in range(len(starts)):
+                while len(pending) < PARTS_IN_FLIGHT and i + len(pending) < len(starts):
+                    pending.append(asyncio.run_coroutine_threadsafe(fetch(starts[i + len(pending)]), self.fs.loop))
+                data = pending.pop(0).result()
+                sink(memoryview(data))
+                done += len(data)
+                del data
+                if progress is not None:
+                    progress(done, limit)
+        finally:
+            for future in pending:
+                future.cancel()
+        return limit + 1 if limit is not None and size > limit else done
+
     # -- writing ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open_write(self, name: str) -> Iterator[IO[bytes]]:
+    def open_write(self, name: str, progress: Progress | None = None) -> Iterator[IO[bytes]]:
         """Write ``name`` so that it appears complete or not at all.
 
         Local disks: a temporary sibling, fsync, atomic rename, fsync of the directory.
-        Object stores: a streamed (multipart) upload that is aborted on failure.
-        Not retried: the caller's data is a stream; a failed write is raised.
+        S3: a multipart upload of up to :data:`PARTS_IN_FLIGHT` parts at once (parts of
+        :func:`part_size`; one ``PutObject`` for what fits in one part), aborted on failure; each
+        part is retried on transient errors. Other object stores: fsspec's streamed upload.
+        The stream itself is not retried: a failed write is raised.
+        ``progress(bytes_written, None)`` is called as blocks are written.
         """
         path = self.path(name)
         if self.is_local:
             with self._open_local(name, path) as f:
+                counted = _CountingWriter(f, progress) if progress is not None else None
+                yield counted if counted is not None else f  # type: ignore[misc]  # a write-only stream
+            if counted is not None and progress is not None:
+                progress(counted.size, counted.size)
+            return
+        if self._s3:
+            with self._open_s3(name, path, progress) as f:
                 yield f
             return
         # object stores have no directories; s3fs's makedirs would even *create a missing bucket*
@@ -280,7 +443,10 @@ class Storage:
         except Exception as exc:
             raise self.translate(exc, "open for writing", self.url_of(name)) from exc
         try:
-            yield _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))  # type: ignore[misc]
+            writer: Any = _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))
+            if progress is not None:
+                writer = _CountingWriter(writer, progress)
+            yield writer
         except BaseException:
             _discard(f)
             with contextlib.suppress(Exception):
@@ -293,6 +459,21 @@ class Storage:
             with contextlib.suppress(Exception):
                 self.fs.rm_file(path)
             raise self.translate(exc, "finish writing", self.url_of(name)) from exc
+        finally:
+            self.fs.invalidate_cache(self.root)
+        if progress is not None:
+            progress(writer.size, writer.size)
+
+    @contextlib.contextmanager
+    def _open_s3(self, name: str, path: str, progress: Progress | None) -> Iterator[IO[bytes]]:
+        url = self.url_of(name)
+        upload = _S3Upload(self.fs, path, self.retry, lambda exc, what: self.translate(exc, what, url), progress)
+        try:
+            yield upload  # type: ignore[misc]
+            upload.close()
+        except BaseException:
+            upload.abort()
+            raise
         finally:
             self.fs.invalidate_cache(self.root)
 
@@ -355,6 +536,44 @@ class Storage:
             self.fs.invalidate_cache(self.root)
 
         self._call("copy to", dst, op)
+
+    def abort_incomplete_uploads(self, names: Collection[str]) -> builtins.list[str]:
+        """Abort unfinished multipart uploads of ``names`` in this directory; return those names.
+
+        A writer killed mid-upload (SIGKILL, a lost node) leaves its parts on the server, unseen by
+        listings but stored (and billed) until aborted. Only uploads to exactly these names are
+        touched. A no-op on backends without multipart uploads (local, memory, and fsspec's
+        other stores, whose unfinished uploads this package cannot list).
+        """
+        if not self._s3 or not names:
+            return []
+        from fsspec.asyn import sync
+
+        bucket, prefix, _ = self.fs.split_path(self.root)
+        ours = {f"{prefix}/{name}" if prefix else name: name for name in names}
+
+        def call(method: str, **kwargs: Any) -> Any:
+            return sync(self.fs.loop, self.fs._call_s3, method, Bucket=bucket, **kwargs)
+
+        def op() -> builtins.list[str]:
+            aborted: builtins.list[str] = []
+            query: dict[str, str] = {"Prefix": f"{prefix}/" if prefix else ""}
+            while True:
+                page = call("list_multipart_uploads", **query)
+                for upload in page.get("Uploads") or []:
+                    name = ours.get(upload.get("Key", ""))
+                    if name is None:
+                        continue
+                    try:
+                        call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
+                    except FileNotFoundError:
+                        continue  # completed or aborted meanwhile
+                    aborted.append(name)
+                if not page.get("IsTruncated"):
+                    return aborted
+                query.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+        return self._call("abort the unfinished uploads in", None, op)
 
     def delete(self, name: str) -> None:
         """Delete ``name``; an absent file is fine (object stores cannot tell the difference)."""
@@ -454,6 +673,250 @@ class Storage:
         return url, dict(self.storage_options)
 
 
+class _CountingWriter:
+    """Forwards writes and reports the running byte count to ``progress``."""
+
+    def __init__(self, f: Any, progress: Progress) -> None:
+        self._f = f
+        self._progress = progress
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = int(self._f.write(data) or 0)
+        self.size += n
+        self._progress(self.size, None)
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+class _S3Upload:
+    """A write-only stream that uploads to S3 in parts, several at once, with bounded memory.
+
+    Writes fill a part buffer; a full buffer is handed to s3fs's event loop as an ``UploadPart``
+    request while the caller goes on filling the next one. At most :data:`PARTS_IN_FLIGHT`
+    buffers exist at any time (the one being filled included), so the extra memory is at most
+    ``PARTS_IN_FLIGHT x part_size``; a writer that gets ahead waits for the oldest part. Buffers
+    are reused. Nothing is visible until ``CompleteMultipartUpload``; :meth:`abort` cancels what
+    is in flight and aborts the upload (what cannot be aborted now, ``cleanup()`` aborts later).
+    Content smaller than one part is sent with a single ``PutObject``.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        retry: RetryPolicy,
+        translate: Callable[[BaseException, str], Exception],
+        progress: Progress | None,
+        in_flight: int = PARTS_IN_FLIGHT,
+    ) -> None:
+        self._fs = fs
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._retry = retry
+        self._translate = translate
+        self._progress = progress
+        self._max_buffers = max(1, in_flight)
+        self._part = 1
+        self._cap = part_size(1)
+        self._buf = bytearray()  # grows as written: a small object never costs a whole part
+        self._fill = 0
+        self._free: list[bytearray] = []
+        self._buffers = 1
+        self._upload_id: str | None = None
+        self._pending: dict[concurrent.futures.Future[str], tuple[int, bytearray]] = {}
+        self._etags: dict[int, str] = {}
+        self._done = False
+        self.size = 0
+
+    # -- the stream -------------------------------------------------------------------------
+
+    def write(self, data: Any) -> int:
+        if self._done:
+            raise ValueError("write to a closed upload")
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < view.nbytes:
+            if self._part > S3_MAX_PARTS:
+                raise self._translate(OSError(errno.EFBIG, f"larger than {S3_MAX_PARTS} parts can hold"), "write")
+            take = min(self._cap - self._fill, view.nbytes - pos)
+            if len(self._buf) == self._fill:
+                self._buf += view[pos : pos + take]
+            else:  # a preallocated (reused) part buffer
+                self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self._cap:
+                self._send_part()
+        self.size += view.nbytes
+        if self._progress is not None:
+            self._progress(self.size, None)
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Parts are sent when full; nothing to do."""
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Send what is left and complete the upload (or put a small object whole)."""
+        if self._done:
+            return
+        if self._upload_id is None:
+            self._call("put_object", "write", Body=memoryview(self._buf)[: self._fill])
+        else:
+            if self._fill:
+                self._submit(self._part, self._buf, self._fill)
+            self._wait(until=0)
+            parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+            self._call("complete_multipart_upload", "finish writing", UploadId=self._upload_id,
+                       MultipartUpload={"Parts": parts})
+        self._done = True
+        self._buf = bytearray()
+        self._free.clear()
+        if self._progress is not None:
+            self._progress(self.size, self.size)
+
+    def abort(self) -> None:
+        """Abandon the upload: cancel parts in flight, abort it on the server. Never raises."""
+        self._done = True
+        for future in self._pending:
+            future.cancel()
+        concurrent.futures.wait(list(self._pending), timeout=60)
+        self._pending.clear()
+        self._buf = bytearray()
+        self._free.clear()
+        if self._upload_id is not None:
+            try:
+                self._call("abort_multipart_upload", "abort the upload of", UploadId=self._upload_id)
+            except Exception as exc:  # noqa: BLE001 - reported; cleanup() aborts it later
+                log.warning("%s; cleanup() will abort it", exc)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _call(self, method: str, what: str, **kwargs: Any) -> Any:
+        """One request on s3fs's loop, retried on transient errors, errors translated."""
+        from fsspec.asyn import sync
+
+        try:
+            return sync(self._fs.loop, self._retrying, method, **kwargs)
+        except Exception as exc:
+            raise self._translate(exc, what) from exc
+
+    async def _upload_part(self, number: int, body: memoryview) -> str:
+        out = await self._retrying("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+        return str(out["ETag"])
+
+    async def _retrying(self, method: str, **kwargs: Any) -> Any:
+        body = kwargs.pop("Body", None)
+        for attempt in range(1, self._retry.attempts + 1):
+            if body is not None:
+                # a fresh reader per attempt (rewound); aiohttp would copy a bytearray body twice.
+                # Buffers are never resized: the HTTP client may hold a view of one for a while
+                kwargs["Body"] = _BufferReader(body)
+            try:
+                return await self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
+            except Exception as exc:
+                if attempt >= self._retry.attempts or not is_transient(exc):
+                    raise
+                await asyncio.sleep(self._retry.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = str(self._call("create_multipart_upload", "start writing")["UploadId"])
+        self._submit(self._part, self._buf, self._fill)
+        self._part += 1
+        self._reap()
+        if self._part > S3_MAX_PARTS:  # only reachable past ~8 TiB; the next write raises
+            self._buf, self._fill = bytearray(), 0
+            return
+        self._cap = part_size(self._part)
+        self._buf, self._fill = self._next_buffer(self._cap), 0
+
+    def _next_buffer(self, size: int) -> bytearray:
+        while True:
+            for stale in [b for b in self._free if len(b) != size]:  # parts grew: drop smaller ones
+                self._free.remove(stale)
+                self._buffers -= 1
+            if self._free:
+                return self._free.pop()
+            if self._buffers < self._max_buffers:
+                self._buffers += 1
+                return bytearray(size)
+            self._wait(until=len(self._pending) - 1)
+
+    def _submit(self, number: int, buffer: bytearray, length: int) -> None:
+        future = asyncio.run_coroutine_threadsafe(
+            self._upload_part(number, memoryview(buffer)[:length]), self._fs.loop
+        )
+        self._pending[future] = (number, buffer)
+
+    def _collect(self, future: concurrent.futures.Future[str]) -> None:
+        number, body = self._pending.pop(future)
+        try:
+            self._etags[number] = future.result()
+        except Exception as exc:
+            raise self._translate(exc, "write") from exc
+        self._free.append(body)
+
+    def _reap(self) -> None:
+        """Collect finished parts without waiting (a failure surfaces at the next write)."""
+        for future in [f for f in self._pending if f.done()]:
+            self._collect(future)
+
+    def _wait(self, until: int) -> None:
+        """Wait until at most ``until`` parts are in flight; raise the first failure."""
+        while len(self._pending) > until:
+            done, _ = concurrent.futures.wait(list(self._pending), return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                self._collect(future)
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable, zero-copy reader over a part buffer (the HTTP client reads it in small chunks)."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._view = data
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def _is_s3(fs: Any) -> bool:
+    try:
+        import s3fs
+    except ImportError:
+        return False
+    return isinstance(fs, s3fs.S3FileSystem)
+
+
 class _TranslatingWriter:
     """Forwards writes to a remote file; the backend's own errors (botocore, aiohttp, ...) become
     :class:`StorageError` naming the URL, so a dead server mid-upload is reported like any outage."""
@@ -476,6 +939,12 @@ class _TranslatingWriter:
 
     def writable(self) -> bool:
         return True
+
+
+def _bucket_missing(bucket: str, url: str) -> BucketNotFoundError:
+    return BucketNotFoundError(
+        errno.ENOENT, f"the bucket {bucket!r} of {url} does not exist (check the URL and storage_options)"
+    )
 
 
 def _readinto(f: Any, view: memoryview) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lightning_ckpt import (
     CheckpointManager,
     CheckpointNotFoundError,
     CheckpointWarning,
+    ConfigurationError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     KeepLatest,
@@ -247,3 +249,52 @@ def test_load_maps_to_cpu_and_keeps_dtypes(tmp_path) -> None:
     assert out["h"].dtype == torch.float16 and out["h"].device.type == "cpu" and out["b"].item()
     # stock torch reads the same file
     assert torch.equal(torch.load(tmp_path / "x.ckpt", weights_only=True)["h"], out["h"])
+
+
+def test_loading_spools_remote_payloads_into_spool_dir_and_leaves_nothing(backend, tmp_path) -> None:  # noqa: F811
+    url, options = backend
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mgr = CheckpointManager(url, options, spool_dir=str(spool))
+    big = {"w": torch.randn(3 * 2**20)}  # 12 MiB: several read blocks
+    mgr.save(big, "a.ckpt", global_step=1)
+    assert torch.equal(mgr.load("a.ckpt")["w"], big["w"])
+    assert mgr.latest(keep=True).name == "a.ckpt"  # verified once, kept (open or spooled) for the load
+    assert torch.equal(mgr.load("a.ckpt")["w"], big["w"])
+    assert torch.equal(load_checkpoint(f"{url}/a.ckpt", options, spool_dir=str(spool))["w"], big["w"])
+    assert list(spool.iterdir()) == []  # spool files are anonymous and gone
+    with pytest.raises(ConfigurationError, match="spool_dir"):
+        CheckpointManager(url, options, spool_dir=str(tmp_path / "missing"))
+
+
+def test_a_local_checkpoint_changed_in_place_after_verifying_is_refused(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(state(1), "a.ckpt", global_step=1)
+    mgr.verify("a.ckpt", keep=True)
+    with open(tmp_path / "a.ckpt", "r+b") as f:  # someone writes into the file itself
+        f.seek(-100, 2)
+        f.write(b"\0")
+    with pytest.raises(CorruptCheckpointError, match="changed"):
+        mgr.load("a.ckpt")
+    with pytest.raises(CorruptCheckpointError, match="sha256"):
+        mgr.load("a.ckpt")  # a fresh load re-hashes it
+
+
+def test_a_local_checkpoint_replaced_after_verifying_loads_the_verified_bytes(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(state(1), "a.ckpt", global_step=1)
+    mgr.verify("a.ckpt", keep=True)
+    torch.save(state(2), tmp_path / "other")
+    os.replace(tmp_path / "other", tmp_path / "a.ckpt")  # an atomic replace, as every save does
+    assert torch.equal(mgr.load("a.ckpt")["w"], state(1)["w"])  # exactly what was hashed
+
+
+def test_encrypted_checkpoints_load_on_every_backend(backend) -> None:  # noqa: F811
+    from lightning_ckpt.security import Encryptor
+
+    url, options = backend
+    mgr = CheckpointManager(url, options, encryptor=Encryptor(b"k" * 32, chunk=2**20))
+    big = {"w": torch.randn(2**20 + 5)}  # several encrypted chunks and read blocks
+    mgr.save(big, "a.ckpt", global_step=1)
+    assert torch.equal(mgr.load("a.ckpt")["w"], big["w"])
+    assert torch.equal(load_checkpoint(f"{url}/a.ckpt", options, encryptor=mgr.encryptor)["w"], big["w"])

@@ -48,7 +48,9 @@ def objects(server: SeaweedS3, prefix: str) -> dict[str, bytes]:
     fs = server.filesystem()
     root = prefix.removeprefix("s3://")
     try:
-        names = [p.rsplit("/", 1)[-1] for p in fs.find(root)]
+        found = fs.find(root, detail=True)
+        # SeaweedFS may keep an emptied prefix as a directory entry: only objects count
+        names = [p.rsplit("/", 1)[-1] for p, info in found.items() if info.get("type") != "directory"]
     except FileNotFoundError:
         return {}
     return {name: fs.cat_file(f"{root}/{name}") for name in names}
@@ -323,3 +325,55 @@ def test_a_flipped_byte_is_caught_while_streaming(
     with pytest.raises(CorruptCheckpointError):
         manager.verify("a.ckpt")
     assert fs.cat_file(key) == bytes(data)  # nothing was deleted or rewritten
+
+
+# -- a writer killed mid-upload ---------------------------------------------------------------------
+
+_KILLED_UPLOAD_SCRIPT = r'''
+import json, sys, time
+from lightning_ckpt import CheckpointManager
+
+config = json.load(open(sys.argv[1]))
+manager = CheckpointManager(config["url"], config["options"])
+
+def endless(stream):
+    block = bytes(8 * 2**20)
+    for _ in range(6):  # three 16 MiB parts reach the server...
+        stream.write(block)
+    print("uploading", flush=True)
+    time.sleep(600)  # ...and the process is SIGKILLed here, without any chance to abort
+
+manager.save({}, "big.ckpt", global_step=1, write=endless)
+'''
+
+
+def test_cleanup_aborts_the_upload_of_a_writer_killed_mid_upload(
+    s3_server: SeaweedS3, s3_bucket_url: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    bucket, options = s3_bucket_url
+    url = f"{bucket}/run"
+    fs = s3_server.filesystem()
+    name = bucket.removeprefix("s3://")
+    foreign = fs.call_s3("create_multipart_upload", Bucket=name, Key="run/someone-elses.bin")  # not ours
+    (tmp_path / "kill.py").write_text(_KILLED_UPLOAD_SCRIPT)
+    (tmp_path / "config.json").write_text(json.dumps({"url": url, "options": options}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(tmp_path / "kill.py"), str(tmp_path / "config.json")],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
+    finally:
+        child.kill()
+        child.wait(60)
+
+    def uploads() -> set[str]:
+        return {u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=name).get("Uploads") or []}
+
+    assert uploads() == {"run/big.ckpt", "run/someone-elses.bin"}  # the killed writer's parts remain
+    assert set(objects(s3_server, url)) == {"big.ckpt.pending"}  # invisible: only its marker shows
+
+    removed = CheckpointManager(url, options).cleanup()
+    assert removed == ["big.ckpt (unfinished upload)", "big.ckpt.pending"]
+    assert uploads() == {"run/someone-elses.bin"}  # ours aborted, the foreign one untouched
+    assert objects(s3_server, url) == {}
+    fs.call_s3("abort_multipart_upload", Bucket=name, Key="run/someone-elses.bin", UploadId=foreign["UploadId"])

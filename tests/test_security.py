@@ -150,6 +150,29 @@ def test_encryption_roundtrip(tmp_path: Path, n: int) -> None:
     assert state(n)["w"].numpy().tobytes()[:64] not in (tmp_path / "a.ckpt").read_bytes() or n == 0
 
 
+@pytest.mark.parametrize("piece", [1, 7, 1024 + 16, 4096, 10**6])
+def test_streaming_decryption_matches_whole_decryption(tmp_path: Path, piece: int) -> None:
+    enc = Encryptor(K1, chunk=1024)
+    m = CheckpointManager(str(tmp_path), encryptor=enc)
+    m.save(state(3000), "a.ckpt", global_step=1)
+    info = m.read_manifest("a.ckpt").extra["encryption"]
+    data = (tmp_path / "a.ckpt").read_bytes()
+    out = bytearray()
+    dec = enc.decryptor(info, "a.ckpt", len(data), out.extend)
+    for start in range(0, len(data), piece):
+        dec.write(data[start : start + piece])
+    dec.close()
+    assert out == enc.decrypt(data, info, "a.ckpt")
+    truncated = enc.decryptor(info, "a.ckpt", len(data), out.extend)
+    truncated.write(data[:-1])
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        truncated.close()
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 1
+    with pytest.raises(CorruptCheckpointError, match="authenticate"):
+        enc.decryptor(info, "a.ckpt", len(data), out.extend).write(damaged)
+
+
 def test_stock_torch_load_cannot_read_an_encrypted_file(tmp_path: Path) -> None:
     CheckpointManager(str(tmp_path), encryptor=Encryptor(K1)).save(state(), "a.ckpt")
     assert (tmp_path / "a.ckpt").read_bytes().startswith(MAGIC)

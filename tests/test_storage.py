@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
+import torch
 from backends import backend  # noqa: F401
 
+from lightning_ckpt import CheckpointManager
 from lightning_ckpt.errors import (
+    BucketNotFoundError,
     CheckpointNotFoundError,
     ConfigurationError,
     StorageError,
@@ -150,3 +154,116 @@ def test_botocore_connection_errors_are_transient() -> None:
         pass
 
     assert is_transient(EndpointConnectionError('Could not connect to the endpoint URL: "http://x"'))
+
+
+def test_a_missing_bucket_is_an_error_but_a_missing_prefix_is_empty(s3_server, s3_bucket_url) -> None:
+    url, options = s3_bucket_url
+    assert Storage(f"{url}/no/such/prefix", options).list() == []  # legitimately empty
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(BucketNotFoundError, match=bucket) as info:
+        Storage(f"s3://{bucket}/run", options).list()
+    assert not isinstance(info.value, FileNotFoundError)  # never "no checkpoint yet"
+    with pytest.raises(BucketNotFoundError, match=bucket):
+        Storage(f"s3://{bucket}", options).list()
+    manager = CheckpointManager(f"s3://{bucket}/run", options)
+    with pytest.raises(BucketNotFoundError):
+        manager.latest()  # what ckpt_path="last" asks: an error, not a fresh start
+    with pytest.raises(BucketNotFoundError, match=bucket):
+        manager.save({"w": torch.ones(2)}, "a.ckpt")
+    with pytest.raises(FileNotFoundError):
+        s3_server.filesystem().info(bucket)  # and nothing created it
+
+
+# -- S3: parallel multipart uploads ------------------------------------------------------------
+
+
+def _uploads(server, url: str) -> list[dict]:
+    """Incomplete multipart uploads in the bucket of ``url``, asked with a separate client."""
+    fs = server.filesystem()
+    return fs.call_s3("list_multipart_uploads", Bucket=url.removeprefix("s3://").split("/")[0]).get("Uploads") or []
+
+
+def own_client(options: dict) -> dict:
+    """Options for a filesystem of the test's own: hooks attached to it cannot reach other tests."""
+    return {**options, "skip_instance_cache": True}
+
+
+class S3Calls:
+    """Counts (and optionally fails) S3 API calls of a filesystem: botocore event hooks, no mocks."""
+
+    def __init__(self, fs, fail: dict[str, int] | None = None) -> None:
+        self.count: dict[str, int] = {}
+        self.fail = dict(fail or {})
+        fs.connect()
+        fs.s3.meta.events.register("before-call.s3", self._seen, unique_id=f"s3calls-{id(self)}")
+
+    def _seen(self, model, **kwargs) -> None:
+        self.count[model.name] = self.count.get(model.name, 0) + 1
+        if self.fail.get(model.name, 0) > 0:
+            self.fail[model.name] -= 1
+            raise ConnectionResetError(f"injected reset before {model.name}")
+
+
+def test_s3_small_objects_are_one_put_and_large_ones_parallel_parts(s3_server, s3_bucket_url) -> None:
+    from lightning_ckpt.storage import PART_SIZE
+
+    url, options = s3_bucket_url
+    s = Storage(f"{url}/run", own_client(options))
+    calls = S3Calls(s.fs)
+    s.write_bytes("small", b"x" * 1000)
+    assert calls.count.get("PutObject") == 1 and "CreateMultipartUpload" not in calls.count
+    data = os.urandom(2**20) * (2 * PART_SIZE // 2**20 + 5)  # two full parts and a short third
+    with s.open_write("big") as f:
+        for start in range(0, len(data), 3 * 2**20 + 7):  # odd block sizes straddle part borders
+            f.write(data[start : start + 3 * 2**20 + 7])
+    assert calls.count.get("UploadPart") == 3 and calls.count.get("CompleteMultipartUpload") == 1
+    assert s3_server.filesystem().cat_file(f"{url.removeprefix('s3://')}/run/big") == data
+    assert _uploads(s3_server, url) == []
+
+
+def test_s3_failed_upload_is_aborted_and_invisible(s3_server, s3_bucket_url) -> None:
+    from lightning_ckpt.storage import PART_SIZE
+
+    url, options = s3_bucket_url
+    s = Storage(f"{url}/run", options)
+    with pytest.raises(RuntimeError, match="boom"), s.open_write("big") as f:
+        f.write(bytes(3 * PART_SIZE))  # three parts on their way
+        raise RuntimeError("boom")
+    assert not s.exists("big")
+    assert _uploads(s3_server, url) == []  # aborted: no parts left on the server
+
+
+def test_s3_transient_part_failures_are_retried(s3_server, s3_bucket_url) -> None:
+    from lightning_ckpt.storage import PART_SIZE
+
+    url, options = s3_bucket_url
+    s = Storage(f"{url}/run", own_client(options), retry=RetryPolicy(attempts=4, initial_delay=0.01))
+    s.fs.retries = 1  # s3fs's own retry loop off: ours must do it
+    calls = S3Calls(s.fs, fail={"UploadPart": 2})
+    data = os.urandom(2 * PART_SIZE + 10)
+    with s.open_write("big") as f:
+        f.write(data)
+    assert calls.count["UploadPart"] == 3 + 2
+    assert s.read_bytes("big") == data
+    calls.fail = {"UploadPart": 100}  # a part that never succeeds: a StorageError naming the URL
+    with pytest.raises(StorageError, match=f"{url}/run/doomed"), s.open_write("doomed") as f:
+        f.write(data)
+    assert not s.exists("doomed") and _uploads(s3_server, url) == []
+
+
+def test_part_size_schedule() -> None:
+    from lightning_ckpt.storage import S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, part_size
+
+    MiB, GiB = 2**20, 2**30
+    sizes = [part_size(n) for n in range(1, S3_MAX_PARTS + 1)]
+    assert sizes[0] == sizes[999] == 16 * MiB and sizes[1000] == 32 * MiB and sizes[2000] == 64 * MiB
+    assert sizes == sorted(sizes)  # never shrinks
+    assert all(S3_MIN_PART <= size <= S3_MAX_PART for size in sizes)
+    assert sizes[-1] == S3_MAX_PART  # capped at 5 GiB
+    assert sum(sizes) > 5 * 1024 * GiB  # 10,000 parts reach S3's 5 TiB object limit
+    assert sum(part_size(n, base=8 * MiB, grow_every=10**9) for n in range(1, 10_001)) < 79 * GiB  # the old cap
+    assert part_size(1, base=MiB) == S3_MIN_PART  # S3's minimum wins over a smaller base
+    assert part_size(3, base=4 * GiB, grow_every=1) == S3_MAX_PART
+    for bad in (0, S3_MAX_PARTS + 1):
+        with pytest.raises(ValueError):
+            part_size(bad)
