@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,7 @@ from lightning_ckpt.policies import (
     SaveTrigger,
 )
 from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
+from lightning_ckpt.progress import TransferProgress
 from lightning_ckpt.resumable import is_stateful, make_stateful, optimizer_mismatch
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor, Signer
@@ -326,6 +328,7 @@ class CheckpointCallback(ModelCheckpoint):
                     stacklevel=2,
                 )
             current = ManagedCheckpointIO(self.storage_options, signer=self.signer, encryptor=self.encryptor)
+            current.transfer_progress = _terminal_bar if trainer.is_global_zero else None
             strategy.checkpoint_io = current
         current.register(self.manager)
         return current
@@ -918,6 +921,16 @@ class CheckpointCallback(ModelCheckpoint):
         self.best_model_score = state_dict.get("best_model_score")
         self._best_model_path = state_dict.get("best_model_path", "")
         self.last_model_path = state_dict.get("last_model_path", "")
+
+
+def _terminal_bar(verb: str, name: str) -> TransferProgress | None:
+    """A progress bar for a long transfer on rank 0's terminal, drawn between Lightning's updates.
+
+    Only on the main thread: a background save drawing over Lightning's own bar would garble both.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return TransferProgress(f"lightning-ckpt: {verb} {name}")
 
 
 def _is_final_save(trainer: pl.Trainer) -> bool:

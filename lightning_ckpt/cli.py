@@ -224,9 +224,13 @@ def _keys(args: argparse.Namespace) -> tuple[Signer | None, Encryptor | None]:
 
 def _manager(url: str, args: argparse.Namespace) -> CheckpointManager:
     from lightning_ckpt.manager import CheckpointManager
+    from lightning_ckpt.progress import TransferProgress
 
     signer, encryptor = _keys(args)
-    return CheckpointManager(url, _storage_options(args), signer=signer, encryptor=encryptor)
+    manager = CheckpointManager(url, _storage_options(args), signer=signer, encryptor=encryptor)
+    # a bar for long downloads (verify, inspect, diff, export) on a terminal; silent otherwise
+    manager.transfer_progress = lambda verb, name: TransferProgress(f"{verb} {name}")
+    return manager
 
 
 def _open_file(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, str]:

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ class ManagedCheckpointIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self.signer, self.encryptor = signer, encryptor
         self._managers: dict[str, CheckpointManager] = {}
+        #: handed to every manager: draws a bar for long transfers on a terminal (see the callback)
+        self.transfer_progress: Callable[[str, str], Any] | None = None
         self._pointers: dict[str, str] = {}
         self._savers: dict[str, AsyncSaver] = {}
         #: the handle of the last background save (None when the save was synchronous or skipped)
@@ -75,6 +78,8 @@ class ManagedCheckpointIO(CheckpointIO):
     def register(self, manager: CheckpointManager) -> None:
         """Use ``manager`` (and its storage options) for every file in its directory."""
         self._managers[manager.url.rstrip("/")] = manager
+        if manager.transfer_progress is None:
+            manager.transfer_progress = self.transfer_progress
 
     def manager_for(self, url: str) -> tuple[CheckpointManager, str]:
         """The manager responsible for ``url`` and the file name inside it."""
@@ -85,7 +90,7 @@ class ManagedCheckpointIO(CheckpointIO):
             if manager.url.rstrip("/") in self._managers:  # a plain path written differently
                 manager = self._managers[manager.url.rstrip("/")]
             else:
-                self._managers[manager.url.rstrip("/")] = manager
+                self.register(manager)
         return manager, name
 
     def resume_pointer(self, url: str) -> str:

@@ -35,7 +35,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -141,6 +141,9 @@ class CheckpointManager:
         self.signer = signer
         self.encryptor = encryptor
         self.spool_dir = spool_dir
+        #: ``(verb, name) -> progress`` for transfers nobody passed a ``progress`` to (the callback
+        #: and the command line set it to draw a bar on a terminal); closed when the transfer ends
+        self.transfer_progress: Callable[[str, str], Progress | None] | None = None
         self._verified: dict[str, tuple[Manifest, _Source]] = {}
 
     @property
@@ -183,7 +186,7 @@ class CheckpointManager:
         start = time.perf_counter()
         self._begin(name)
         try:
-            with self.storage.open_write(name, progress=progress) as f:
+            with self._progress("saving", name, progress) as bar, self.storage.open_write(name, progress=bar) as f:
                 latch = _ErrorLatch(f)
                 writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
                 stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
@@ -380,7 +383,8 @@ class CheckpointManager:
         if manifest.sharded:
             self.verify_files(name, manifest)
             return manifest
-        source = self._fetch(name, manifest, progress)
+        with self._progress("verifying", name, progress) as bar:
+            source = self._fetch(name, manifest, bar)
         if keep:
             self._keep(name, manifest, source)
         else:
@@ -521,15 +525,32 @@ class CheckpointManager:
                     CheckpointWarning,
                     stacklevel=2,
                 )
-                return self._deserialize(name, None, self._fetch(name, None, progress), map_location, weights_only)
+                with self._progress("loading", name, progress) as bar:
+                    source = self._fetch(name, None, bar)
+                return self._deserialize(name, None, source, map_location, weights_only)
             if manifest.sharded:
                 raise ShardedCheckpointError(
                     f"{self.url_of(name)} is a sharded checkpoint ({len(manifest.files)} files written by several "
                     "processes): resume it with trainer.fit(ckpt_path=...) under a sharded strategy, or make one "
                     "file of it with lightning_ckpt.sharded.consolidate() or `lightning-ckpt export`"
                 )
-            source = self._fetch(name, manifest if verify else None, progress)
+            with self._progress("loading", name, progress) as bar:
+                source = self._fetch(name, manifest if verify else None, bar)
         return self._deserialize(name, manifest, source, map_location, weights_only)
+
+    @contextlib.contextmanager
+    def _progress(self, verb: str, name: str, progress: Progress | None) -> Iterator[Progress | None]:
+        """``progress``, or one from :attr:`transfer_progress` that is closed when the transfer ends."""
+        if progress is not None or self.transfer_progress is None:
+            yield progress
+            return
+        made = self.transfer_progress(verb, name)
+        try:
+            yield made
+        finally:
+            close = getattr(made, "close", None)
+            if callable(close):
+                close()
 
     def _deserialize(
         self, name: str, manifest: Manifest | None, source: _Source, map_location: MapLocation, weights_only: bool

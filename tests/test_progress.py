@@ -94,3 +94,72 @@ def test_a_bar_for_large_or_slow_transfers_on_a_terminal() -> None:
     assert slow.showing
     slow.close()
     assert "saving" in out.getvalue()
+
+
+# -- wiring: the manager, the callback and the command line draw bars by themselves ---------------
+
+
+class Made:
+    """A transfer_progress factory that records what it made and whether each was closed."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, str, Recorder]] = []
+        self.closed: list[str] = []
+
+    def __call__(self, verb: str, name: str) -> Recorder:
+        recorder = Recorder()
+        recorder.close = lambda: self.closed.append(f"{verb} {name}")  # type: ignore[attr-defined]
+        self.made.append((verb, name, recorder))
+        return recorder
+
+
+def test_the_manager_makes_and_closes_a_progress_for_every_transfer(tmp_path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.transfer_progress = factory = Made()
+    size = manager.save({"w": torch.randn(4 * MiB)}, "a.ckpt").manifest.size
+    manager.verify("a.ckpt")
+    manager.load("a.ckpt")
+    assert [(verb, name) for verb, name, _ in factory.made] == [
+        ("saving", "a.ckpt"), ("verifying", "a.ckpt"), ("loading", "a.ckpt")
+    ]
+    assert factory.closed == ["saving a.ckpt", "verifying a.ckpt", "loading a.ckpt"]
+    assert factory.made[0][2].calls[-1][0] == size
+    factory.made[1][2].check(size)
+    explicit = Recorder()
+    manager.load("a.ckpt", progress=explicit)  # an explicit progress wins
+    assert len(factory.made) == 3 and explicit.calls
+
+
+def test_the_callback_draws_on_rank_zero_and_only_from_the_main_thread(tmp_path) -> None:
+    import threading
+
+    from helpers import fit
+
+    from lightning_ckpt import CheckpointCallback
+    from lightning_ckpt.callback import _terminal_bar
+
+    cb = CheckpointCallback(dirpath=str(tmp_path))
+    trainer, _ = fit(cb, max_epochs=1)
+    assert trainer.strategy.checkpoint_io.transfer_progress is _terminal_bar
+    assert cb.manager.transfer_progress is _terminal_bar
+    assert isinstance(_terminal_bar("saving", "a.ckpt"), TransferProgress)
+    off_main: list[object] = []
+    worker = threading.Thread(target=lambda: off_main.append(_terminal_bar("saving", "a.ckpt")))
+    worker.start()
+    worker.join()
+    assert off_main == [None]  # a background save never draws over Lightning's bar
+
+
+def test_the_command_line_shows_a_bar_for_a_large_download_on_a_terminal(tmp_path, monkeypatch) -> None:
+    from lightning_ckpt.cli import main
+
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"w": torch.randn(17 * MiB)}, "big.ckpt")  # 68 MiB: above the bar's 64 MiB
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "verifying big.ckpt" in tty.getvalue()
+    quiet = io.StringIO()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "verifying" not in quiet.getvalue()
