@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -121,6 +122,18 @@ class RecordLoaded(pl.Callback):
             self.sha = digest(full_state(trainer, pl_module))
 
 
+class SignalAtStep(pl.Callback):
+    """Every rank sends itself ``signal`` once ``step`` is reached, as SLURM signals every task."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
 def main(config: dict[str, Any]) -> None:
     pl.seed_everything(7, workers=True, verbose=False)
     sharded = config.get("strategy") == "fsdp2"
@@ -146,7 +159,8 @@ def main(config: dict[str, Any]) -> None:
         accelerator="cpu", devices=config["devices"], strategy=strategy, max_steps=config["max_steps"],
         max_epochs=config.get("max_epochs"), val_check_interval=config.get("val_check_interval", 4),
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback, loaded := RecordLoaded()],
+        callbacks=[callback, loaded := RecordLoaded()]
+        + ([SignalAtStep(config["signal_at_step"], signal.SIGTERM)] if config.get("signal_at_step") else []),
     )
     report: dict[str, Any] = {"rank": trainer.global_rank}
     try:

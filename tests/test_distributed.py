@@ -236,6 +236,22 @@ def test_fsdp2_a_checkpoint_of_another_model_is_refused_on_every_rank(fsdp_runs:
         assert "Size mismatch" in report["error"] and "state_dict.net.0.weight" in report["error"], report
 
 
+def test_fsdp2_preemption_commits_a_sharded_checkpoint_and_the_rerun_continues_exactly(
+    fsdp_runs: dict[str, Any], tmp_path: Path
+) -> None:
+    common = {**fsdp_runs["common"], "dirpath": str(tmp_path / "ck"),
+              "callback": {**TOPK, "preemption": True}}
+    proc, reports = run(tmp_path, "pre", signal_at_step=6, **common)  # SIGTERM on every rank at step 6
+    assert proc.returncode == 75 and not reports, proc.stderr[-3000:]
+    assert "preemption checkpoint committed" in proc.stderr + proc.stdout
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    preempted = mgr.verify("preempted.ckpt")
+    assert preempted.sharded and preempted.global_step == 6 and preempted.extra["plan"] == "full"
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", **common))
+    assert resumed[0]["resumed_from"] == str(tmp_path / "ck" / "preempted.ckpt")
+    assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in fsdp_runs["full"]]
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_fsdp2_a_shard_that_fails_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path, async_save: bool) -> None:
     (tmp_path / "ck").mkdir()
