@@ -157,13 +157,18 @@ class ShardedCheckpointer:
                     if pending.abandoned:
                         raise CheckpointError(f"the save of {pending.url} was abandoned")
                     result = self._commit_from_files(name, meta.getvalue(), fields, start)
-                    if on_done is not None:
-                        on_done(result)
-                pending.finish(result, None, time.perf_counter() - start)
             except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits
                 if rank == 0:
                     self.manager.abandon_directory(name)
                 pending.finish(None, exc, time.perf_counter() - start)
+                return
+            error: BaseException | None = None
+            if result is not None and on_done is not None:
+                try:  # committed: whatever happens now, the checkpoint stays
+                    on_done(result)
+                except BaseException as exc:  # noqa: BLE001 -- reported, not lost
+                    error = exc
+            pending.finish(result, error, time.perf_counter() - start)
 
         threading.Thread(target=finish, name=f"lightning-ckpt-sharded-{name}", daemon=True).start()
         return pending
