@@ -172,7 +172,7 @@ class ManagedCheckpointIO(CheckpointIO):
         module, optimizers = strategy.model, strategy.optimizers
         strict = bool(getattr(strategy.lightning_module, "strict_loading", True))
         weights_only = True if weights_only is None else weights_only
-        if manager.read_manifest(name).sharded:
+        if manager.is_directory(name):
             _, checkpoint = ShardedCheckpointer(manager).load(name, module, optimizers, strict, weights_only)
         else:
             checkpoint = self._load_full_into(manager, name, module, optimizers, strict, weights_only)

@@ -359,6 +359,11 @@ class CheckpointManager:
                 raise UncommittedCheckpointError(
                     f"{self.url_of(name)} was never committed (an interrupted or failed save)"
                 ) from None
+            if self.is_directory(name):
+                raise UncommittedCheckpointError(
+                    f"{self.url_of(name)} is a directory without a lightning-ckpt manifest "
+                    f"({manifest_name(name)} is missing)"
+                ) from None
             if self.storage.exists(name):
                 raise UncommittedCheckpointError(
                     f"{self.url_of(name)} has no lightning-ckpt manifest ({manifest_name(name)} is missing)"
@@ -715,6 +720,10 @@ class CheckpointManager:
             self.storage.delete(name + PENDING_SUFFIX)
         except CheckpointError as exc:
             log.warning("could not remove %s after a failed save (%s); cleanup will retry", name, exc)
+
+    def is_directory(self, name: str) -> bool:
+        """Whether ``name`` is a directory here (a sharded checkpoint, committed or not)."""
+        return name in self.storage.dirs()
 
     def verify_files(self, name: str, manifest: Manifest, part: tuple[int, int] = (0, 1)) -> None:
         """Check the files of sharded ``name`` against its manifest.

@@ -34,11 +34,13 @@ import torch
 from lightning_ckpt import distributed
 from lightning_ckpt.errors import (
     CheckpointError,
+    CheckpointWarning,
     ConfigurationError,
     IncompatibleCheckpointError,
     StorageError,
+    UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import HashingWriter, Manifest, versions
+from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 
 __all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
@@ -182,6 +184,21 @@ class ShardedCheckpointer:
         self.manager.commit(manifest)
         return SaveResult(manifest, self.manager.url_of(name), time.perf_counter() - start)
 
+    def _manifest_or_none(self, name: str) -> Manifest | None:
+        """The manifest of ``name``; ``None`` for a sharded directory Lightning wrote itself (loaded
+        unverified, with a warning) -- never for an interrupted save of ours or under a signer."""
+        try:
+            return self.manager.read_manifest(name)
+        except UncommittedCheckpointError:
+            storage = self.manager.storage
+            if (self.manager.signer is not None or storage.exists(name + PENDING_SUFFIX)
+                    or not self.manager.is_directory(name) or not storage.child(name).exists(".metadata")):
+                raise
+        if distributed.rank() == 0:
+            warnings.warn(f"{self.manager.url_of(name)} has no lightning-ckpt manifest (a sharded checkpoint Lightning "
+                          "wrote itself?); loading it unverified", CheckpointWarning, stacklevel=3)
+        return None
+
     def _agree(self, error: BaseException | None, name: str) -> None:
         """Raise on every rank if any rank failed; the failing rank raises its own exception."""
         reports = distributed.all_gather(None if error is None else f"{type(error).__name__}: {error}")
@@ -202,7 +219,7 @@ class ShardedCheckpointer:
         optimizers: Sequence[torch.optim.Optimizer] = (),
         strict: bool = True,
         weights_only: bool = True,
-    ) -> tuple[Manifest, dict[str, Any]]:
+    ) -> tuple[Manifest | None, dict[str, Any]]:
         """Verify ``name``, load it into ``module`` and ``optimizers`` in place; return the rest.
 
         A collective: every rank verifies a share of the files and reads the shards it needs for
@@ -216,12 +233,13 @@ class ShardedCheckpointer:
             set_optimizer_state_dict,
         )
 
-        manifest = self.manager.read_manifest(name)
-        if not manifest.sharded:
+        manifest = self._manifest_or_none(name)
+        if manifest is not None and not manifest.sharded:
             raise IncompatibleCheckpointError(f"{self.manager.url_of(name)} is a single-file checkpoint, not a sharded one")
-        part = (distributed.rank(), distributed.world_size())
-        _, error = _attempt(lambda: self.manager.verify_files(name, manifest, part))
-        self._agree(error, name)
+        if manifest is not None:
+            part = (distributed.rank(), distributed.world_size())
+            _, error = _attempt(lambda: self.manager.verify_files(name, manifest, part))
+            self._agree(error, name)
         target, options = self.manager.storage.fsspec_target(name)
         url = self.manager.url_of(name)
         try:

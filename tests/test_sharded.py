@@ -18,6 +18,7 @@ from lightning_ckpt import (
     ConfigurationError,
     CorruptCheckpointError,
     KeepLatest,
+    UncommittedCheckpointError,
 )
 from lightning_ckpt.errors import ShardedCheckpointError
 from lightning_ckpt.integrity import SHARDED_FORMAT_VERSION, manifest_name
@@ -195,3 +196,50 @@ def test_cli_verify_names_the_damaged_shard(tmp_path, capsys) -> None:
     shard.write_bytes(bytes(data))
     code, out, _ = cli(capsys, "verify", mgr.url)
     assert code == 1 and "a.ckpt/__0_0.distcp does not match the sha256" in out
+
+
+# -- loading into a model (one process; the 2-process runs load sharded models) ---------------------
+
+
+def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save_model(mgr: CheckpointManager, name: str, model, optimizer) -> None:  # noqa: ANN001
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    tensors = {"state_dict": model.state_dict(), "optimizer_0": get_optimizer_state_dict(model, optimizer)}
+    ShardedCheckpointer(mgr).save(tensors, {"global_step": 7}, name, global_step=7)
+
+
+def test_load_fills_the_model_and_optimizer_and_returns_the_rest(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    saved_model, saved_opt = model_and_optimizer(0)
+    save_model(mgr, "s.ckpt", saved_model, saved_opt)
+    model, optimizer = model_and_optimizer(1)
+    manifest, extras = ShardedCheckpointer(mgr).load("s.ckpt", model, [optimizer])
+    assert manifest is not None and extras == {"global_step": 7}
+    for a, b in zip(model.state_dict().values(), saved_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_sharded_directory_lightning_wrote_itself_loads_unverified_with_a_warning(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path))
+    saved_model, saved_opt = model_and_optimizer(0)
+    save_model(mgr, "plain.ckpt", saved_model, saved_opt)
+    mgr.storage.delete(manifest_name("plain.ckpt"))  # what Lightning's ModelParallelStrategy leaves
+    model, optimizer = model_and_optimizer(1)
+    with pytest.warns(CheckpointWarning, match="no lightning-ckpt manifest"):
+        manifest, _ = ShardedCheckpointer(mgr).load("plain.ckpt", model, [optimizer])
+    assert manifest is None
+    assert torch.equal(model[0].weight, saved_model[0].weight)
+    # but an interrupted save of ours is never taken for one
+    mgr.storage.write_bytes("plain.ckpt" + PENDING_SUFFIX, b"{}")
+    with pytest.raises(UncommittedCheckpointError, match="never committed"):
+        ShardedCheckpointer(mgr).load("plain.ckpt", model, [optimizer])
