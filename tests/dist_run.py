@@ -182,6 +182,8 @@ def main(config: dict[str, Any]) -> None:
         report["state_sha"] = digest(full_state(trainer, model))
     with open(f"{config['out']}.rank{trainer.global_rank}.json", "w") as f:
         json.dump(report, f)
+    if torch.distributed.is_initialized():  # a tidy end, as a training script should have
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
