@@ -22,11 +22,8 @@ so the copy overlaps the next forward/backward; the caller must then call
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
-import sys
 import threading
 import time
 import warnings
@@ -46,9 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSaver", "PendingSave", "SaveAbandonedError"]
 
 log = logging.getLogger("lightning_ckpt")
-
-#: How much lower the background thread's scheduling priority is than the training's (Linux nice).
-BACKGROUND_NICE = 10
 
 WhenBusy = Literal["wait", "skip"]
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -303,7 +297,6 @@ class AsyncSaver:
         start = time.perf_counter()
         snapshot = pending._snapshot
         assert snapshot is not None
-        _yield_cpu()
         try:
             snapshot.synchronize()
             if pending._cancel.is_set():
@@ -406,19 +399,6 @@ class AsyncSaver:
         if not self.overlap:
             caller.wait_event(event)  # in-place updates queued later run after the copy (GPU-side)
         return event
-
-
-def _yield_cpu() -> None:
-    """Let the training threads win the CPU: lower this (background) thread's scheduling priority.
-
-    Linux only, where ``setpriority`` on a thread id changes just that thread (nice +10). It
-    changes nothing on an idle core; on a busy machine the save takes longer instead of the step.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
 
 
 class _CancellableWriter:

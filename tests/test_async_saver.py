@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import os
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -175,21 +173,6 @@ def test_payload_is_byte_identical_to_a_synchronous_save(savers) -> None:
     assert pending is not None
     synced = manager.save(reference, "sync.ckpt")
     assert pending.wait(WAIT).manifest.sha256 == synced.manifest.sha256
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
-def test_the_background_work_yields_the_cpu_to_the_training_thread(savers) -> None:
-    _, _, checkpoint = trained_checkpoint()
-    saver = AsyncSaver(CheckpointManager(memory_url()))
-    savers.append(saver)
-    seen: list[int] = []  # on_done runs in the background thread, after the commit
-    pending = saver.save(checkpoint, "a.ckpt",
-                         on_done=lambda _: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-    assert pending is not None
-    pending.wait(WAIT)
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert mine == os.getpriority(os.PRIO_PROCESS, 0)  # the caller's own priority is untouched
-    assert seen == [min(19, mine + 10)]
 
 
 def test_plain_values_containers_and_metadata_survive(savers) -> None:
