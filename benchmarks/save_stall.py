@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import multiprocessing
 import multiprocessing.forkserver
@@ -56,7 +55,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -65,6 +63,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_ckpt
     sys.path.insert(0, str(REPO))
+
+from benchmarks.peak_memory import PeakRSS
 
 MiB = 2**20
 METHODS: dict[str, str] = {
@@ -81,78 +81,32 @@ _PRELOAD = ["torch", "torch.distributed.checkpoint", "lightning.pytorch", "light
 _CHILD_TIMEOUT_S = 1800.0
 
 
-# ------------------------------------------------------------------------------ memory meters
-def _status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _rss() -> int:
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 64
-
-
+# ------------------------------------------------------------------------------ memory meter
 class PeakMemory:
-    """Peak host RSS (and CUDA allocation) above the level at ``__enter__``, in bytes."""
+    """Peak host RSS (:class:`PeakRSS`) and CUDA allocation above the level at ``__enter__``, in bytes."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.method = ""
         self.extra_rss = 0
         self.extra_gpu: int | None = None
-        self._base = self._gpu_base = self._peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._host = PeakRSS()
+        self._gpu_base = 0
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034
-        gc.collect()
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._gpu_base = torch.cuda.memory_allocated()
-        self._base = _rss()
-        if _reset_hwm():
-            self.method = "VmHWM (kernel peak RSS, reset via /proc/self/clear_refs)"
-        else:
-            self.method = "RSS sampled every 1 ms"
-            self._peak = self._base
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._host.__enter__()
+        self.method = self._host.method
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss())
-            time.sleep(0.001)
-
     def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, _rss())
-        else:
-            peak = (_status_kib("VmHWM") or 0) * 1024
-        self.extra_rss = max(0, peak - self._base)
+        self._host.__exit__(*exc)
+        self.extra_rss = self._host.extra
         if self.cuda:
             import torch
 
@@ -160,7 +114,6 @@ class PeakMemory:
             self.extra_gpu = max(0, torch.cuda.max_memory_allocated() - self._gpu_base)
 
 
-# ------------------------------------------------------------------------------ the model
 def parse_count(text: str) -> int:
     """``"386M"`` -> 386_000_000; ``"1.3M"``, ``"500k"``, ``"2G"`` and plain integers too."""
     text = text.strip().upper()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import json
 import multiprocessing
@@ -53,7 +52,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -65,90 +63,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_ckpt and tests/
     sys.path.insert(0, str(REPO))
 
+from benchmarks.peak_memory import PeakRSS
+
 MiB = 2**20
 METHODS = ("ours", "lightning", "raw")
 BACKENDS = ("local", "s3")
 # Heavy imports done once in the fork server, so each forked case starts in ~0.1 s.
 _PRELOAD = ["torch", "fsspec", "s3fs", "lightning_ckpt", "lightning.fabric.utilities.cloud_io"]
 _CHILD_TIMEOUT_S = 900.0
-
-
-# ------------------------------------------------------------------------------ memory meter
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _current_rss() -> int:
-    """Resident set size of this process in bytes."""
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 64  # the reset really happened
-
-
-class PeakRSS:
-    """Peak resident memory above the level at ``__enter__``, in bytes (``.extra``)."""
-
-    def __init__(self) -> None:
-        self.method = ""
-        self.baseline = 0
-        self.extra = 0
-        self._peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> PeakRSS:  # noqa: PYI034 - Self needs Python 3.11
-        gc.collect()
-        self.baseline = _current_rss()
-        if _reset_peak_rss():
-            self.method = "VmHWM (kernel peak RSS, reset via /proc/self/clear_refs)"
-        else:
-            try:
-                import psutil  # type: ignore[import-not-found]  # noqa: F401
-
-                self.method = "RSS sampled every 1 ms (psutil)"
-            except ImportError:
-                self.method = "RSS sampled every 1 ms (/proc/self/statm)"
-            self._peak = self.baseline
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _current_rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, _current_rss())
-        else:
-            peak = (_proc_status_kib("VmHWM") or 0) * 1024
-        self.extra = max(0, peak - self.baseline)
 
 
 # ------------------------------------------------------------------------------ the workloads
