@@ -7,6 +7,8 @@ and the RNG capture use these; the callback talks to Lightning's strategy for ev
 
 from __future__ import annotations
 
+import contextlib
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -80,12 +82,20 @@ def background_group() -> Any:
     return _background[1]
 
 
-def release_background_group() -> None:
-    """Destroy the background group (after every background collective finished); local, not collective."""
+def release_background_group(timeout: float = 30.0) -> None:
+    """Destroy the background group once every rank is done with it.
+
+    A rank that closed its connections while another still finished DCP's last background
+    collective could break that one mid-way, so the ranks first meet in a barrier on the group
+    itself -- bounded by ``timeout`` (a rank that crashed never comes), then destroyed regardless.
+    """
     global _background
     if _background is None:
         return
     world, group = _background
     _background = None
-    if dist.is_available() and dist.is_initialized() and dist.group.WORLD is world:
-        dist.destroy_process_group(group)
+    if not (dist.is_available() and dist.is_initialized() and dist.group.WORLD is world):
+        return
+    with contextlib.suppress(Exception):
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+    dist.destroy_process_group(group)

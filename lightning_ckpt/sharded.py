@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lightning_ckpt import distributed
+from lightning_ckpt import distributed, errors
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -199,16 +199,21 @@ class ShardedCheckpointer:
                           "wrote itself?); loading it unverified", CheckpointWarning, stacklevel=3)
         return None
 
-    def _agree(self, error: BaseException | None, name: str) -> None:
+    def _agree(self, error: BaseException | None, name: str, what: str = "saving") -> None:
         """Raise on every rank if any rank failed; the failing rank raises its own exception."""
-        reports = distributed.all_gather(None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        reports = distributed.all_gather(None if error is None else (type(error).__name__, str(error)))
+        failed = [(r, report) for r, report in enumerate(reports) if report is not None]
         if not failed:
             return
         if error is not None:
             raise error
-        where = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-        raise StorageError(errno.EIO, f"saving {self.manager.url_of(name)} failed on another rank ({where})")
+        where = "; ".join(f"rank {r}: {kind}: {message}" for r, (kind, message) in failed)
+        text = f"{what} {self.manager.url_of(name)} failed on another rank ({where})"
+        # the same kind of error on every rank (a damaged shard is CorruptCheckpointError everywhere)
+        kind = getattr(errors, failed[0][1][0], None)
+        if isinstance(kind, type) and issubclass(kind, CheckpointError) and kind not in (StorageError,):
+            raise kind(text)
+        raise StorageError(errno.EIO, text)
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -239,7 +244,7 @@ class ShardedCheckpointer:
         if manifest is not None:
             part = (distributed.rank(), distributed.world_size())
             _, error = _attempt(lambda: self.manager.verify_files(name, manifest, part))
-            self._agree(error, name)
+            self._agree(error, name, "loading")
         target, options = self.manager.storage.fsspec_target(name)
         url = self.manager.url_of(name)
         try:
