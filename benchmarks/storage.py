@@ -47,7 +47,6 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -63,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_ckpt and tests/
     sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import describe
 from benchmarks.peak_memory import PeakRSS
 
 MiB = 2**20
@@ -258,35 +258,8 @@ def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the run
 def machine() -> dict[str, Any]:
-    """What this ran on (versions from package metadata: importing Lightning here costs seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError):
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory_gib": mem_gib,
-        "python": platform.python_version(),
-        "torch": ver("torch"),
-        "lightning": ver("lightning"),
-        "fsspec": ver("fsspec"),
-        "s3fs": ver("s3fs"),
-        "kernel": platform.release(),
-    }
+    """What this ran on."""
+    return describe("torch", "lightning", "fsspec", "s3fs")
 
 
 @contextlib.contextmanager
