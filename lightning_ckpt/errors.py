@@ -12,7 +12,8 @@ subclass also derives from the builtin a caller would naturally catch, so
     │   └── TamperedCheckpointError                     unsigned or badly signed (a signer is set)
     ├── IncompatibleCheckpointError (ValueError)        newer format, or a different model/optimizer
     │   ├── UnsafeCheckpointError                       holds objects weights-only loading refuses
-    │   └── KeyMissingError                             encrypted, and its key is not configured
+    │   ├── KeyMissingError                             encrypted, and its key is not configured
+    │   └── DeviceUnavailableError                      its tensors (or map_location) name a device this machine lacks
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
     └── StorageError                (OSError)           the storage failed (after retries)
         ├── StoragePermissionError  (PermissionError)   credentials / permissions
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointWarning",
     "ConfigurationError",
     "CorruptCheckpointError",
+    "DeviceUnavailableError",
     "IncompatibleCheckpointError",
     "KeyMissingError",
     "MonitorNotFoundError",
@@ -84,6 +86,11 @@ class UnsafeCheckpointError(IncompatibleCheckpointError):
 
 class KeyMissingError(IncompatibleCheckpointError):
     """The payload is encrypted and none of the configured keys is the one it was encrypted with."""
+
+
+class DeviceUnavailableError(IncompatibleCheckpointError):
+    """Loading would put tensors on a device this machine lacks: a CUDA checkpoint with
+    ``map_location=None``, or ``map_location="cuda"`` without a GPU. Pass ``map_location="cpu"``."""
 
 
 class ShardedCheckpointError(IncompatibleCheckpointError):

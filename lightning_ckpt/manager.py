@@ -47,6 +47,7 @@ from lightning_ckpt.errors import (
     CheckpointWarning,
     ConfigurationError,
     CorruptCheckpointError,
+    DeviceUnavailableError,
     IncompatibleCheckpointError,
     KeyMissingError,
     ShardedCheckpointError,
@@ -509,7 +510,13 @@ class CheckpointManager:
         pass, then memory-mapped by ``torch.load(mmap=True)``; a remote one is downloaded into
         a temporary spool file in ``spool_dir`` while being hashed, loaded from there, and the
         spool removed. ``progress(bytes_read, total)`` is called while the payload streams.
+
+        ``map_location`` is ``torch.load``'s: the default ``"cpu"`` loads a checkpoint saved on
+        a GPU on any machine; ``None`` keeps every tensor on the device it was saved from. One
+        that names a device this machine lacks raises :class:`DeviceUnavailableError` (before
+        any download where the argument itself names it).
         """
+        _check_device(map_location, self.url_of(name))
         kept = self._verified.pop(name, None)
         if kept is not None:
             manifest: Manifest | None
@@ -895,7 +902,44 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
         if isinstance(exc, CheckpointError):
             raise
+        if isinstance(exc, RuntimeError) and _DEVICE_MISSING.search(str(exc)):
+            raise DeviceUnavailableError(
+                f"{url} cannot be loaded with map_location={map_location!r} on this machine: {exc.args[0]} "
+                "(lightning-ckpt loads onto the CPU by default; pass map_location='cpu' or a mapping of "
+                "the saved devices)"
+            ) from exc
         raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+
+
+#: torch.serialization's words for a storage whose device (saved, or from map_location) is not here
+_DEVICE_MISSING = re.compile(
+    r"Attempting to deserialize object on|device module is not registered|don't know how to restore data location"
+)
+
+
+def _check_device(map_location: MapLocation, url: str) -> None:
+    """Refuse a ``map_location`` naming a device this machine lacks before anything is read."""
+    if not isinstance(map_location, (str, torch.device)):
+        return  # None, a mapping or a callable: torch says which saved location has no device
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError):
+        return  # not a device string: torch.load reports it as it always has
+    module = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if module is None:
+        return
+    available = getattr(module, "is_available", None)
+    if callable(available) and not available():
+        raise DeviceUnavailableError(
+            f"cannot load {url} onto {str(device)!r}: torch.{device.type}.is_available() is False on this "
+            "machine; pass map_location='cpu' (the default) to load it here"
+        )
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise DeviceUnavailableError(
+            f"cannot load {url} onto {str(device)!r}: this machine has {count()} {device.type.upper()} "
+            "device(s); pass map_location to one that exists"
+        )
 
 
 def load_checkpoint(

@@ -4,17 +4,21 @@ Python's ``random``, NumPy's legacy global generator, torch's CPU generator and 
 device's generator. DataLoader workers derive their seeds from torch's CPU generator when their
 iterator is created, so restoring it also restores the seeds of workers started afterwards.
 The captured state holds only tensors, ints, floats, strings, lists and dicts, so it loads with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. CUDA states saved on a GPU machine are skipped, with a note in
+the log, where this process has no CUDA (a GPU checkpoint resumed on a CPU-only machine).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import torch
 
 __all__ = ["capture_rng", "restore_rng"]
+
+log = logging.getLogger("lightning_ckpt")
 
 
 def capture_rng(plain: bool = False) -> dict[str, Any]:
@@ -74,5 +78,14 @@ def restore_rng(state: dict[str, Any]) -> None:
         np.random.set_state((np_state["kind"], keys, np_state["pos"],
                              np_state["has_gauss"], np_state["cached_gaussian"]))
     cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_tensor(c, torch.uint8) for c in cuda[: torch.cuda.device_count()]])
+    if not cuda:
+        return
+    if not torch.cuda.is_available():
+        log.info("lightning-ckpt: the checkpoint holds the random states of %d CUDA device(s), but CUDA is not "
+                 "available here: those are not restored (the CPU, Python and NumPy ones are)", len(cuda))
+        return
+    here = torch.cuda.device_count()
+    if len(cuda) != here:
+        log.info("lightning-ckpt: the checkpoint holds the random states of %d CUDA device(s), this process sees "
+                 "%d: restoring the first %d", len(cuda), here, min(len(cuda), here))
+    torch.cuda.set_rng_state_all([_tensor(c, torch.uint8) for c in cuda[:here]])
