@@ -1,8 +1,9 @@
 """One storage suite over every backend: the ``backend`` fixture yields (url, storage_options).
 
 Import the fixture into a test module (``from backends import backend  # noqa: F401``) and every
-test using it runs on a local directory, on ``memory://`` and on a real S3 server (SeaweedFS,
-started by the ``s3_server`` session fixture in conftest).
+test using it runs on a local directory, on ``memory://`` and on real servers: S3 (SeaweedFS),
+GCS (fake-gcs-server) and Azure Blob (Azurite), each started once per session by conftest. The
+test ids end in ``[s3]``, ``[gcs]``, ``[azure]``: ``pytest -k "gcs or azure"`` selects them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import fsspec
 import pytest
 
-BACKENDS = ["local", "memory", "s3"]
+BACKENDS = ["local", "memory", "s3", "gcs", "azure"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -28,5 +29,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
         if fs.exists(root):
             fs.rm(root, recursive=True)
     else:
-        url, options = request.getfixturevalue("s3_bucket_url")
+        fixture = {"s3": "s3_bucket_url", "gcs": "gcs_bucket_url", "azure": "azure_container_url"}[kind]
+        url, options = request.getfixturevalue(fixture)
         yield f"{url}/ckpts", options

