@@ -516,7 +516,7 @@ class CheckpointManager:
         that names a device this machine lacks raises :class:`DeviceUnavailableError` (before
         any download where the argument itself names it).
         """
-        _check_device(map_location, self.url_of(name))
+        map_location = _check_device(map_location, self.url_of(name))
         kept = self._verified.pop(name, None)
         if kept is not None:
             manifest: Manifest | None
@@ -917,17 +917,26 @@ _DEVICE_MISSING = re.compile(
 )
 
 
-def _check_device(map_location: MapLocation, url: str) -> None:
-    """Refuse a ``map_location`` naming a device this machine lacks before anything is read."""
+def _check_device(map_location: MapLocation, url: str) -> MapLocation:
+    """``map_location`` for ``torch.load`` (bytes as text: torch's own bytes path is broken);
+    one that is no device, or names a device this machine lacks, is refused before anything is read."""
+    if map_location is None or isinstance(map_location, Mapping) or (
+        callable(map_location) and not isinstance(map_location, (str, torch.device))
+    ):
+        return map_location  # torch says which saved location has no device (see _DEVICE_MISSING)
+    if isinstance(map_location, bytes):  # torch.load takes bytes too
+        map_location = map_location.decode("ascii", "replace")
     if not isinstance(map_location, (str, torch.device)):
-        return  # None, a mapping or a callable: torch says which saved location has no device
+        raise ConfigurationError(
+            f"map_location={map_location!r} is not a device, a mapping of locations or a callable (see torch.load)"
+        )
     try:
         device = torch.device(map_location)
-    except (RuntimeError, ValueError):
-        return  # not a device string: torch.load reports it as it always has
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigurationError(f"map_location={map_location!r} is not a device: {exc}") from exc
     module = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
     if module is None:
-        return
+        return map_location
     available = getattr(module, "is_available", None)
     if callable(available) and not available():
         raise DeviceUnavailableError(
@@ -940,6 +949,7 @@ def _check_device(map_location: MapLocation, url: str) -> None:
             f"cannot load {url} onto {str(device)!r}: this machine has {count()} {device.type.upper()} "
             "device(s); pass map_location to one that exists"
         )
+    return map_location
 
 
 def load_checkpoint(

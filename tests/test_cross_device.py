@@ -24,6 +24,7 @@ from helpers import TinyModel, fit
 from lightning_ckpt import (
     CheckpointCallback,
     CheckpointManager,
+    ConfigurationError,
     DeviceUnavailableError,
     IncompatibleCheckpointError,
     load_checkpoint,
@@ -189,6 +190,13 @@ def test_a_device_this_machine_lacks_is_a_clear_error_not_corruption(run: Path, 
             continue  # to Lightning's CheckpointIO, None means "not given": the CPU
         with pytest.raises(DeviceUnavailableError):
             ManagedCheckpointIO().load_checkpoint(manager.url_of(name), map_location=map_location)
+
+
+@pytest.mark.parametrize("map_location", ["cuda:abc", "bogus", 5, b"nowhere"])
+def test_a_map_location_that_is_no_device_is_a_configuration_error(run: Path, map_location: Any) -> None:
+    with pytest.raises(ConfigurationError, match="map_location"):
+        CheckpointManager(str(run)).load("last.ckpt", map_location=map_location)
+    assert CheckpointManager(str(run)).load("last.ckpt", map_location=b"cpu")["global_step"] == 16
 
 
 def test_the_cli_inspects_diffs_and_exports_gpu_checkpoints(run: Path, tmp_path: Path,
