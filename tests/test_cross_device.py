@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from backends import backend  # noqa: F401
 from cuda_files import all_tensors, saved_on_cuda, storage_locations
 from helpers import TinyModel, fit
 
@@ -212,6 +213,18 @@ def test_the_cli_inspects_diffs_and_exports_gpu_checkpoints(run: Path, tmp_path:
     assert set(storage_locations(tmp_path / "w.pt").values()) == {"cpu"}
     assert torch.equal(exported["net.0.weight"], CheckpointManager(str(run)).load("last.ckpt")["state_dict"]["net.0.weight"])
     assert main(["export", str(run / "last.ckpt"), "-o", str(tmp_path / "w.safetensors")]) == 0
+
+
+def test_gpu_checkpoints_load_to_the_cpu_from_every_backend(backend) -> None:  # noqa: F811
+    url, options = backend
+    manager = CheckpointManager(url, options)
+    with saved_on_cuda():
+        manager.save({"state_dict": {"w": torch.arange(6.0)}, "global_step": 2}, "g.ckpt", global_step=2)
+    assert_on_cpu(manager.load("g.ckpt"))
+    assert_on_cpu(load_checkpoint(manager.url_of("g.ckpt"), options))
+    assert manager.load("g.ckpt", map_location={"cuda:0": "meta"})["state_dict"]["w"].is_meta
+    with pytest.raises(DeviceUnavailableError, match="map_location"):
+        manager.load("g.ckpt", map_location=None)
 
 
 def test_encrypted_gpu_checkpoints_load_to_the_cpu_and_honour_map_location(tmp_path: Path) -> None:

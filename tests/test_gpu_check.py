@@ -1,0 +1,71 @@
+"""benchmarks/gpu_check.py stays runnable: the files, tests and benchmark options it names exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_every_phase_names_tests_and_options_that_exist(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, gpu_check.SAVE_STALL, "--help"], capture_output=True, text=True,
+                               check=True, timeout=120).stdout
+    assert re.search(r"--device \{cpu,cuda\}", help_text)
+    for smoke in (False, True):
+        for phase in gpu_check.phases(tmp_path, smoke):
+            if gpu_check.SAVE_STALL in phase.argv:
+                for option in (a for a in phase.argv if a.startswith("--")):
+                    assert re.search(rf"(^|\s){re.escape(option)}\b", help_text), (phase.name, option)
+            for target in (a for a in phase.argv if a.startswith("tests/")):
+                path, _, name = target.partition("::")
+                assert (REPO / path).is_file(), target
+                assert not name or f"def {name}(" in (REPO / path).read_text(), target
+    full = gpu_check.phases(tmp_path, smoke=False)
+    stall = next(ph for ph in full if ph.name == "stall").argv
+    assert stall[stall.index("--params") + 1] == "386M" and stall[stall.index("--device") + 1] == "cuda"
+    overhead = next(ph for ph in full if ph.name == "overhead").argv
+    assert overhead[overhead.index("--interval-steps") + 1] == "100"
+    assert gpu_check.BUDGET_S <= 580 and all(ph.limit_s <= gpu_check.BUDGET_S for ph in full)  # one device command
+
+
+def test_a_phase_leaves_its_log_and_the_summary(tmp_path: Path) -> None:
+    assert gpu_check.main(["--smoke", "--only", "env", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["phases"]["env"]["rc"] == 0 and list(summary["phases"]) == ["env"]
+    assert '"torch"' in (tmp_path / "env.log").read_text()
+
+
+GRANDCHILD = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+
+
+def test_a_phase_past_its_limit_is_stopped_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    code = (f"import subprocess, sys; subprocess.run([sys.executable, '-c', {GRANDCHILD!r}, {str(pid_file)!r}]); "
+            "print('never')")
+    result = gpu_check.run_phase(gpu_check.Phase("sleepy", 1, [sys.executable, "-c", code]), tmp_path, 10)
+    assert str(result["rc"]).startswith("timed out")
+    assert "never" not in (tmp_path / "sleepy.log").read_text().splitlines()[1:]
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # the group was sent SIGKILL: wait for the grandchild to die
+        if not _alive(pid):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the grandchild {pid} survived the phase's timeout")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
