@@ -65,7 +65,7 @@ from lightning_ckpt.policies import (
 )
 from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
 from lightning_ckpt.progress import TransferProgress
-from lightning_ckpt.resumable import is_stateful, make_stateful, optimizer_mismatch
+from lightning_ckpt.resumable import adapt_optimizer_states, is_stateful, make_stateful, optimizer_mismatch
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.sharded import ShardedPendingSave
@@ -421,6 +421,8 @@ class CheckpointCallback(ModelCheckpoint):
             raise IncompatibleCheckpointError(
                 f"the checkpoint {io.last_loaded} does not fit this run's optimizer: " + "; ".join(problems)
             )
+        for note in adapt_optimizer_states(trainer.optimizers, io.loaded_optimizer_states):
+            rank_zero_info(f"lightning-ckpt: {note}")
 
     def _reconcile(self, trainer: pl.Trainer) -> None:
         """Rebuild top-k, best and last from what storage actually holds (rank 0 decides)."""

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from lightning_ckpt.rng import capture_rng, restore_rng
 
-__all__ = ["ResumableRandomSampler", "WorkerRandomState", "is_stateful", "make_stateful", "model_mismatch", "optimizer_mismatch"]
+__all__ = ["ResumableRandomSampler", "WorkerRandomState", "adapt_optimizer_states", "is_stateful", "make_stateful",
+           "model_mismatch", "optimizer_mismatch"]
 
 _PASSTHROUGH = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
                 "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device", "in_order")
@@ -192,6 +193,27 @@ def optimizer_mismatch(
                     problems.append(f"optimizer {i}, {label} {key}: checkpoint {tuple(value.shape)}, "
                                     f"parameter {tuple(param.shape)}")
     return problems
+
+
+def adapt_optimizer_states(optimizers: Sequence[torch.optim.Optimizer], states: Sequence[Mapping[str, Any]]
+                           ) -> list[str]:
+    """Make optimizer states saved on a GPU loadable by ``optimizers`` on the CPU, in place.
+
+    ``capturable=True`` (CUDA graphs) is saved in each parameter group, and torch's
+    ``load_state_dict`` puts it back over the live optimizer's setting; its ``step`` then refuses
+    CPU parameters. Where the live group has CPU parameters and ``capturable=False``, the saved
+    group takes the live setting. Returns a note for each change.
+    """
+    notes = []
+    for i, (opt, state) in enumerate(zip(optimizers, states)):
+        for j, (saved, live) in enumerate(zip(state.get("param_groups", []), opt.param_groups)):
+            if isinstance(saved, dict) and saved.get("capturable") and not live.get("capturable", False) and any(
+                p.device.type == "cpu" for p in live["params"]
+            ):
+                saved["capturable"] = False
+                notes.append(f"optimizer {i}, group {j} was saved with capturable=True (on a GPU); its parameters "
+                             "are on the CPU here, so it resumes with capturable=False, as configured")
+    return notes
 
 
 def _few(keys: list[str], limit: int = 8) -> str:

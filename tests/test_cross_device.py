@@ -32,6 +32,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.cli import main
 from lightning_ckpt.io import ManagedCheckpointIO
+from lightning_ckpt.resumable import adapt_optimizer_states
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor
 
@@ -276,3 +277,37 @@ def test_a_gpu_checkpoint_with_cuda_random_states_resumes_on_the_cpu(run: Path,
         trainer, _ = fit(callback(run), max_epochs=3, ckpt_path=str(run / "gpu-rng.ckpt"))
     assert trainer.global_step == 24
     assert "2 CUDA device" in caplog.text
+
+
+def test_a_gpu_checkpoint_of_a_capturable_optimizer_resumes_on_the_cpu(run: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # Adam(capturable=True) on a GPU (CUDA graphs) keeps `step` on the GPU and saves the flag;
+    # torch's load_state_dict would put it back, and Adam's step then refuses CPU parameters
+    manager = CheckpointManager(str(run))
+    checkpoint = manager.load("last.ckpt")
+    for state in checkpoint["optimizer_states"]:
+        for group in state["param_groups"]:
+            group["capturable"] = True
+        for per_param in state["state"].values():
+            per_param["step"] = per_param["step"].float()
+    with saved_on_cuda():
+        manager.save(checkpoint, "capturable.ckpt", global_step=16)
+    with caplog.at_level(logging.INFO, logger="lightning_ckpt"):
+        trainer, _ = fit(callback(run), max_epochs=3, ckpt_path=str(run / "capturable.ckpt"))
+    assert trainer.global_step == 24
+    assert not trainer.optimizers[0].param_groups[0]["capturable"]
+    assert "capturable" in caplog.text
+
+
+def test_only_a_capturable_flag_the_cpu_cannot_honour_is_changed() -> None:
+    params = [torch.nn.Parameter(torch.ones(2))]
+    saved = lambda: [{"state": {}, "param_groups": [{"capturable": True, "lr": 0.5, "params": [0]}]}]  # noqa: E731
+    states = saved()
+    assert adapt_optimizer_states([torch.optim.Adam(params, capturable=True)], states) == []  # asked for here
+    assert states == saved()
+    states = saved()
+    notes = adapt_optimizer_states([torch.optim.Adam(params)], states)
+    assert len(notes) == 1 and "capturable" in notes[0]
+    assert states[0]["param_groups"][0] == {"capturable": False, "lr": 0.5, "params": [0]}
+    plain = [{"state": {}, "param_groups": [{"lr": 0.5, "params": [0]}]}]
+    assert adapt_optimizer_states([torch.optim.SGD(params, lr=0.1)], plain) == [] and "capturable" not in plain[0]["param_groups"][0]
