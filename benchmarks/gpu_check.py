@@ -1,6 +1,6 @@
 """Every check that needs a CUDA GPU, in one go (GPU time is short): run it, read OUT, done.
 
-    python benchmarks/gpu_check.py --out DIR              # everything, about 9 minutes on one H100/H200
+    python benchmarks/gpu_check.py --out DIR              # everything, 7-9 minutes on one H100/H200
     python benchmarks/gpu_check.py --out DIR --only stall  # one phase (names below)
     python benchmarks/gpu_check.py --out DIR --smoke       # the same phases on the CPU, tiny (to try it)
 
@@ -9,6 +9,7 @@ and leaves its log -- and the benchmark's JSON -- in DIR the moment it ends, so 
 still reports every phase that finished (``DIR/summary.json``, rewritten after each phase):
 
 ``env``        the GPU, driver, torch, Lightning (``nvidia-smi``, ``benchmarks/machine.py``).
+               Before it, the packages the phases import are checked (exit 2, naming them).
 ``cuda-tests`` the tests that need CUDA: tests/test_cuda.py (a faked GPU file is byte for byte what
                a GPU writes; CPU checkpoints onto the GPU with map_location; CUDA random states),
                tests/test_device_round_trip.py (a real run GPU -> CPU-only process -> GPU, each leg
@@ -19,10 +20,26 @@ still reports every phase that finished (``DIR/summary.json``, rewritten after e
                stall p50/max, time until durable, extra GPU and host memory of every method, side
                by side (raw pinned copy, Lightning sync, ``AsyncCheckpointIO``, DCP ``async_save``,
                ours), no training runs.
-``overhead``   training overhead with a save every 100 steps at the same size: ours async and
-               Lightning's ``AsyncCheckpointIO``, each between two no-save runs.
+``overhead``   training overhead with a save every 100 steps at the same size: ours async between
+               two no-save runs (ANCHORS.md has Lightning's and DCP's on an H100; add methods with
+               ``save_stall.py --methods`` when time is left).
 
-Exit status: 0 when every phase run passed, else 1. Nothing here needs the network.
+Exit status: 0 when every phase run passed, 1 when one failed, 2 when a package is missing.
+Nothing here needs the network. At most 8 files land in DIR (what the device tool brings back).
+
+On the project's H200 machine (python3 3.12 with torch and Lightning, no network), two packages
+the library or its tests need are missing -- torchdata (exact resume) and cryptography (with cffi
+and pycparser; encryption tests) -- so carry them as wheels. Here, once, in the repository::
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl torchdata==0.11.0 cryptography==48.0.0 cffi==2.0.0 pycparser==3.0
+
+and the device command (``carry: [".whl"]``, ``timeout_s: 600``)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_check.py --out $OUT
 """
 
 from __future__ import annotations
@@ -50,6 +67,11 @@ CUDA_TESTS = [
 ]
 
 
+#: what the phases import: the library, its tests (encryption, exact resume) and the benchmark
+NEEDED = ["torch", "lightning", "lightning_ckpt", "torchdata", "cryptography", "safetensors", "hypothesis",
+          "pytest", "rich", "fsspec", "numpy"]
+
+
 @dataclass
 class Phase:
     name: str
@@ -61,10 +83,13 @@ class Phase:
 
 def phases(out: Path, smoke: bool) -> list[Phase]:
     """The phases; ``smoke``: the same commands on the CPU, tiny, to try this script anywhere."""
-    pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "not s3"]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+              "-m", "not s3 and not gcs and not azure"]  # no object-store servers there
     size = ["--device", "cpu", "--quick"] if smoke else ["--device", "cuda", "--params", "386M"]
     env_code = (
-        "import json, torch, lightning; from benchmarks.machine import describe; "
+        "import json, subprocess, torch, lightning; from benchmarks.machine import describe; "
+        "print(subprocess.run(['nvidia-smi'], capture_output=True, text=True).stdout if not "
+        f"{smoke} else ''); "
         "print(json.dumps({'torch': torch.__version__, 'lightning': lightning.__version__, "
         "'cuda': torch.version.cuda, 'devices': [torch.cuda.get_device_name(i) "
         "for i in range(torch.cuda.device_count())], 'machine': describe('torch', 'lightning')}, indent=1, default=str))"
@@ -74,11 +99,14 @@ def phases(out: Path, smoke: bool) -> list[Phase]:
         # the all-CPU round trip is the CPU machines' variant: not worth GPU time
         Phase("cuda-tests", 200, [*pytest, *CUDA_TESTS, *([] if smoke else ["-k", "not cpu-cpu-cpu"])]),
         Phase("cpu-side", 90, [*pytest, "tests/test_cross_device.py"], env={"CUDA_VISIBLE_DEVICES": ""}),
-        Phase("stall", 200, [sys.executable, SAVE_STALL, *size, "--saves", "1" if smoke else "2", "--no-training",
+        # two saves per method (a cold and a warm one), as ANCHORS.md's figures: ~150 s at 386M
+        Phase("stall", 200, [sys.executable, SAVE_STALL, *size, "--saves", "1", "--no-training",
                              "--json", str(out / "stall.json")], json_name="stall.json"),
         Phase("overhead", 170, [sys.executable, SAVE_STALL, *size, "--saves", "1",
                                 "--interval-steps", "4" if smoke else "100", "--train-steps", "8" if smoke else "200",
-                                "--methods", "ours_async,lightning_async", "--json", str(out / "overhead.json")],
+                                # ours only: each method costs ~90 s more (its run and a baseline);
+                                # ANCHORS.md has the others' overhead on an H100
+                                "--methods", "ours_async", "--json", str(out / "overhead.json")],
               json_name="overhead.json"),
     ]
 
@@ -125,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             p.error("no CUDA device here (use --smoke to try the script on the CPU)")
-    (out / "nvidia-smi.txt").write_text(_nvidia_smi())
+    missing = _missing(NEEDED)
+    if missing:
+        print(f"[gpu-check] missing Python packages: {', '.join(missing)} -- carry them as wheels "
+              "(see the top of benchmarks/gpu_check.py)", file=sys.stderr)
+        return 2
     summary: dict[str, object] = {"smoke": args.smoke, "phases": {}}
     deadline = time.perf_counter() + args.budget
     for phase in todo:
@@ -143,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _nvidia_smi() -> str:
-    try:
-        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"nvidia-smi: {exc}\n"
+def _missing(modules: list[str]) -> list[str]:
+    """The ``modules`` that do not import in a fresh interpreter (this one may differ from the phases')."""
+    code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try: importlib.import_module(m)\n"
+            "    except Exception: print(m)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    return proc.stdout.split() or ([f"(the check failed: {proc.stderr.strip()[-300:]})"] if proc.returncode else [])
 
 
 if __name__ == "__main__":

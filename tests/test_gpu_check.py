@@ -36,6 +36,19 @@ def test_every_phase_names_tests_and_options_that_exist(tmp_path: Path) -> None:
     assert gpu_check.BUDGET_S <= 580 and all(ph.limit_s <= gpu_check.BUDGET_S for ph in full)  # one device command
 
 
+def test_what_it_leaves_fits_what_the_device_tool_brings_back(tmp_path: Path) -> None:
+    full = gpu_check.phases(tmp_path, smoke=False)
+    files = {f"{ph.name}.log" for ph in full} | {ph.json_name for ph in full if ph.json_name} | {"summary.json"}
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
+
+
+def test_a_missing_package_stops_it_before_any_phase(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(gpu_check, "NEEDED", ["json", "no_such_module_for_gpu_check"])
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 2
+    assert "no_such_module_for_gpu_check" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_phase_leaves_its_log_and_the_summary(tmp_path: Path) -> None:
     assert gpu_check.main(["--smoke", "--only", "env", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
