@@ -486,20 +486,24 @@ def tensor_summary(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 def _optimizer_summary(state: Any) -> dict[str, Any]:
     if not isinstance(state, Mapping):
         return {"type": type(state).__name__}
-    groups = [g for g in state.get("param_groups", []) if isinstance(g, Mapping)]
-    per_param = [s for s in dict(state.get("state", {})).values() if isinstance(s, Mapping)]
-    steps = {_plain(s["step"]) for s in per_param if "step" in s}
+    # any structure at all may arrive here (a weights-only payload of someone else's making)
+    raw_groups, raw_state = state.get("param_groups"), state.get("state")
+    groups = [g for g in raw_groups if isinstance(g, Mapping)] if isinstance(raw_groups, (list, tuple)) else []
+    per_param = [s for s in raw_state.values() if isinstance(s, Mapping)] if isinstance(raw_state, Mapping) else []
+    steps = {json.dumps(_plain(s["step"]), sort_keys=True, default=str) for s in per_param if "step" in s}
     settings = {  # the interesting ones: switched-off flags (False, None) are left out
-        k: _plain(v) for k, v in (groups[0] if groups else {}).items()
+        str(k): _plain(v) for k, v in (groups[0] if groups else {}).items()
         if k not in ("params", "lr") and v is not None and v is not False
     }  # fmt: skip
     return {
         "param_groups": len(groups),
         "lr": [_plain(g.get("lr")) for g in groups],
-        "params": sum(len(g.get("params", [])) for g in groups),
+        "params": sum(len(p) for g in groups if isinstance(p := g.get("params", []), (list, tuple))),
         "params_with_state": len(per_param),
         "state_keys": sorted({str(k) for s in per_param for k in s}),
-        "step": (steps.pop() if len(steps) == 1 else sorted(steps)) if steps else None,
+        "step": ((json.loads(steps.pop()) if len(steps) == 1 else sorted(json.loads(x) for x in steps)
+                  if all(isinstance(json.loads(x), (int, float)) for x in steps) else sorted(steps))
+                 if steps else None),
         "group_settings": settings,
     }
 
@@ -645,7 +649,7 @@ def _file_target(url: str, args: argparse.Namespace) -> tuple[CheckpointManager,
     traces = (manifest_name(name), name + PENDING_SUFFIX)
     if not name.endswith(".ckpt") and not any(exists(n) for n in traces):
         return None  # checked first: exists() of a directory is an error, not False
-    if not any(exists(n) for n in (name, *traces)):
+    if not any(exists(n) for n in (*traces, name)):  # the traces first: exists() of a directory raises
         raise CheckpointNotFoundError(f"no checkpoint at {manager.url_of(name)}")
     return manager, name
 
@@ -1166,6 +1170,11 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `lightning-ckpt ls ... | head`: the reader left; say nothing more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_FAILED
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a command never ends in a traceback
+            # (DCP's CheckpointException is a BaseException); what we did not foresee is a failure
+            return _fail(err, f"{type(exc).__name__}: {_message(exc)} (unexpected; please report it)", EXIT_FAILED)
 
 
 def _warning_printer(err: Console) -> Callable[..., None]:

@@ -12,7 +12,7 @@ subclass also derives from the builtin a caller would naturally catch, so
     │   └── TamperedCheckpointError                     unsigned or badly signed (a signer is set)
     ├── IncompatibleCheckpointError (ValueError)        newer format, or a different model/optimizer
     │   ├── UnsafeCheckpointError                       holds objects weights-only loading refuses
-    │   ├── KeyMissingError                             encrypted, and its key is not configured
+    │   ├── KeyMissingError                             encrypted or signed with a key that is not configured
     │   └── DeviceUnavailableError                      its tensors (or map_location) name a device this machine lacks
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
     └── StorageError                (OSError)           the storage failed (after retries)
@@ -85,7 +85,9 @@ class UnsafeCheckpointError(IncompatibleCheckpointError):
 
 
 class KeyMissingError(IncompatibleCheckpointError):
-    """The payload is encrypted and none of the configured keys is the one it was encrypted with."""
+    """The payload is encrypted and none of the configured keys is the one it was encrypted with;
+    or, resolving ``"last"``/``"best"``, every checkpoint there was saved under a key (or without
+    one) that the configured signer or encryptor does not accept."""
 
 
 class DeviceUnavailableError(IncompatibleCheckpointError):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -122,33 +123,214 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
         """Parse a manifest; a damaged one is a :class:`CorruptCheckpointError` naming ``where``."""
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(f"manifest of {where} is not valid JSON: {exc}") from exc
+        return cls.from_fields(parse_json(data, where), where)
+
+    @classmethod
+    def from_fields(cls, raw: Any, where: str) -> Manifest:
+        """A manifest from its parsed JSON ``raw``, every field checked (see :func:`parse_json`).
+
+        The one place a manifest's fields are read: types, ranges, names that cannot leave the
+        checkpoint's directory, and the consistency of a sharded checkpoint's file table. Unknown
+        fields are ignored (a newer writer's additions), a newer ``format_version`` is
+        :class:`IncompatibleCheckpointError`, anything else wrong :class:`CorruptCheckpointError`.
+        """
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise CorruptCheckpointError(f"{where} has no lightning-ckpt manifest (format field missing)")
         version = raw.get("format_version")
-        if not isinstance(version, int):
-            raise CorruptCheckpointError(f"manifest of {where} has no integer format_version")
+        if not _is_int(version) or version < 1:
+            raise CorruptCheckpointError(f"manifest of {where} has no valid format_version")
         if version > FORMAT_VERSION:
             raise IncompatibleCheckpointError(
                 f"{where} was written in checkpoint format {version}, newer than this lightning-ckpt "
                 f"understands ({FORMAT_VERSION}); upgrade lightning-ckpt to read it"
             )
-        known = {f for f in cls.__dataclass_fields__}
         try:
-            manifest = cls(**{k: v for k, v in raw.items() if k in known})
-            manifest.size = int(manifest.size)
-            if not isinstance(manifest.sha256, str) or len(manifest.sha256) != 64:
-                raise ValueError("sha256 must be 64 hex digits")
-            manifest.metrics = {str(k): float(v) for k, v in dict(manifest.metrics).items()}
-            manifest.files = {
-                str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in dict(manifest.files).items()
-            }
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CorruptCheckpointError(f"manifest of {where} is malformed: {exc!r}") from exc
-        return manifest
+            return cls._checked(raw, version)
+        except _Invalid as exc:
+            raise CorruptCheckpointError(f"manifest of {where} is malformed: {exc}") from None
+
+    @classmethod
+    def _checked(cls, raw: dict[str, Any], version: int) -> Manifest:
+        name = raw.get("name")
+        if not isinstance(name, str) or not is_safe_name(name):
+            raise _Invalid(f"name {_short(name)} is not a plain file name")
+        files = _file_table(raw.get("files", {}))
+        if files and version < SHARDED_FORMAT_VERSION:
+            raise _Invalid(f"a file table in format {version}")
+        size, sha256 = _size(raw.get("size"), "size"), _sha256(raw.get("sha256"), "sha256")
+        if files:
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            if size != sum(f["size"] for f in files.values()) or sha256 != digest:
+                raise _Invalid("size or sha256 do not match its file table")
+        created = raw.get("created", 0.0)
+        if not _is_number(created) or not 0 <= created <= MAX_CREATED:
+            raise _Invalid(f"created {_short(created)} is not a time between 1970 and 9999")
+        metrics = raw.get("metrics", {})
+        if not isinstance(metrics, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()):
+            raise _Invalid("metrics must map names to numbers")
+        versions_ = raw.get("versions", {})
+        if not isinstance(versions_, dict) or not all(isinstance(v, str) for v in versions_.values()):
+            raise _Invalid("versions must map names to strings")
+        extra = raw.get("extra", {})
+        if not isinstance(extra, dict):
+            raise _Invalid(f"extra must be an object, not {type(extra).__name__}")
+        if "encryption" in extra:
+            _encryption(extra["encryption"])
+        mode = raw.get("mode")
+        if mode not in (None, "min", "max"):
+            raise _Invalid(f"mode {_short(mode)} is neither min nor max")
+        weights_only = raw.get("weights_only", False)
+        if not isinstance(weights_only, bool):
+            raise _Invalid("weights_only must be true or false")
+        signature = raw.get("signature")
+        if signature is not None and not (
+            isinstance(signature, dict) and all(isinstance(v, str) for v in signature.values())
+        ):
+            raise _Invalid("signature must be an object of strings")
+        return cls(
+            name=name,
+            size=size,
+            sha256=sha256,
+            epoch=_count(raw.get("epoch"), "epoch"),
+            global_step=_count(raw.get("global_step"), "global_step"),
+            metrics={k: float(v) for k, v in metrics.items()},
+            monitor=_text(raw.get("monitor"), "monitor"),
+            mode=mode,
+            owner=_text(raw.get("owner"), "owner"),
+            weights_only=weights_only,
+            created=float(created),
+            versions=dict(versions_),
+            extra=extra,
+            files=files,
+            format=FORMAT,
+            format_version=version,
+        )
+
+
+#: the largest manifest read (a sharded checkpoint's file table grows ~120 bytes a file)
+MAX_MANIFEST_BYTES = 32 * 2**20
+#: the deepest nesting of JSON arrays and objects a manifest may hold
+MAX_JSON_DEPTH = 32
+#: the largest checkpoint (or file of one) a manifest may claim: 1 PiB
+MAX_SIZE = 2**50
+#: the most files a sharded checkpoint may list
+MAX_FILES = 1_000_000
+#: the end of year 9999: a ``created`` time any date formatting can show
+MAX_CREATED = 253402300799.0
+_MAX_TEXT = 4096
+_HEX = frozenset("0123456789abcdef")
+
+
+class _Invalid(ValueError):
+    """A manifest field that does not fit the schema (becomes a CorruptCheckpointError)."""
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """The JSON document of a manifest, within :data:`MAX_MANIFEST_BYTES` and :data:`MAX_JSON_DEPTH`.
+
+    Nesting is measured before parsing, so a hostile 200,000-deep array costs one pass over the
+    bytes, not a ``RecursionError`` somewhere later.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"manifest of {where} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB (not a manifest we wrote)"
+        )
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise CorruptCheckpointError(f"manifest of {where} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"manifest of {where} is not valid JSON: {exc}") from None
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _depth(data: bytes) -> int:
+    """The deepest bracket nesting of a JSON document (strings stripped first; junk is bounded too)."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(_STRINGS.sub(b"", data)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    return deepest
+        else:
+            depth -= 1
+    return deepest
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether ``name`` is one plain file name: it cannot name anything outside its directory."""
+    return (
+        0 < len(name) <= 1024
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+        and not (len(name) > 1 and name[1] == ":")  # "C:x" is a path on Windows
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value < 2**63:
+        raise _Invalid(f"{what} {_short(value)} is not a non-negative integer")
+    return int(value)
+
+
+def _size(value: Any, what: str) -> int:
+    if not _is_int(value) or not 0 <= value <= MAX_SIZE:
+        raise _Invalid(f"{what} {_short(value)} is not a byte count between 0 and 1 PiB")
+    return int(value)
+
+
+def _sha256(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or not _HEX.issuperset(value):
+        raise _Invalid(f"{what} {_short(value)} is not 64 lowercase hex digits")
+    return value
+
+
+def _text(value: Any, what: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT):
+        raise _Invalid(f"{what} {_short(value)} is not a string")
+    return value
+
+
+def _file_table(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        raise _Invalid("files must be an object")
+    if len(value) > MAX_FILES:
+        raise _Invalid(f"files lists more than {MAX_FILES} files")
+    table: dict[str, dict[str, Any]] = {}
+    for path, entry in value.items():
+        if not is_safe_name(path):
+            raise _Invalid(f"files entry {_short(path)} is not a plain file name inside the checkpoint")
+        if not isinstance(entry, dict):
+            raise _Invalid(f"files entry {_short(path)} is not an object")
+        table[path] = {"size": _size(entry.get("size"), f"the size of {path}"),
+                       "sha256": _sha256(entry.get("sha256"), f"the sha256 of {path}")}
+    return table
+
+
+def _encryption(info: Any) -> None:
+    if not (isinstance(info, dict) and isinstance(info.get("alg"), str) and isinstance(info.get("key_id"), str)
+            and _is_int(info.get("chunk")) and 1 <= info["chunk"] <= 2**30):
+        raise _Invalid("extra.encryption must be {alg, key_id, chunk}")
 
 
 def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -28,10 +28,8 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import stat
 import tempfile
 import time
 import warnings
@@ -58,15 +56,18 @@ from lightning_ckpt.errors import (
 )
 from lightning_ckpt.integrity import (
     MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
     PENDING_SUFFIX,
     HashingWriter,
     Manifest,
     manifest_name,
+    parse_json,
     versions,
 )
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, split_url
+from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, open_regular, split_url
+from lightning_ckpt.unpickle import refused_global
 
 __all__ = ["PENDING_SUFFIX", "CheckpointManager", "DirectoryScan", "SaveResult", "load_checkpoint"]
 
@@ -104,6 +105,9 @@ class DirectoryScan:
     leftovers: list[str] = field(default_factory=list)
     #: ``*.ckpt`` files with neither a manifest nor a marker (not written by us)
     unmanaged: list[str] = field(default_factory=list)
+    #: (name, key seen) for damaged ones refused only for want of a configured key: signed with
+    #: another key (its id), ``"unsigned"`` under a signer, ``"unencrypted"`` under an encryptor
+    unverifiable: list[tuple[str, str]] = field(default_factory=list)
     #: how many files the directory holds
     files: int = 0
 
@@ -260,12 +264,29 @@ class CheckpointManager:
         self.storage.write_bytes(manifest_name(manifest.name), data)
 
     def _parse_manifest(self, data: bytes, name: str) -> Manifest:
-        """Parse (and with a signer, authenticate) the manifest bytes of ``name``."""
+        """Parse (and with a signer, authenticate) the manifest bytes of ``name``.
+
+        With an encryptor, an unencrypted checkpoint is refused here (unless the encryptor allows
+        plaintext), so listing skips it like any other checkpoint that is not ours.
+        """
         where = self.url_of(name)
-        manifest = Manifest.from_json(data, where)  # the format checks first: damaged is damaged
+        raw = parse_json(data, where)
+        manifest = Manifest.from_fields(raw, where)  # the format checks first: damaged is damaged
         if self.signer is not None:
-            self.signer.check(json.loads(data), f"the manifest of {where}")
+            self.signer.check(raw, f"the manifest of {where}")
+        if self.encryptor is not None:
+            self.encryptor.check_encrypted(manifest.extra.get("encryption"), where)
         return manifest
+
+    def _read_manifest_bytes(self, name: str) -> bytes:
+        """The bytes of ``name``'s manifest, refusing one too large to be a manifest we wrote."""
+        data = self.storage.read_bytes(manifest_name(name), limit=MAX_MANIFEST_BYTES)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"the manifest of {self.url_of(name)} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB "
+                "(not a manifest we wrote)"
+            )
+        return data
 
     def _begin(self, name: str) -> None:
         marker = json.dumps({"name": name, "started": time.time()}).encode()
@@ -335,14 +356,21 @@ class CheckpointManager:
                     found.orphaned.append(name)
                     continue
                 try:
-                    manifest = self._parse_manifest(self.storage.read_bytes(fname), name)
+                    manifest = self._parse_manifest(self._read_manifest_bytes(name), name)
                 except CheckpointNotFoundError:
                     continue  # deleted since the listing
                 except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
                     found.damaged.append((name, str(exc)))
+                    if getattr(exc, "key_seen", None) is not None:
+                        found.unverifiable.append((name, exc.key_seen))  # type: ignore[attr-defined]
                     continue
                 if manifest.name != name:
                     found.damaged.append((name, f"its manifest describes {manifest.name!r}"))
+                    continue
+                if manifest.sharded != (name not in files):
+                    found.damaged.append((name, "its manifest describes a " + (
+                        "directory of shards, but it is a file" if manifest.sharded else
+                        "single file, but it is a directory")))
                     continue
                 found.committed.append(manifest)
         claimed = {*found.leftovers, *found.orphaned, *(m.name for m in found.committed), *(n for n, _ in found.damaged)}
@@ -354,7 +382,7 @@ class CheckpointManager:
     def read_manifest(self, name: str) -> Manifest:
         """The manifest of committed ``name``; raises if absent or uncommitted."""
         try:
-            data = self.storage.read_bytes(manifest_name(name))
+            data = self._read_manifest_bytes(name)
         except CheckpointNotFoundError:
             if self.storage.exists(name + PENDING_SUFFIX):
                 raise UncommittedCheckpointError(
@@ -413,7 +441,12 @@ class CheckpointManager:
         digest = hashlib.sha256()
         limit = None if manifest is None else manifest.size
         if self.storage.is_local:
-            source = self._open_local(name)
+            try:
+                source = self._open_local(name)
+            except StorageError as exc:
+                if manifest is not None and isinstance(exc.__cause__, IsADirectoryError):
+                    raise CorruptCheckpointError(f"{url} is a directory, but its manifest describes a file") from None
+                raise
             try:
                 n = _hash_file(source.file, digest, limit, progress, lambda exc: self.storage.translate(exc, "read", url))
             except BaseException:
@@ -460,13 +493,15 @@ class CheckpointManager:
     def _open_local(self, name: str) -> _Source:
         path = self.storage.path(name)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - owned by the returned source
+            f = open_regular(path)  # a FIFO or device named like a checkpoint is refused, never read
+        except CorruptCheckpointError:
+            raise CorruptCheckpointError(
+                f"{self.url_of(name)} is not a regular file (a FIFO, socket or device?); refusing to read it"
+            ) from None
         except OSError as exc:
             raise self.storage.translate(exc, "read", self.url_of(name)) from exc
         try:
             st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):  # pragma: no cover - open() refuses directories on Linux
-                raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
         except OSError as exc:
             f.close()
             raise self.storage.translate(exc, "read", self.url_of(name)) from exc
@@ -475,6 +510,17 @@ class CheckpointManager:
     def _spool(self, name: str, manifest: Manifest | None) -> _Source:
         where = self.spool_dir or tempfile.gettempdir()
         if manifest is not None:
+            try:
+                stored = self.storage.info(name).size
+            except StorageError as exc:
+                if isinstance(exc.__cause__, IsADirectoryError):
+                    raise CorruptCheckpointError(f"{self.url_of(name)} is a directory, not a checkpoint file") from None
+                raise
+            if stored != manifest.size:  # before downloading: a size claim must not fill a disk
+                raise CorruptCheckpointError(
+                    f"{self.url_of(name)} is {stored} bytes; its manifest says {manifest.size} bytes "
+                    "(truncated or overwritten)"
+                )
             try:
                 free = shutil.disk_usage(where).free
             except OSError:
@@ -532,6 +578,8 @@ class CheckpointManager:
                         f"{self.url_of(name)} has no lightning-ckpt manifest, so no signature; a signer is "
                         "configured (refusing it)"
                     ) from None
+                if self.encryptor is not None:
+                    self.encryptor.check_encrypted(None, self.url_of(name))
                 warnings.warn(
                     f"{self.url_of(name)} has no lightning-ckpt manifest; loading it unverified",
                     CheckpointWarning,
@@ -614,12 +662,36 @@ class CheckpointManager:
 
         ``where`` filters candidates first (e.g. only those that hold the full training state).
         """
-        candidates = [m for m in self.manifests(owner) if where is None or where(m)]
-        return self._first_valid(reversed(candidates), keep)
+        found = self._scan_and_warn()
+        candidates = [m for m in found.committed if (owner is None or m.owner == owner) and (where is None or where(m))]
+        return self._first_valid(reversed(candidates), keep) or self._none_left(found, "last")
 
     def best(self, monitor: str, mode: str = "min", owner: str | None = None, keep: bool = False) -> Manifest | None:
         """The best committed, verifying checkpoint by ``monitor``."""
-        return self._first_valid(KeepTopK(1, monitor, mode).ranked(self.manifests(owner)), keep)
+        found = self._scan_and_warn()
+        candidates = [m for m in found.committed if owner is None or m.owner == owner]
+        return self._first_valid(KeepTopK(1, monitor, mode).ranked(candidates), keep) or self._none_left(found, "best")
+
+    def _scan_and_warn(self) -> DirectoryScan:
+        found = self.scan()
+        for name, why in found.damaged:
+            warnings.warn(f"skipping {self.url_of(name)}: {why}", CheckpointWarning, stacklevel=3)
+        return found
+
+    def _none_left(self, found: DirectoryScan, which: str) -> None:
+        """``None`` ("no checkpoint yet"), unless checkpoints exist that only a key we lack could
+        accept: then starting afresh would overwrite a run saved under another key, so refuse."""
+        if not found.unverifiable or found.committed:
+            return None
+        seen = sorted({key for _, key in found.unverifiable})
+        configured = [f"signing {k}" for k in (self.signer.key_ids if self.signer else [])]
+        configured += [f"encryption {k}" for k in (self.encryptor.key_ids if self.encryptor else [])]
+        raise KeyMissingError(
+            f'no checkpoint in {self.url} verifies under the configured keys ({", ".join(configured)}); '
+            f"{len(found.unverifiable)} checkpoint(s) carry: {', '.join(seen)}. Refusing to resolve {which!r} "
+            "(a fresh start would overwrite them): configure the key they were saved with (e.g. "
+            "Signer(new_key, old_key)), or Encryptor(..., allow_plaintext=True) for unencrypted ones"
+        )
 
     def _first_valid(self, candidates: Any, keep: bool) -> Manifest | None:
         for manifest in candidates:
@@ -738,6 +810,8 @@ class CheckpointManager:
         ``part=(i, n)`` checks every n-th file from the i-th, so n processes share the reading.
         """
         index, count = part
+        if not self.is_directory(name):
+            raise CorruptCheckpointError(f"{self.url_of(name)} is not a directory, but its manifest lists files")
         directory = self.storage.child(name)
         for path in sorted(manifest.files)[index::count]:
             expected = manifest.files[path]
@@ -746,6 +820,10 @@ class CheckpointManager:
                 size, sha = directory.digest(path)
             except CheckpointNotFoundError:
                 raise CorruptCheckpointError(f"{where} is missing (its manifest lists it)") from None
+            except StorageError as exc:
+                if isinstance(exc.__cause__, (IsADirectoryError, NotADirectoryError)):
+                    raise CorruptCheckpointError(f"{where} is not a file (its manifest lists it as one)") from None
+                raise
             if size != expected["size"]:
                 raise CorruptCheckpointError(
                     f"{where} is {size} bytes; its manifest says {expected['size']} bytes (truncated or overwritten)"
@@ -755,7 +833,7 @@ class CheckpointManager:
 
     def _manifest_parses(self, name: str) -> bool:
         try:
-            Manifest.from_json(self.storage.read_bytes(manifest_name(name)), self.url_of(name))
+            Manifest.from_json(self._read_manifest_bytes(name), self.url_of(name))
         except CorruptCheckpointError:
             return False
         except (CheckpointNotFoundError, IncompatibleCheckpointError):
@@ -891,24 +969,23 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
         spool_path = _fd_path(source.file)
         source.file.seek(0)
         return torch.load(spool_path or source.file, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        refused = re.search(r"(GLOBAL \S+ was not an allowed global|Unsupported global: \S+)", str(exc))
-        if weights_only and refused:
+    except Exception as exc:
+        if isinstance(exc, (CheckpointError, MemoryError)):
+            raise
+        # why torch refused is decided by scanning the pickles ourselves, not by its wording
+        refused = refused_global(source.file) if weights_only else None
+        if refused is not None:
             raise UnsafeCheckpointError(
-                f"{url} holds objects that weights-only loading refuses ({refused.group(1)}). "
+                f"{url} holds objects that weights-only loading refuses (global {refused}). "
                 "If you trust the file, load it with weights_only=False."
             ) from exc
-        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
         if isinstance(exc, RuntimeError) and _DEVICE_MISSING.search(str(exc)):
             raise DeviceUnavailableError(
                 f"{url} cannot be loaded with map_location={map_location!r} on this machine: {exc.args[0]} "
                 "(lightning-ckpt loads onto the CPU by default; pass map_location='cpu' or a mapping of "
                 "the saved devices)"
             ) from exc
-        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {exc}") from exc
+        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
 #: torch.serialization's words for a storage whose device (saved, or from map_location) is not here

@@ -124,6 +124,16 @@ class _Keyring:
         return f"{type(self).__name__}(key_ids={self.key_ids})"
 
 
+def _refusal(message: str, seen: str) -> TamperedCheckpointError:
+    """A checkpoint refused for want of a configured key rather than for a bad signature:
+    ``key_seen`` is the key id it carries, or ``"unsigned"`` / ``"unencrypted"``. A run whose
+    every checkpoint is refused so is a wrong configuration, not damage (see
+    :meth:`~lightning_ckpt.manager.CheckpointManager.latest`)."""
+    exc = TamperedCheckpointError(message)
+    exc.key_seen = seen  # type: ignore[attr-defined]
+    return exc
+
+
 # -- signing ----------------------------------------------------------------------------------
 
 
@@ -149,14 +159,17 @@ class Signer(_Keyring):
         """Raise :class:`TamperedCheckpointError` unless ``fields["signature"]`` is valid."""
         sig = fields.get("signature")
         if not isinstance(sig, dict) or not sig.get("mac"):
-            raise TamperedCheckpointError(f"{where} is not signed, but a signer is configured (refusing it)")
+            raise _refusal(f"{where} is not signed, but a signer is configured (refusing it)", "unsigned")
+        if not all(isinstance(sig.get(k), str) for k in ("alg", "key_id", "mac")):
+            raise TamperedCheckpointError(f"{where} has a malformed signature")
         if sig.get("alg") != ALG_HMAC:
             raise TamperedCheckpointError(f"{where} has an unknown signature algorithm {sig.get('alg')!r}")
         key = self.key_for(sig.get("key_id"))
         if key is None:
-            raise TamperedCheckpointError(
+            raise _refusal(
                 f"{where} is signed with key {sig.get('key_id')!r}, not one of the configured keys "
-                f"{self.key_ids} (add the old key to the Signer to accept it)"
+                f"{self.key_ids} (add the old key to the Signer to accept it)",
+                str(sig.get("key_id")),
             )
         expected = hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, str(sig["mac"])):
@@ -186,23 +199,39 @@ class Encryptor(_Keyring):
 
     length = 32
 
-    def __init__(self, *keys: bytes, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, *keys: bytes, chunk: int = DEFAULT_CHUNK, allow_plaintext: bool = False) -> None:
         super().__init__(*keys)
         if not 1024 <= chunk <= 2**30:
             raise ConfigurationError(f"Encryptor(chunk={chunk}) must be between 1 KiB and 1 GiB")
         self.chunk = chunk
+        #: accept unencrypted checkpoints on read (turning encryption on for an existing run);
+        #: off, an unencrypted one is refused: anyone who can write the directory could plant it
+        self.allow_plaintext = bool(allow_plaintext)
 
     @classmethod
-    def from_env(cls, *names: str, chunk: int = DEFAULT_CHUNK) -> Encryptor:
+    def from_env(cls, *names: str, chunk: int = DEFAULT_CHUNK, allow_plaintext: bool = False) -> Encryptor:
         enc = super().from_env(*names)
-        enc.chunk = chunk
+        enc.chunk, enc.allow_plaintext = chunk, bool(allow_plaintext)
         return enc  # type: ignore[no-any-return]
 
     @classmethod
-    def from_file(cls, *paths: str | os.PathLike[str], chunk: int = DEFAULT_CHUNK) -> Encryptor:
+    def from_file(
+        cls, *paths: str | os.PathLike[str], chunk: int = DEFAULT_CHUNK, allow_plaintext: bool = False
+    ) -> Encryptor:
         enc = super().from_file(*paths)
-        enc.chunk = chunk
+        enc.chunk, enc.allow_plaintext = chunk, bool(allow_plaintext)
         return enc  # type: ignore[no-any-return]
+
+    def check_encrypted(self, info: Any, where: str) -> None:
+        """Refuse an unencrypted checkpoint (``info`` is its manifest's ``extra["encryption"]``)
+        unless ``allow_plaintext``: an attacker who swaps in plaintext and drops the record must
+        not get it loaded as if it were ours."""
+        if not info and not self.allow_plaintext:
+            raise _refusal(
+                f"{where} is not encrypted, but an encryptor is configured (refusing it; pass "
+                "Encryptor(..., allow_plaintext=True) to accept unencrypted checkpoints)",
+                "unencrypted",
+            )
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records (never the key)."""

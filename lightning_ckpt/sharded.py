@@ -36,12 +36,14 @@ from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
     ConfigurationError,
+    CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
     UncommittedCheckpointError,
 )
 from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
+from lightning_ckpt.unpickle import dcp_reader
 
 __all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
 
@@ -365,22 +367,33 @@ def _dcp_async_save(state: dict[str, Any], target: str, options: dict[str, Any],
 
 def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    dcp.load(state, storage_reader=FsspecReader(target, **options))
+    reader = dcp_reader(target, options)  # DCP's .metadata unpickled through an allow-list
+    try:
+        dcp.load(state, storage_reader=reader)
+    except BaseException:
+        if reader.error is not None:  # DCP reports it as an AssertionError of its own
+            raise reader.error from None
+        raise
 
 
 def _dcp_load_everything(target: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every tensor of a DCP checkpoint, whole, in this process (what ``dcp_to_torch_save`` does)."""
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
+    reader = dcp_reader(target, options)
     with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming a single process": intended
         warnings.simplefilter("ignore", UserWarning)
-        _load_state_dict(state, storage_reader=FsspecReader(target, **options),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        try:
+            _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        except BaseException as exc:
+            if reader.error is not None:
+                raise reader.error from None
+            if not _is_failure(exc):
+                raise
+            raise CorruptCheckpointError(f"could not read the sharded checkpoint {target}: {_describe(exc)}") from None
     return state
 
 

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import random
+import stat
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -40,8 +41,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from lightning_ckpt.errors import (
     BucketNotFoundError,
+    CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
+    CorruptCheckpointError,
     StorageError,
     StoragePermissionError,
     UnsupportedURLError,
@@ -215,7 +218,7 @@ class Storage:
                 if attempt < attempts and cause is not None and is_transient(cause):
                     time.sleep(self.retry.delay(attempt))  # a whole small write, retried as a unit
                     continue
-                if isinstance(exc, (CheckpointNotFoundError, StorageError, ConfigurationError)):
+                if isinstance(exc, CheckpointError):  # ours already (a special file, a not found, ...)
                     raise
                 if attempt < attempts and is_transient(exc):
                     time.sleep(self.retry.delay(attempt))
@@ -295,10 +298,24 @@ class Storage:
 
         return self._call("list", None, op)
 
-    def read_bytes(self, name: str) -> bytes:
-        """The whole content of a small file."""
+    def read_bytes(self, name: str, limit: int | None = None) -> bytes:
+        """The whole content of a small file; with ``limit``, at most ``limit + 1`` bytes of it
+        (a longer result says the file is larger than the caller accepts)."""
         path = self.path(name)
-        return self._call("read", name, lambda: self.fs.cat_file(path))
+
+        def op() -> bytes:
+            if self.is_local:
+                with open_regular(path) as f:
+                    return f.read() if limit is None else f.read(limit + 1)
+            if limit is None:
+                return bytes(self.fs.cat_file(path))
+            return bytes(self.fs.cat_file(path, start=0, end=limit + 1))
+
+        return self._call("read", name, op)
+
+    def _open_read(self, path: str) -> Any:
+        """``path`` open for reading in blocks; a local one only if it is a regular file."""
+        return open_regular(path) if self.is_local else self.fs.open(path, "rb", block_size=_CHUNK)
 
     def read_into(self, name: str, buffer: memoryview, sink: Callable[[memoryview], None] | None = None) -> int:
         """Stream ``name`` into ``buffer`` chunk by chunk, calling ``sink`` on each chunk.
@@ -310,7 +327,7 @@ class Storage:
 
         def op() -> int:
             total = 0
-            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+            with self._open_read(path) as f:
                 while total < len(buffer):
                     n = _readinto(f, buffer[total : total + _CHUNK])
                     if n == 0:
@@ -350,7 +367,7 @@ class Storage:
             attempts[0] += 1
             block = memoryview(bytearray(_CHUNK))
             total = 0
-            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+            with self._open_read(path) as f:
                 while limit is None or total < limit:
                     want = _CHUNK if limit is None else min(_CHUNK, limit - total)
                     n = _readinto(f, block[:want])
@@ -654,7 +671,7 @@ class Storage:
         def op() -> tuple[int, str]:
             digest, size = hashlib.sha256(), 0
             block = bytearray(_CHUNK)
-            with self.fs.open(path, "rb", block_size=_CHUNK) as f:
+            with self._open_read(path) as f:
                 while n := _readinto(f, memoryview(block)):
                     digest.update(memoryview(block)[:n])
                     size += n
@@ -907,6 +924,29 @@ class _BufferReader(io.RawIOBase):
         memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
         self._pos += n
         return n
+
+
+def open_regular(path: str) -> IO[bytes]:
+    """Open local ``path`` for reading only if it is a regular file.
+
+    A FIFO, socket or device named like a checkpoint would block or never end; it is opened
+    non-blocking (so opening a FIFO cannot hang), checked on the open descriptor (so it cannot be
+    swapped in between), and refused as a :class:`CorruptCheckpointError`.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", path)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptCheckpointError(f"{path} is not a regular file (a FIFO, socket or device?); refusing to read it")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_s3(fs: Any) -> bool:

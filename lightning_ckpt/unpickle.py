@@ -1,0 +1,204 @@
+"""Every pickle this package reads, read so that it cannot run code.
+
+Two kinds of pickle reach us from storage. A payload (``torch.save``'s zip archive) is loaded by
+``torch.load(weights_only=True)``; when torch refuses one, :func:`refused_global` decides *why*
+by scanning the archive's pickles with an unpickler that constructs nothing -- so an object that
+would run code is an :class:`~lightning_ckpt.errors.UnsafeCheckpointError` whatever torch's
+message says, and a merely damaged pickle stays a
+:class:`~lightning_ckpt.errors.CorruptCheckpointError`. A sharded checkpoint's ``.metadata`` is
+DCP's index, a plain pickle that DCP's own reader unpickles with any global; :func:`dcp_reader`
+returns DCP's fsspec reader with that one read replaced by :func:`load_dcp_metadata`, an
+unpickler that resolves only an allow-list of DCP's metadata classes and torch's dtypes.
+
+(``torch.distributed``'s object collectives also unpickle, but only what the job's own ranks
+sent over its own process group; nothing from storage travels through them.)
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from typing import IO, Any
+
+from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["dcp_reader", "load_dcp_metadata", "refused_global"]
+
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_EXTRA = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _dcp_global(module: str, name: str) -> Any:
+    """The object an allowed DCP metadata global names, or ``None`` (refused)."""
+    import torch
+
+    if module == _METADATA_MODULE and not name.startswith("__"):
+        import torch.distributed.checkpoint.metadata as metadata
+
+        value = getattr(metadata, name, None)
+        # the module's own classes (dataclasses and the memory-format enum), nothing it imports
+        return value if isinstance(value, type) and value.__module__ == _METADATA_MODULE else None
+    if module == "torch":
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
+    if (module, name) in _DCP_EXTRA:
+        import importlib
+
+        return getattr(importlib.import_module(module), name, None)
+    return None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        value = _dcp_global(module, name)
+        if value is None:
+            raise _Refused(f"{module}.{name}")
+        return value
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allow-list (the unpickling stops before anything is called)."""
+
+
+def load_dcp_metadata(stream: IO[bytes], where: str) -> Any:
+    """DCP's ``Metadata`` from ``stream``, resolving only DCP's metadata classes and torch dtypes."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except _Refused as exc:
+        raise UnsafeCheckpointError(
+            f"{where} names {exc}, which is not a DCP metadata class: refusing to unpickle it (code could run)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure of a pickle is a damaged file
+        raise CorruptCheckpointError(f"{where} is not DCP metadata: {type(exc).__name__}: {exc}") from None
+    if not isinstance(metadata, Metadata):
+        raise CorruptCheckpointError(f"{where} is not DCP metadata (it holds a {type(metadata).__name__})")
+    return metadata
+
+
+def dcp_reader(target: str, options: dict[str, Any]) -> Any:
+    """DCP's ``FsspecReader`` for ``target`` whose metadata is read by :func:`load_dcp_metadata`.
+
+    DCP swallows an exception raised while reading metadata into an ``AssertionError`` of its
+    own; ours is kept on the reader as ``error``, for the caller to raise instead.
+    """
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class RestrictedReader(FsspecReader):  # type: ignore[misc]
+        error: BaseException | None = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(path, "rb") as f:
+                    metadata = load_dcp_metadata(f, f"{target}/.metadata")
+            except BaseException as exc:
+                if self.error is None:
+                    self.error = exc
+                raise
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return RestrictedReader(target, **options)
+
+
+# -- payloads: why did weights-only loading refuse? -------------------------------------------
+
+
+class _Stub:
+    """Stands in for every object while scanning: accepts anything, constructs nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _Scanner(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], allowed: frozenset[str] | None) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if self._allowed is None or full not in self._allowed:
+            raise _Refused(full)
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Stub()
+
+
+def _weights_only_globals() -> frozenset[str] | None:
+    """The globals torch's weights-only unpickler accepts (``None`` if torch no longer says)."""
+    try:
+        from torch import _weights_only_unpickler as wo
+
+        return frozenset(wo._get_allowed_globals()) | frozenset(wo._get_user_allowed_globals())
+    except (ImportError, AttributeError, TypeError):  # a private API: fall back to "refuse all"
+        return None
+
+
+def refused_global(file: IO[bytes]) -> str | None:
+    """The first global in the pickles of payload ``file`` that weights-only loading refuses.
+
+    ``None`` when every global is allowed (a refusal then means damage, not danger). Scans every
+    ``*.pkl`` of a zip archive, or the pickles of the legacy format, without building anything.
+    """
+    allowed = _weights_only_globals()
+    try:
+        file.seek(0)
+        streams: list[IO[bytes]] = []
+        if zipfile.is_zipfile(file):
+            file.seek(0)
+            archive = zipfile.ZipFile(file)
+            streams = [archive.open(info) for info in archive.infolist() if info.filename.endswith(".pkl")]
+        else:
+            file.seek(0)
+            streams = [file]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    for stream in streams:
+        for _ in range(8):  # the legacy format is a few pickles in a row
+            try:
+                _Scanner(stream, allowed).load()
+            except _Refused as exc:
+                return str(exc)
+            except Exception:  # noqa: BLE001 - damage ends this stream's scan
+                break
+            if stream is not file:
+                break
+    return None
+
+
+def scan_bytes(data: bytes) -> str | None:
+    """:func:`refused_global` of an in-memory payload."""
+    return refused_global(io.BytesIO(data))
