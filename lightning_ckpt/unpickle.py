@@ -16,7 +16,6 @@ sent over its own process group; nothing from storage travels through them.)
 
 from __future__ import annotations
 
-import io
 import pickle
 import zipfile
 from typing import IO, Any
@@ -198,7 +197,3 @@ def refused_global(file: IO[bytes]) -> str | None:
                 break
     return None
 
-
-def scan_bytes(data: bytes) -> str | None:
-    """:func:`refused_global` of an in-memory payload."""
-    return refused_global(io.BytesIO(data))
