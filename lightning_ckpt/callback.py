@@ -64,6 +64,9 @@ from lightning_ckpt.policies import (
     SaveTrigger,
 )
 from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
+
+#: the manifest's ``extra`` record of the run a preemption checkpoint belongs to (its ``dirpath``)
+RUN_KEY = "run"
 from lightning_ckpt.progress import TransferProgress
 from lightning_ckpt.resumable import adapt_optimizer_states, is_stateful, make_stateful, optimizer_mismatch
 from lightning_ckpt.rng import capture_rng, restore_rng
@@ -341,8 +344,12 @@ class CheckpointCallback(ModelCheckpoint):
         managers = [self.manager] + ([self._fallback_manager(io)] if self._has_fallback else [])
         found = []
         for manager in managers:
-            # a weights-only file cannot continue training: never pick one to resume from
-            manifest = manager.latest(keep=True, where=lambda m: not m.weights_only or self.save_weights_only)
+            # a weights-only file cannot continue training: never pick one to resume from; from the
+            # fallback directory (which runs may share) only this run's own preemption saves
+            def where(m: Manifest, fallback: bool = manager is not self.manager) -> bool:
+                return (not m.weights_only or self.save_weights_only) and (not fallback or self._is_ours(m, manager))
+
+            manifest = manager.latest(keep=True, where=where)
             if manifest is not None:
                 found.append((manifest.global_step or 0, manifest.created, manager, manifest))
         if not found:
@@ -354,6 +361,20 @@ class CheckpointCallback(ModelCheckpoint):
         # Lightning stats the path with a filesystem built without storage options (and a sharded
         # checkpoint is a directory, which object stores cannot stat)
         return {url if not (self.storage_options or latest.sharded) else io.resume_pointer(url)}
+
+    def _is_ours(self, manifest: Manifest, manager: CheckpointManager) -> bool:
+        """Whether a checkpoint in the fallback directory was saved by this run (same ``dirpath``);
+        another run's is ignored, with a warning, so a new experiment never resumes an old one."""
+        run = manifest.extra.get(RUN_KEY)
+        owner = run.get("dirpath") if isinstance(run, dict) else None
+        if owner == self.manager.url:
+            return True
+        rank_zero_warn(
+            f"lightning-ckpt: ignoring {manager.url_of(manifest.name)}: a preemption checkpoint of another run "
+            f"({'dirpath ' + str(owner) if owner else 'no run recorded'}), not of {self.manager.url}",
+            category=CheckpointWarning,
+        )
+        return False
 
     @property
     def _has_fallback(self) -> bool:
@@ -557,7 +578,8 @@ class CheckpointCallback(ModelCheckpoint):
         meta = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                 "metrics": self._candidates(trainer), "monitor": self.monitor,
                 "mode": self.mode if self.monitor is not None else None, "owner": self.owner + "/preempted",
-                "weights_only": plan.kind == "weights", "extra": {"preempted_by": signame, "plan": plan.kind}}
+                "weights_only": plan.kind == "weights",
+                "extra": {"preempted_by": signame, "plan": plan.kind, RUN_KEY: {"dirpath": self.manager.url}}}
         self._last_global_step_saved = trainer.global_step
         self._write(trainer, manager.url_of(name), plan.kind == "weights", {SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
         self._save_succeeded(trainer, name, must_succeed=True)

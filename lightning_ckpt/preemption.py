@@ -46,7 +46,8 @@ class Preemption:
         grace_seconds: time from the signal until the hard kill; the save must fit in it.
         safety_margin: seconds kept in reserve for flushing and exiting.
         fallback_dirpath: a fast local directory for the full checkpoint when the primary storage
-            is too slow for the time left; ``ckpt_path="last"`` looks there too.
+            is too slow for the time left; ``ckpt_path="last"`` looks there too, at this run's
+            checkpoints only (each records its run's ``dirpath``). Give each run its own.
         requeue: under SLURM, ``scontrol requeue`` the job after saving.
         exit_code: the process exit status after a preemption save.
     """

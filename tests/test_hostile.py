@@ -489,3 +489,49 @@ def test_resuming_with_a_wrong_key_overwrites_nothing(tmp_path: Path) -> None:
         with pytest.raises(KeyMissingError, match=Signer(OTHER_KEY).key_id):
             fit(cb, max_epochs=2, ckpt_path="last")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+# -- 4. a preemption fallback checkpoint belongs to its run ----------------------------------------
+
+
+def fallback_from(tmp_path: Path, run: str, identity: dict[str, Any] | None) -> None:
+    """Run ``run`` for one epoch, then plant its last checkpoint in the shared fallback directory as
+    a preemption save at step 999 (with ``identity`` as its run record, if any)."""
+    from helpers import fit
+
+    from lightning_ckpt import CheckpointCallback
+
+    fit(CheckpointCallback(dirpath=str(tmp_path / run), save_last=True), max_epochs=1)
+    payload = CheckpointManager(str(tmp_path / run)).load("last.ckpt", weights_only=False)
+    payload["global_step"] = 999
+    extra = {"preempted_by": "SIGTERM", "plan": "fallback", **({"run": identity} if identity else {})}
+    CheckpointManager(str(tmp_path / "shared")).save(payload, "preempted.ckpt", global_step=999, epoch=0, extra=extra)
+
+
+@pytest.mark.parametrize("identity", ["another run", "no identity (older version)"])
+def test_a_new_run_never_resumes_another_runs_fallback_checkpoint(tmp_path: Path, identity: str) -> None:
+    from helpers import fit
+
+    from lightning_ckpt import CheckpointCallback
+    from lightning_ckpt.preemption import Preemption
+
+    old = str(tmp_path / "old")
+    fallback_from(tmp_path, "old", {"dirpath": old} if identity == "another run" else None)
+    cb = CheckpointCallback(dirpath=str(tmp_path / "new"), save_last=True,
+                            preemption=Preemption(fallback_dirpath=str(tmp_path / "shared")))
+    with pytest.warns(CheckpointWarning, match="another run"):
+        trainer, _ = fit(cb, max_epochs=1, ckpt_path="last")
+    assert cb.resumed_from in (None, "") and trainer.global_step == 8  # started fresh, as a new run must
+
+
+def test_a_run_resumes_its_own_fallback_checkpoint(tmp_path: Path) -> None:
+    from helpers import fit
+
+    from lightning_ckpt import CheckpointCallback
+    from lightning_ckpt.preemption import Preemption
+
+    fallback_from(tmp_path, "run", {"dirpath": CheckpointManager(str(tmp_path / "run")).url})
+    cb = CheckpointCallback(dirpath=str(tmp_path / "run"), save_last=True,
+                            preemption=Preemption(fallback_dirpath=str(tmp_path / "shared")))
+    fit(cb, max_epochs=2, ckpt_path="last")
+    assert cb.resumed_from.endswith("shared/preempted.ckpt")
