@@ -35,9 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from lightning_ckpt.errors import (
     CheckpointError,
@@ -68,6 +66,12 @@ from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, open_regular, split_url
 from lightning_ckpt.unpickle import refused_global
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the methods that serialize or load (about 1.5 s): listing, reading
+# manifests, verifying and pruning need none of it, so `lightning-ckpt ls/verify/prune` start fast
 
 __all__ = ["PENDING_SUFFIX", "CheckpointManager", "DirectoryScan", "SaveResult", "load_checkpoint"]
 
@@ -197,6 +201,8 @@ class CheckpointManager:
                 stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
                 try:
                     if write is None:
+                        import torch
+
                         torch.save(dict(state), stream)
                     else:
                         write(stream)
@@ -948,6 +954,8 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
     place since is refused. A download spool is read, not mapped, so it is freed right away
     instead of staying allocated on the spool disk for as long as any loaded tensor lives.
     """
+    import torch
+
     try:
         target = _fd_path(source.file) if source.path is not None else None
         if target is not None or source.path is not None:
@@ -997,6 +1005,8 @@ _DEVICE_MISSING = re.compile(
 def _check_device(map_location: MapLocation, url: str) -> MapLocation:
     """``map_location`` for ``torch.load`` (bytes as text: torch's own bytes path is broken);
     one that is no device, or names a device this machine lacks, is refused before anything is read."""
+    import torch
+
     if map_location is None or isinstance(map_location, Mapping) or (
         callable(map_location) and not isinstance(map_location, (str, torch.device))
     ):
