@@ -579,6 +579,10 @@ def _payload_grid(payload: dict[str, Any]) -> Table:
                      f"{human_size(weights['bytes'])}; {dtypes}")
         for t in weights["largest"]:
             grid.add_row("", Text(f"{t['name']}  {t['shape']}  {t['dtype']}  {human_size(t['bytes'])}"))
+        left_out = weights["count"] - len(weights["largest"])
+        if left_out:
+            rest = weights["bytes"] - sum(t["bytes"] for t in weights["largest"])
+            grid.add_row("", Text(f"… {left_out} more tensor{'s' if left_out > 1 else ''}, {human_size(rest)}"))
     for i, opt in enumerate(payload.get("optimizer_states", [])):
         grid.add_row(f"optimizer_states[{i}]", Text(_optimizer_line(opt)))
     for i, sched in enumerate(payload.get("lr_schedulers", [])):

@@ -993,7 +993,41 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
                 "(lightning-ckpt loads onto the CPU by default; pass map_location='cpu' or a mapping of "
                 "the saved devices)"
             ) from exc
-        raise CorruptCheckpointError(f"{url} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CorruptCheckpointError(_unreadable(url, source, exc)) from exc
+
+
+_ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"
+#: what torch.save wrote before torch 1.6 (no zip): a pickled magic number first
+_LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _unreadable(url: str, source: _Source, exc: BaseException) -> str:
+    """Why ``url`` cannot be loaded, saying what the file is instead of only torch's last words."""
+    detail = str(exc).strip()
+    if "WeightsUnpickler error:" in detail:  # the one useful line of torch's weights-only boilerplate
+        detail = detail.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n", 1)[0]
+    detail = detail.splitlines()[0] if detail else ""
+    detail = f"{type(exc).__name__}: {detail[:157] + '...' if len(detail) > 160 else detail}".rstrip(": ")
+    try:
+        source.file.seek(0)
+        head = source.file.read(64)
+        end = source.file.seek(0, io.SEEK_END)
+        source.file.seek(max(0, end - 65_558))  # a zip's end record sits in its last 64 KiB + 22 B
+        tail = source.file.read()
+    except (OSError, ValueError):
+        head = tail = b""
+    if head.startswith(_ZIP_HEAD):
+        if _ZIP_END not in tail:
+            what = "a zip archive cut short (its central directory is missing): truncated"
+        else:
+            what = "a zip archive, but not a readable torch checkpoint"
+    elif head.startswith(_LEGACY_HEAD):
+        what = "a torch file in the pre-1.6 format, damaged or truncated"
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        what = "a plain pickle, not a torch checkpoint"
+    else:
+        what = f"not a torch checkpoint (neither a zip archive nor a pickle; it starts with {head[:16]!r})"
+    return f"{url} is not a readable checkpoint: {what} ({detail})"
 
 
 #: torch.serialization's words for a storage whose device (saved, or from map_location) is not here

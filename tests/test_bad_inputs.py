@@ -97,6 +97,13 @@ def test_an_empty_file_without_a_manifest(ckdir: Path) -> None:
         refused(ckdir, "plain.ckpt", CorruptCheckpointError, ValueError, "empty")
 
 
+def test_a_text_file_without_a_manifest_is_named_for_what_it_is(ckdir: Path) -> None:
+    # torch's unpickler answered this one with a bare IndexError ("pop from empty list")
+    (ckdir / "notes.ckpt").write_text("this is not a checkpoint\n")
+    with pytest.warns(CheckpointWarning, match="unverified"):
+        refused(ckdir, "notes.ckpt", CorruptCheckpointError, ValueError, "not a torch checkpoint")
+
+
 def test_a_damaged_manifest(ckdir: Path) -> None:
     (ckdir / "b.ckpt.manifest.json").write_bytes(b'{"format": "lightning-ckpt", "form')
     refused(ckdir, "b.ckpt", CorruptCheckpointError, ValueError, "not valid JSON")

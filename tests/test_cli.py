@@ -7,6 +7,7 @@ directory and into ``memory://``; damage is done through :class:`Storage` so it 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -291,6 +292,46 @@ def test_inspect_plain_torch_file(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert code == 0
     assert "warning:" in err and "unverified" in err
     assert "manifest  none" in out and "global_step 32" in out
+
+
+def test_inspect_says_how_many_tensors_it_left_out(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    checkpoint = lightning_dict(0, 8)
+    checkpoint["state_dict"]["extra.bias"] = torch.zeros(1, dtype=torch.float16)  # 6 tensors, 5 shown
+    torch.save(checkpoint, tmp_path / "six.ckpt")
+    code, out, _ = cli(capsys, "inspect", str(tmp_path / "six.ckpt"))
+    assert code == 0
+    assert "6 tensors" in out
+    assert "extra.bias" not in out  # the smallest, left out, and said so
+    assert "… 1 more tensor, 2 B" in out
+
+
+def _junk_pickle(path: Any) -> None:
+    path.write_bytes(pickle.dumps({"not": "a checkpoint"}, protocol=4))
+
+
+def _truncated_zip(path: Any) -> None:
+    torch.save(lightning_dict(0, 8), path)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda p: p.write_text("notes from a colleague, not a checkpoint\n"), "not a torch checkpoint (neither a zip"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 20), "not a torch checkpoint (neither a zip"),
+        (_junk_pickle, "a plain pickle, not a torch checkpoint"),
+        (_truncated_zip, "a zip archive cut short"),
+    ],
+    ids=["text", "binary", "pickle", "truncated-zip"],
+)
+def test_inspect_of_a_file_that_is_no_checkpoint_says_what_it_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, make: Any, what: str
+) -> None:
+    make(tmp_path / "junk.ckpt")
+    code, out, _ = cli(capsys, "inspect", str(tmp_path / "junk.ckpt"))  # cli() also checks: no traceback
+    assert code == 1
+    assert re.search(rf"verified\s+NO: junk.ckpt is not a readable checkpoint: {re.escape(what)}", out)
+    assert "Weights only load failed" not in out  # torch's boilerplate, no help here
 
 
 # verify ----------------------------------------------------------------------------------------
