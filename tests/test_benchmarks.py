@@ -13,7 +13,7 @@ from s3_server import find_weed
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.s3
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def test_quick_benchmark_prints_both_methods_on_both_backends(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from lightning_ckpt.integrity import manifest_name
 from lightning_ckpt.sharded import consolidate
 
 pytestmark = [
+    pytest.mark.slow,  # every test starts 2-process runs (10-40 s each on 2 cores)
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
 ]
