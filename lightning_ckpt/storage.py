@@ -74,8 +74,10 @@ PARTS_IN_FLIGHT = 4
 RANGE_SIZE = 8 * 2**20
 #: the part size doubles every this many parts, so 10,000 parts reach S3's 5 TiB object limit
 PART_GROWTH_EVERY = 1000
-# how S3 (NoSuchBucket), GCS and Azure word a missing bucket once fsspec made it a FileNotFoundError
-_NO_BUCKET = "bucket does not exist"
+# how S3 (NoSuchBucket) and Azure (ContainerNotFound) word a missing bucket or container
+_NO_BUCKET = ("bucket does not exist", "container does not exist", "containernotfound")
+# HTTP statuses of a refusal: Azure's SDK and gcsfs carry them on their exceptions
+_REFUSED = {401, 403}
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EBUSY}
 _TRANSIENT_WORDS = ("throttl", "slowdown", "slow down", "timeout", "timed out", "503", "500", "502", "504",
                     "internalerror", "serviceunavailable", "connection reset", "connection aborted",
@@ -113,6 +115,11 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is worth retrying (a network blip, not a refusal or a full disk)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if _refused(exc) or _missing_bucket(exc):
+        return False
+    status = getattr(exc, "status_code", None) or getattr(exc, "code", None)  # azure-core / gcsfs HttpError
+    if isinstance(status, int) and 400 <= status < 600:
+        return status in (408, 429) or status >= 500
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -187,8 +194,13 @@ class Storage:
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
         self._s3 = _is_s3(fs)
+        self._atomic_uploads = _publishes_on_completion(fs)
+        self._azure = type(fs).__module__.split(".")[0] == "adlfs"
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
-        self.url = self.root if self.is_local and "://" not in url else fs.unstrip_protocol(self.root)
+        # the user's scheme where the filesystem has several (adlfs answers az:// with abfs://)
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        self._scheme = scheme if scheme in _protocols(fs) else ""
+        self.url = self.root if self.is_local and "://" not in url else self._unstrip(self.root)
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -243,11 +255,11 @@ class Storage:
     def translate(exc: BaseException, what: str, target: str) -> Exception:
         """Map a raw filesystem exception to the matching :class:`CheckpointError`."""
         message = f"could not {what} {target}: {type(exc).__name__}: {exc}"
-        if isinstance(exc, FileNotFoundError) and _NO_BUCKET in str(exc).lower():
+        if _missing_bucket(exc):
             return BucketNotFoundError(errno.ENOENT, f"could not {what} {target}: {exc} (check the bucket name)")
         if isinstance(exc, FileNotFoundError):
             return CheckpointNotFoundError(errno.ENOENT, f"could not {what} {target}: not found")
-        if isinstance(exc, PermissionError):
+        if _refused(exc):
             return StoragePermissionError(errno.EACCES, message)
         err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
         return StorageError(err, message)
@@ -456,31 +468,52 @@ class Storage:
             return
         # object stores have no directories; s3fs's makedirs would even *create a missing bucket*
         # (a typo in the URL would silently make a new one), so nothing is created there
+        url = self.url_of(name)
         try:
             f = self.fs.open(path, "wb", block_size=_CHUNK)
         except Exception as exc:
-            raise self.translate(exc, "open for writing", self.url_of(name)) from exc
+            raise self._write_error(exc, "open for writing", url) from exc
         try:
-            writer: Any = _TranslatingWriter(f, lambda exc: self.translate(exc, "write", self.url_of(name)))
+            writer: Any = _TranslatingWriter(f, lambda exc: self._write_error(exc, "write", url))
             if progress is not None:
                 writer = _CountingWriter(writer, progress)
             yield writer
         except BaseException:
             _discard(f)
-            with contextlib.suppress(Exception):
-                self.fs.rm_file(path)
-            self.fs.invalidate_cache(self.root)
+            self._remove_partial(path)
             raise
         try:
             f.close()
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                self.fs.rm_file(path)
-            raise self.translate(exc, "finish writing", self.url_of(name)) from exc
+            self._remove_partial(path)
+            raise self._write_error(exc, "finish writing", url) from exc
         finally:
             self.fs.invalidate_cache(self.root)
         if progress is not None:
             progress(writer.size, writer.size)
+
+    def _remove_partial(self, path: str) -> None:
+        """After a failed upload: delete what a non-atomic store may have left under ``path``.
+
+        GCS (resumable upload) and Azure (uncommitted blocks) publish an object only when it
+        completes, so there the name still holds its previous, committed content,
+        which a failed rewrite must not destroy.
+        """
+        if not self._atomic_uploads:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(path)
+        self.fs.invalidate_cache(self.root)
+
+    def _write_error(self, exc: BaseException, what: str, url: str) -> Exception:
+        """Translate a failed upload; a "not found" there usually means the bucket is missing."""
+        if any(isinstance(e, FileNotFoundError) for e in _causes(exc)) and not _missing_bucket(exc):
+            try:
+                self._check_bucket(exc)
+            except BucketNotFoundError as missing:
+                return missing
+            except Exception:  # noqa: BLE001 - the check itself failed: report the write's own error
+                pass
+        return self.translate(exc, what, url)
 
     @contextlib.contextmanager
     def _open_s3(self, name: str, path: str, progress: Progress | None) -> Iterator[IO[bytes]]:
@@ -551,18 +584,42 @@ class Storage:
 
         def op() -> None:
             self.fs.cp_file(src_path, dst_path)
+            if self._azure:
+                self._wait_azure_copy(dst_path)
             self.fs.invalidate_cache(self.root)
 
         self._call("copy to", dst, op)
+
+    def _wait_azure_copy(self, path: str, timeout: float = 600.0) -> None:
+        """Azure's Copy Blob may finish after it answered (adlfs does not wait): wait for it."""
+        from fsspec.asyn import sync
+
+        container, key, _ = self.fs.split_path(path)
+        blob = self.fs.service_client.get_container_client(container).get_blob_client(key)
+        deadline, delay = time.monotonic() + timeout, 0.05
+        while True:
+            copy = sync(self.fs.loop, blob.get_blob_properties).copy
+            if copy is None or copy.status in (None, "success"):
+                return
+            if copy.status != "pending":
+                raise OSError(errno.EIO, f"server-side copy to {path} ended {copy.status}: {copy.status_description}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server-side copy to {path} still pending after {timeout:.0f} s")
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     def abort_incomplete_uploads(self, names: Collection[str]) -> builtins.list[str]:
         """Abort unfinished multipart uploads of ``names`` in this directory; return those names.
 
         A writer killed mid-upload (SIGKILL, a lost node) leaves its parts on the server, unseen by
         listings but stored (and billed) until aborted. Only uploads to exactly these names are
-        touched. A no-op on backends without multipart uploads (local, memory, and fsspec's
-        other stores, whose unfinished uploads this package cannot list).
+        touched. S3: the multipart uploads are aborted. Azure: a blob that has staged blocks but
+        was never committed is deleted (a committed blob of that name is left alone). A no-op
+        elsewhere: local and memory have no such leftovers, and GCS cannot list its resumable
+        upload sessions (they expire by themselves after a week).
         """
+        if self._azure and names:
+            return self._call("abort the unfinished uploads in", None, lambda: self._abort_azure(names))
         if not self._s3 or not names:
             return []
         from fsspec.asyn import sync
@@ -592,6 +649,39 @@ class Storage:
                 query.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
 
         return self._call("abort the unfinished uploads in", None, op)
+
+    def _abort_azure(self, names: Collection[str]) -> builtins.list[str]:
+        from fsspec.asyn import sync
+
+        container, prefix, _ = self.fs.split_path(self.root)
+        ours = {f"{prefix}/{name}" if prefix else name: name for name in names}
+        client = self.fs.service_client.get_container_client(container)
+
+        async def uncommitted() -> builtins.list[str]:
+            seen: dict[str, int] = {}
+            async for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None,
+                                                include=["uncommittedblobs"]):
+                seen[blob.name] = seen.get(blob.name, 0) + 1
+            committed = set()
+            async for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None):
+                committed.add(blob.name)
+            return [key for key in seen if key in ours and key not in committed]
+
+        async def remove(key: str) -> bool:
+            from azure.core.exceptions import ResourceNotFoundError
+
+            try:
+                await client.get_blob_client(key).delete_blob()
+            except ResourceNotFoundError:
+                return False  # committed and deleted, or removed, meanwhile
+            return True
+
+        aborted = []
+        for key in sync(self.fs.loop, uncommitted):
+            if sync(self.fs.loop, remove, key):
+                aborted.append(ours[key])
+        self.fs.invalidate_cache(self.root)
+        return aborted
 
     def delete(self, name: str) -> None:
         """Delete ``name``; an absent file is fine (object stores cannot tell the difference)."""
@@ -661,6 +751,8 @@ class Storage:
             if self.is_local:
                 os.makedirs(other.root, exist_ok=True)
             self.fs.cp_file(src, dst)
+            if self._azure:
+                self._wait_azure_copy(dst)
             self.fs.invalidate_cache(other.root)
 
         self._call("copy to", name, op)
@@ -687,8 +779,15 @@ class Storage:
         build their own filesystem from them (same options, same credentials).
         """
         path = self.path(name)
-        url = path if self.is_local else self.fs.unstrip_protocol(path)
+        url = path if self.is_local else self._unstrip(path)
         return url, dict(self.storage_options)
+
+    def _unstrip(self, path: str) -> str:
+        """``path`` as a URL with the scheme the user gave."""
+        url = self.fs.unstrip_protocol(path)
+        if self._scheme and "://" in url and not url.startswith(f"{self._scheme}://"):
+            url = f"{self._scheme}://{url.split('://', 1)[1]}"
+        return url
 
 
 class _CountingWriter:
@@ -956,6 +1055,17 @@ def _is_s3(fs: Any) -> bool:
     return s3fs is not None and isinstance(fs, s3fs.S3FileSystem)
 
 
+def _publishes_on_completion(fs: Any) -> bool:
+    """Whether an fsspec upload to ``fs`` becomes visible only once complete (nothing partial)."""
+    # memory:// is not: its files are in the store from open() on
+    return type(fs).__module__.split(".")[0] in ("gcsfs", "adlfs")
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 class _TranslatingWriter:
     """Forwards writes to a remote file; the backend's own errors (botocore, aiohttp, ...) become
     :class:`StorageError` naming the URL, so a dead server mid-upload is reported like any outage."""
@@ -978,6 +1088,38 @@ class _TranslatingWriter:
 
     def writable(self) -> bool:
         return True
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (adlfs wraps Azure's errors in RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
+
+
+def _missing_bucket(exc: BaseException) -> bool:
+    """Whether the store said the bucket (S3, GCS) or container (Azure) itself does not exist."""
+    for e in _causes(exc):
+        text = str(e).lower()
+        if getattr(e, "error_code", None) == "ContainerNotFound" or any(word in text for word in _NO_BUCKET):
+            return True
+    return False
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the store refused the credentials or the permission (never worth a retry)."""
+    for e in _causes(exc):
+        if isinstance(e, PermissionError):
+            return True
+        status = getattr(e, "status_code", None) or getattr(e, "code", None)  # azure-core / gcsfs HttpError
+        if isinstance(status, int) and status in _REFUSED:
+            return True
+        if type(e) is OSError and str(e).startswith("Forbidden: "):  # gcsfs's word for HTTP 403
+            return True
+    return False
 
 
 def _bucket_missing(bucket: str, url: str) -> BucketNotFoundError:
