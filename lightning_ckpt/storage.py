@@ -502,7 +502,33 @@ class Storage:
         if not self._atomic_uploads:
             with contextlib.suppress(Exception):
                 self.fs.rm_file(path)
+        elif self._azure:
+            with contextlib.suppress(Exception):
+                self._delete_uncommitted_azure(path)
         self.fs.invalidate_cache(self.root)
+
+    def _delete_uncommitted_azure(self, path: str) -> bool:
+        """Delete the blob at ``path`` if it has staged blocks but was never committed.
+
+        A committed blob of that name is kept (its staged blocks go with the next commit, or after
+        a week); listings never show an uncommitted one, but it holds its blocks until deleted.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+        from fsspec.asyn import sync
+
+        self.fs.invalidate_cache(path)
+        try:
+            self.fs.info(path)
+            return False  # committed: not ours to delete here
+        except FileNotFoundError:
+            pass
+        container, key, _ = self.fs.split_path(path)
+        blob = self.fs.service_client.get_container_client(container).get_blob_client(key)
+        try:
+            sync(self.fs.loop, blob.delete_blob)
+        except ResourceNotFoundError:
+            return False
+        return True
 
     def _write_error(self, exc: BaseException, what: str, url: str) -> Exception:
         """Translate a failed upload; a "not found" there usually means the bucket is missing."""
@@ -657,28 +683,14 @@ class Storage:
         ours = {f"{prefix}/{name}" if prefix else name: name for name in names}
         client = self.fs.service_client.get_container_client(container)
 
-        async def uncommitted() -> builtins.list[str]:
-            seen: dict[str, int] = {}
-            async for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None,
-                                                include=["uncommittedblobs"]):
-                seen[blob.name] = seen.get(blob.name, 0) + 1
-            committed = set()
-            async for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None):
-                committed.add(blob.name)
-            return [key for key in seen if key in ours and key not in committed]
-
-        async def remove(key: str) -> bool:
-            from azure.core.exceptions import ResourceNotFoundError
-
-            try:
-                await client.get_blob_client(key).delete_blob()
-            except ResourceNotFoundError:
-                return False  # committed and deleted, or removed, meanwhile
-            return True
+        async def listed() -> builtins.list[str]:  # committed blobs and never-committed ones
+            return [blob.name async for blob in client.list_blobs(
+                name_starts_with=f"{prefix}/" if prefix else None, include=["uncommittedblobs"])
+                if blob.name in ours]
 
         aborted = []
-        for key in sync(self.fs.loop, uncommitted):
-            if sync(self.fs.loop, remove, key):
+        for key in sync(self.fs.loop, listed):
+            if self._delete_uncommitted_azure(f"{container}/{key}"):
                 aborted.append(ours[key])
         self.fs.invalidate_cache(self.root)
         return aborted
