@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
+from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
@@ -37,7 +39,7 @@ from lightning_ckpt.errors import (
     IncompatibleCheckpointError,
     MonitorNotFoundError,
 )
-from lightning_ckpt.integrity import Manifest, metrics_to_floats
+from lightning_ckpt.integrity import Manifest, manifest_name, metrics_to_floats
 from lightning_ckpt.io import (
     BACKGROUND,
     DEFER_ERRORS,
@@ -49,7 +51,7 @@ from lightning_ckpt.io import (
     is_sharded,
 )
 from lightning_ckpt.manager import CheckpointManager, SaveResult
-from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template
+from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template, versioned_name
 from lightning_ckpt.policies import (
     MODES,
     EveryInterval,
@@ -62,6 +64,9 @@ from lightning_ckpt.policies import (
     OverheadBudget,
     RetentionPolicy,
     SaveTrigger,
+    best_of,
+    is_last_copy,
+    rank_value,
 )
 from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeue_slurm_job
 
@@ -76,11 +81,21 @@ from lightning_ckpt.storage import RetryPolicy, Storage, split_url
 
 __all__ = ["CheckpointCallback"]
 
+#: ``Manifest.extra`` flag of a checkpoint ModelCheckpoint wrote (no manifest) that a migrated run ranks
+ADOPTED = "adopted_from_model_checkpoint"
+
+#: what ``save_last`` accepts: Lightning's values plus ``"copy"`` (two independent files)
+SAVE_LAST_MODES = (None, True, False, "link", "copy")
+
 
 class CheckpointCallback(ModelCheckpoint):
     """Save Lightning checkpoints to any fsspec URL, crash-safely and verified.
 
-    Arguments keep the meaning they have in :class:`lightning.pytorch.callbacks.ModelCheckpoint`:
+    Every argument of the installed Lightning's :class:`lightning.pytorch.callbacks.ModelCheckpoint`
+    is accepted, in the same order and with the same default and meaning (a test compares the two
+    signatures); ours follow as keyword-only arguments. Where the behaviour deliberately differs
+    (only committed checkpoints count, files we did not write are never touched) the README's
+    "where we differ, and why" table says so.
 
     Args:
         dirpath: directory path or URL (``/runs/x``, ``file://``, ``memory://``, ``s3://``, ``gs://``,
@@ -91,7 +106,16 @@ class CheckpointCallback(ModelCheckpoint):
         mode: ``"min"`` or ``"max"``.
         save_top_k: how many to keep: ``k`` best, ``-1`` all, ``0`` none (with ``monitor=None``
             only ``-1``, ``0`` or ``1``).
-        save_last: also keep ``last.ckpt``, refreshed at every save event.
+        save_last: also keep ``last.ckpt`` whenever a checkpoint is saved (as Lightning). ``True``:
+            when the same state was just saved under its own name, a hard link to it on a local
+            disk (a server-side copy on object stores) -- the same bytes, so not a backup;
+            ``"copy"``: always an independent file; ``"link"`` (Lightning's): ``last.ckpt`` points at
+            the newest checkpoint saved (a hard link locally, a server-side copy on object stores).
+        save_on_exception: when another callback or the training step raises, save the state first
+            (as Lightning: ``{filename}`` plus ``last.ckpt``); never masks the error.
+        auto_insert_metric_name: ``"{epoch}"`` formats as ``epoch=3``; ``False``: as ``3``.
+        enable_version_counter: a name already taken gets ``-v1``, ``-v2``, ... (as Lightning);
+            ``False`` replaces our own file of that name (never a file we did not write).
         every_n_epochs: save at the end of every n-th epoch (default 1 when no other trigger).
         every_n_train_steps: save every n optimizer steps.
         train_time_interval: save when this much wall time passed since the last save.
@@ -104,7 +128,8 @@ class CheckpointCallback(ModelCheckpoint):
         save_on_train_epoch_end: save at train-epoch end rather than after validation
             (``None``: decided as in Lightning).
         storage_options: fsspec options (endpoint, credentials, ...) used for every operation.
-        verbose: print a line at every save, Keras-style.
+        verbose: log Lightning's line at every top-k decision (``'val_loss' reached 0.12345
+            (best 0.12345), saving model to ... as top 3`` / ``was not in top 3``).
         retry: retry policy for transient storage errors.
         fail_on_save_error: fail the run on any failed save. By default a failed periodic save warns
             loudly (older checkpoints stay intact) and the next save tries again; the final save of
@@ -136,17 +161,21 @@ class CheckpointCallback(ModelCheckpoint):
         dirpath: str | os.PathLike[str] | None = None,
         filename: str | None = None,
         monitor: str | None = None,
-        mode: str = "min",
+        verbose: bool = False,
+        save_last: bool | Literal["link", "copy"] | None = None,
         save_top_k: int = 1,
-        save_last: bool | None = None,
-        every_n_epochs: int | None = None,
+        save_on_exception: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "min",
+        auto_insert_metric_name: bool = True,
         every_n_train_steps: int | None = None,
         train_time_interval: timedelta | None = None,
-        overhead_budget: float | OverheadBudget | None = None,
-        save_weights_only: bool = False,
+        every_n_epochs: int | None = None,
         save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+        *,
+        overhead_budget: float | OverheadBudget | None = None,
         storage_options: dict[str, Any] | None = None,
-        verbose: bool = False,
         retry: RetryPolicy | None = None,
         fail_on_save_error: bool = False,
         async_save: bool = False,
@@ -166,8 +195,8 @@ class CheckpointCallback(ModelCheckpoint):
                 f"save_top_k={save_top_k} with monitor=None has no quantity to rank by: "
                 "pass monitor=... or use save_top_k in (-1, 0, 1)"
             )
-        if save_last not in (None, True, False):
-            raise ConfigurationError(f"save_last={save_last!r} must be True, False or None")
+        if save_last not in SAVE_LAST_MODES:
+            raise ConfigurationError(f"save_last={save_last!r} must be one of {SAVE_LAST_MODES}")
         if filename is not None:
             validate_template(filename)
         if storage_options is not None and not isinstance(storage_options, dict):
@@ -192,6 +221,9 @@ class CheckpointCallback(ModelCheckpoint):
         if len(chosen) > 1:
             raise ConfigurationError(f"{' and '.join(chosen)} are mutually exclusive: choose one save trigger")
 
+        self.save_on_exception = bool(save_on_exception)
+        self.auto_insert_metric_name = bool(auto_insert_metric_name)
+        self._enable_version_counter = bool(enable_version_counter)
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k
@@ -222,10 +254,12 @@ class CheckpointCallback(ModelCheckpoint):
         self._every_n_train_steps = every_n_train_steps or 0
         self._train_time_interval = train_time_interval
         self.overhead_budget = budget
-        if every_n_epochs is None:
-            every_n_epochs = 0 if (every_n_train_steps or train_time_interval or budget) else 1
+        if every_n_epochs is None:  # as Lightning: 1 only when no other trigger was given at all
+            no_other = every_n_train_steps is None and train_time_interval is None and budget is None
+            every_n_epochs = 1 if no_other else 0
         self._every_n_epochs = every_n_epochs
         self.trigger: SaveTrigger | None = budget or _trigger(every_n_epochs, every_n_train_steps, train_time_interval)
+        self._provisional: Manifest | None = None
         # the budget's clock both times saves and says when one is due (injectable in tests)
         self._clock: Callable[[], float] = budget.clock if budget is not None else time.monotonic
         self.retention: RetentionPolicy = _retention(save_top_k, monitor, mode)
@@ -251,21 +285,45 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_global_step_saved = 0
         self._last_time_saved = self._clock()
         self._last_saved_name: tuple[int, str] | None = None
+        # Lightning's own names for the same facts (its hooks and tests read them)
+        self._last_checkpoint_saved = ""
+        self._last_time_checked: float | None = None
+        self._defer_save_until_validation = False
+        self._migrated: dict[str, Any] | None = None
 
     # -- identity -------------------------------------------------------------------------
 
     @property
     def state_key(self) -> str:
-        # the budget joins the key only when set: keys of checkpoints written without it stay valid
+        """Lightning's own key for a ``ModelCheckpoint`` of these settings.
+
+        So a checkpoint written by stock ``ModelCheckpoint`` restores this callback's bookkeeping,
+        code reading ``checkpoint["callbacks"]`` by Lightning's key finds ours, and stock
+        ``ModelCheckpoint`` restores from ours. An ``overhead_budget`` (which stock Lightning lacks)
+        joins the key only when set.
+        """
+        return "ModelCheckpoint" + repr(self._state_key_fields())
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # the key older versions of this callback wrote; Lightning looks it up when state_key is absent
+        return type(self).__qualname__ + repr(self._state_key_fields())
+
+    def _state_key_fields(self) -> dict[str, Any]:
         budget = {} if self.overhead_budget is None else {"overhead_budget": self.overhead_budget.budget}
-        return self._generate_state_key(
-            monitor=self.monitor,
-            mode=self.mode,
-            every_n_train_steps=self._every_n_train_steps,
-            every_n_epochs=self._every_n_epochs,
-            train_time_interval=self._train_time_interval,
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "every_n_train_steps": self._every_n_train_steps,
+            "every_n_epochs": self._every_n_epochs,
+            "train_time_interval": self._train_time_interval,
             **budget,
-        )
+        }
+
+    @property
+    def _fs(self) -> Any:
+        """The fsspec filesystem of ``dirpath`` with our storage options (ModelCheckpoint's ``_fs``)."""
+        return self.manager.storage.fs
 
     @property
     def owner(self) -> str:
@@ -298,6 +356,7 @@ class CheckpointCallback(ModelCheckpoint):
     # -- setup and resume -----------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _mute_last_hint(False)
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
@@ -353,11 +412,19 @@ class CheckpointCallback(ModelCheckpoint):
             if manifest is not None:
                 found.append((manifest.global_step or 0, manifest.created, manager, manifest))
         if not found:
+            stock = self._stock_last()
+            if stock is not None:
+                rank_zero_warn(f"lightning-ckpt: no committed checkpoint in {self.dirpath}; resuming from "
+                               f"{stock}, written without a manifest (by ModelCheckpoint?): it is not verified",
+                               category=CheckpointWarning)
+                return {stock if not self.storage_options else io.resume_pointer(stock)}
             rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
+            # Lightning follows with "HINT: Set ModelCheckpoint(..., save_last=True)", which does not
+            # apply to this callback: silence exactly that warning until setup() (the next hook)
+            _mute_last_hint(True)
             return set()
         *_, manager, latest = max(found, key=lambda f: (f[0], f[1]))
         url = manager.url_of(latest.name)
-        rank_zero_info(f"lightning-ckpt: resuming from {url} (epoch {latest.epoch}, step {latest.global_step})")
         # Lightning stats the path with a filesystem built without storage options (and a sharded
         # checkpoint is a directory, which object stores cannot stat)
         return {url if not (self.storage_options or latest.sharded) else io.resume_pointer(url)}
@@ -375,6 +442,15 @@ class CheckpointCallback(ModelCheckpoint):
             category=CheckpointWarning,
         )
         return False
+
+    def _stock_last(self) -> str | None:
+        """A ``last.ckpt`` that stock ModelCheckpoint wrote here (no manifest, not an interrupted save of ours)."""
+        pattern = re.compile(rf"^{re.escape(LAST_NAME)}(-(\d+))?(-v\d+)?{re.escape(EXTENSION)}$")
+        names = [n for n in self.manager.scan().unmanaged if pattern.match(n)]
+        if not names:
+            return None
+        fs = self.manager.storage.fs
+        return max((self.manager.url_of(n) for n in names), key=lambda url: fs.modified(url))
 
     @property
     def _has_fallback(self) -> bool:
@@ -403,6 +479,9 @@ class CheckpointCallback(ModelCheckpoint):
         if loaded is None:
             return
         self._last_global_step_saved = trainer.global_step
+        if trainer.ckpt_path is not None:
+            rank_zero_info(f"lightning-ckpt: resuming from {loaded} (epoch {trainer.current_epoch}, "
+                           f"step {trainer.global_step})")
         directory, name = split_url(loaded)
         if Storage(directory, self.storage_options).url == self.dirpath:
             # resuming this callback's own run: continue its bookkeeping from what storage holds,
@@ -448,6 +527,9 @@ class CheckpointCallback(ModelCheckpoint):
     def _reconcile(self, trainer: pl.Trainer) -> None:
         """Rebuild top-k, best and last from what storage actually holds (rank 0 decides)."""
         records = self.manager.manifests(owner=self.owner) if trainer.is_global_zero else None
+        if records is not None:
+            records += self._adopt(records)
+        self._migrated = None
         records = trainer.strategy.broadcast(records)
         self._records = list(records or [])
         self._refresh_bookkeeping()
@@ -455,6 +537,34 @@ class CheckpointCallback(ModelCheckpoint):
         last = trainer.strategy.broadcast(last)
         if last:
             self.last_model_path = self.manager.url_of(last[-1].name)
+
+    def _adopt(self, records: list[Manifest]) -> list[Manifest]:
+        """Checkpoints of a run written by stock ModelCheckpoint, ranked by the state it saved.
+
+        They join top-k, best and k-th as Lightning would continue them; having no manifest they
+        are unverified, so retention never deletes them (they only leave the bookkeeping).
+        """
+        state = self._migrated
+        if not state or self.monitor is None or state.get("monitor") != self.monitor:
+            return []
+        known = {r.name for r in records}
+        unmanaged = set(self.manager.scan().unmanaged)
+        adopted = []
+        for order, (path, score) in enumerate((state.get("best_k_models") or {}).items()):
+            try:
+                directory, name = split_url(str(path))
+            except CheckpointError:
+                continue
+            if name in known or name not in unmanaged or not self._same_dir(directory):
+                continue
+            value = float(score)
+            adopted.append(Manifest(name=name, size=0, sha256="", global_step=0, created=float(order),
+                                    metrics={self.monitor: value}, monitor=self.monitor, mode=self.mode,
+                                    owner=self.owner, extra={ADOPTED: True}))
+        if adopted:
+            rank_zero_info(f"lightning-ckpt: continuing the top {self.save_top_k} of a ModelCheckpoint run: "
+                           f"{', '.join(m.name for m in adopted)} (no manifests: unverified, never deleted)")
+        return adopted
 
     # -- triggers (Lightning's semantics) -------------------------------------------------
 
@@ -489,7 +599,14 @@ class CheckpointCallback(ModelCheckpoint):
         if not due:
             self._maybe_preempt(trainer)
             return
-        if self.exact_resume and _validation_follows(trainer):
+        self._last_time_checked = self._clock()
+        if self.monitor is not None and self.monitor not in self._candidates(trainer):
+            # as Lightning: the monitored value is not logged yet (validation-only): save after validation
+            self._defer_save_until_validation = True
+            return
+        lightning_defers = (self.monitor is not None and not self._should_save_on_train_epoch_end(trainer)
+                            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if (self.exact_resume or lightning_defers) and _validation_follows(trainer):
             # Lightning skips a validation that was due at the restart point, so a checkpoint taken
             # now would resume without the random draws that validation makes: take it right after
             # the validation instead (same weights, fresher metrics)
@@ -519,7 +636,11 @@ class CheckpointCallback(ModelCheckpoint):
         if self._deferred_step is not None and not trainer.sanity_checking:
             self._save_step(trainer)
         if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
-            self._save_on_epoch(trainer)
+            if self._defer_save_until_validation:
+                self._defer_save_until_validation = False
+                self._save_step(trainer)
+            else:
+                self._save_on_epoch(trainer)
         if not trainer.sanity_checking:
             self._maybe_preempt(trainer)
 
@@ -527,20 +648,45 @@ class CheckpointCallback(ModelCheckpoint):
         candidates = self._candidates(trainer)
         if self.trigger is not None and self.trigger.due_on_epoch(trainer.current_epoch):
             self._save_topk(trainer, candidates)
-        self._save_last(trainer, candidates)
+        # as Lightning: last.ckpt follows a save of this event ("link": it points at the newest saved)
+        if self._last_global_step_saved == trainer.global_step or (
+            self.save_last == "link" and self._last_checkpoint_saved
+        ):
+            self._save_last(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Wait for background saves: a run ends with its checkpoints durable (or fails saying why)."""
+        """Wait for background saves: a run ends with its checkpoints durable (or fails saying why).
+
+        As Lightning, a run that never saved anything still ends with ``last.ckpt`` when asked for.
+        """
         self._release_signals()
+        if self.save_last and not self._last_checkpoint_saved:
+            self._save_last(trainer, self._candidates(trainer))
         self._settle(trainer, wait=True, final=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Abandon background saves: nothing half-written becomes visible; never mask the error."""
+        """Abandon background saves (nothing half-written becomes visible); with ``save_on_exception``
+        save the state as Lightning does; never mask the error."""
         self._release_signals()
         io = trainer.strategy._checkpoint_io
         if self._pending and isinstance(io, ManagedCheckpointIO):
             io.abandon()
         self._pending = []
+        if self.dirpath is None or not self._should_save_on_exception(trainer):
+            return
+        candidates = self._candidates(trainer)
+        try:
+            name = self._unique_name(trainer, candidates, None)
+            record = self._save(trainer, name, candidates, self.owner + "/exception", sync=True)
+            if record is not None:
+                self._save_last(trainer, candidates)
+        except CheckpointError as exc:  # the run fails with its own error, not ours
+            rank_zero_warn(f"lightning-ckpt: could not save on {type(exception).__name__}: {exc}",
+                           category=CheckpointWarning)
+            return
+        if record is not None:
+            rank_zero_info(f"An {type(exception).__name__} was raised with message: {exception}, "
+                           f"saved checkpoint to {self.manager.url_of(name)}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_signals()
@@ -600,6 +746,8 @@ class CheckpointCallback(ModelCheckpoint):
     def _save_topk(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
         if self.save_top_k == 0:
             return
+        replaceable: str | None = None  # Lightning's del_filepath: the file this save pushes out
+        current: float | None = None
         if self.monitor is not None:
             if self.monitor not in candidates:
                 message = (
@@ -612,50 +760,124 @@ class CheckpointCallback(ModelCheckpoint):
                 return
             current = candidates[self.monitor]
             assert isinstance(self.retention, (KeepTopK, KeepAll))
-            if isinstance(self.retention, KeepTopK) and not self.retention.admits(current, self._records):
-                if self.verbose:
-                    self._say(trainer, f"{self.monitor} did not improve from {self._kth_text()}")
-                return
-            previous_best = self.best_model_score
-        else:
-            previous_best = None
-        name = self._unique_name(candidates)
+            if isinstance(self.retention, KeepTopK):
+                if not self.retention.admits(current, self._records):
+                    if self.verbose:
+                        rank_zero_info(f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: "
+                                       f"{self.monitor!r} was not in top {self.save_top_k}")
+                    return
+                ranked = self.retention.ranked(self._records)
+                if len(ranked) >= self.save_top_k:
+                    replaceable = ranked[self.save_top_k - 1].name
+        elif self._records:  # as Lightning: the previous "best" (the newest) may be overwritten by name
+            replaceable = max(self._records, key=lambda r: (r.global_step or 0, r.created)).name
+        shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
+        name = self._unique_name(trainer, candidates, replaceable)
         chain = self._copy_to_last(name) if self.async_save and self.save_last else None
-        record = self._save(trainer, name, candidates, self.owner, on_done=chain)
+        # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
+        before = (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
+                  self.kth_value, self.current_score)
+        self._provisional = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
+                                     global_step=trainer.global_step, metrics=candidates, monitor=self.monitor,
+                                     owner=self.owner)
+        self._refresh_bookkeeping()
+        if current is not None:
+            self.current_score = torch.tensor(rank_value(current, self.mode))
+        try:
+            record = self._save(trainer, name, candidates, self.owner, on_done=chain)
+        finally:
+            self._provisional = None
         if record is None:
+            (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
+             self.kth_value, self.current_score) = before
             return
         self._records = [r for r in self._records if r.name != name] + [record]
         self._last_saved_name = (trainer.global_step, name)
         self._prune(trainer)
         self._refresh_bookkeeping()
         if self.monitor is None:
-            self._best_model_path = self.manager.url_of(name)
+            return
         if self.verbose:
-            self._say_saved(trainer, name, previous_best)
+            rank_zero_info(
+                f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: {self.monitor!r} reached "
+                f"{float(self.current_score):0.5f} (best {float(self.best_model_score):0.5f}), saving model to "
+                f"{self.manager.url_of(name)!r} as top {shown_k}"
+            )
 
     def _save_last(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
         if not self.save_last:
             return
-        name = LAST_NAME + EXTENSION
-        if self._last_saved_name and self._last_saved_name[0] == trainer.global_step and self.async_save:
-            pass  # the copy runs in the background right after that save commits (_copy_to_last)
-        elif self._last_saved_name and self._last_saved_name[0] == trainer.global_step:
-            # the same state was just committed under another name: copy it (hard link on a local
-            # disk, server-side copy on object stores) instead of serializing it twice
-            error = None
-            if trainer.is_global_zero:
-                try:
-                    self.manager.copy(self._last_saved_name[1], name, owner=self._last_owner)
-                except CheckpointError as exc:
-                    error = exc
-            io = trainer.strategy._checkpoint_io
-            if isinstance(io, ManagedCheckpointIO):
-                io.last_error = error
-            if not self._save_succeeded(trainer, name):
+        name = self._last_name(trainer, candidates)
+        twin = self._last_saved_name[1] if self._last_saved_name else None
+        same_step = bool(self._last_saved_name and self._last_saved_name[0] == trainer.global_step)
+        if self.save_last == "link" and self.save_top_k != 0 and self._last_checkpoint_saved:
+            # Lightning's "link": last points at the newest checkpoint saved, whatever its step
+            source = split_url(self._last_checkpoint_saved)[1]
+            if source == name:
+                return  # last.ckpt itself was the newest save: it is current
+            pending = self.async_save and any(r.name == source for r, _ in self._pending)
+            if not pending and not self._copy_last(trainer, source, name, link=True):
                 return
-        elif self._save(trainer, name, candidates, self._last_owner) is None:
+        elif same_step and twin is not None and self.async_save:
+            pass  # the copy runs in the background right after that save commits (_copy_to_last)
+        elif same_step and twin is not None:
+            # the same state was just committed under another name: copy it (True: a hard link on a
+            # local disk; "copy": an independent file; a server-side copy on object stores) instead
+            # of serializing it twice
+            if not self._copy_last(trainer, twin, name, link=self.save_last is True):
+                return
+        else:
+            previous = self.last_model_path
+            self.last_model_path = self.manager.url_of(name)  # as Lightning: part of its own state
+            saved = self._save(trainer, name, candidates, self._last_owner)
+            self.last_model_path = previous
+            if saved is None:
+                return
+        previous, self.last_model_path = self.last_model_path, self.manager.url_of(name)
+        if previous and previous != self.last_model_path and trainer.is_global_zero:
+            self._drop_previous_last(previous)
+
+    def _copy_last(self, trainer: pl.Trainer, source: str, name: str, link: bool) -> bool:
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.manager.copy(source, name, link=link, owner=self._last_owner)
+            except CheckpointError as exc:
+                error = exc
+        io = trainer.strategy._checkpoint_io
+        if isinstance(io, ManagedCheckpointIO):
+            io.last_error = error
+        return self._save_succeeded(trainer, name)
+
+    def _last_name(self, trainer: pl.Trainer, candidates: dict[str, float]) -> str:
+        """``last.ckpt`` (``CHECKPOINT_NAME_LAST`` may be a template), versioned as Lightning when
+        another callback's or another run's file already has that name."""
+        base = format_checkpoint_name(self.CHECKPOINT_NAME_LAST, candidates, self.auto_insert_metric_name, suffix="")
+        name = base + EXTENSION
+        if not self._enable_version_counter:
+            return name
+        mine = split_url(self.last_model_path)[1] if self.last_model_path else None
+        return self._versioned(trainer, base, lambda n: n != mine and self._last_taken(n))
+
+    def _last_taken(self, name: str) -> bool:
+        """A file ``name`` exists that is not a last.ckpt of this callback."""
+        if not self.manager.storage.exists(name):
+            return False
+        try:
+            return self.manager.read_manifest(name).owner != self._last_owner
+        except CheckpointError:
+            return True
+
+    def _drop_previous_last(self, previous: str) -> None:
+        """A templated ``CHECKPOINT_NAME_LAST`` made a new last file: delete our previous one."""
+        directory, name = split_url(previous)
+        if Storage(directory, self.storage_options).url != self.dirpath:
             return
-        self.last_model_path = self.manager.url_of(name)
+        try:
+            if self.manager.read_manifest(name).owner == self._last_owner:
+                self.manager.delete(name)
+        except CheckpointError:
+            pass  # not ours, or already gone: never touched
 
     @property
     def _last_owner(self) -> str:
@@ -663,11 +885,11 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _copy_to_last(self, name: str) -> Callable[[SaveResult], None]:
         """A background step after ``name`` commits: make ``last.ckpt`` a copy of it."""
-        manager, owner = self.manager, self._last_owner
+        manager, owner, link = self.manager, self._last_owner, self.save_last != "copy"
 
         def copy(result: SaveResult) -> None:
             try:
-                manager.copy(name, LAST_NAME + EXTENSION, owner=owner)
+                manager.copy(name, LAST_NAME + EXTENSION, link=link, owner=owner)
             except CheckpointError as exc:  # the checkpoint itself committed: report, don't fail it
                 warnings.warn(f"could not refresh {manager.url_of(LAST_NAME + EXTENSION)}: {exc}",
                               CheckpointWarning, stacklevel=1)
@@ -681,14 +903,15 @@ class CheckpointCallback(ModelCheckpoint):
         candidates: dict[str, float],
         owner: str,
         on_done: Callable[[SaveResult], None] | None = None,
+        sync: bool = False,
     ) -> Manifest | None:
         if self.overhead_budget is None:
-            return self._save_now(trainer, name, candidates, owner, on_done)
+            return self._save_now(trainer, name, candidates, owner, on_done, sync)
         # what training waits for: waiting on the previous background save, Lightning's state dump,
         # and the write (or only the snapshot, with async_save); a failed save cost time as well
         start = self._clock()
         try:
-            return self._save_now(trainer, name, candidates, owner, on_done)
+            return self._save_now(trainer, name, candidates, owner, on_done, sync)
         finally:
             self.overhead_budget.record(self._clock() - start, trainer.global_step)
 
@@ -699,6 +922,7 @@ class CheckpointCallback(ModelCheckpoint):
         candidates: dict[str, float],
         owner: str,
         on_done: Callable[[SaveResult], None] | None,
+        sync: bool = False,
     ) -> Manifest | None:
         # the run's last save never skips: it waits for the one in flight; so does every sharded
         # save (skipping would be a decision every rank must share, and DCP runs one at a time)
@@ -715,7 +939,7 @@ class CheckpointCallback(ModelCheckpoint):
             "owner": owner,
             "weights_only": self.save_weights_only,
         }
-        background = self.async_save
+        background = self.async_save and not sync
         extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
         if background:
             extra[BACKGROUND] = self.when_busy
@@ -726,6 +950,10 @@ class CheckpointCallback(ModelCheckpoint):
         self._write(trainer, self.manager.url_of(name), self.save_weights_only, {SAVE_META_KEY: {**meta, **extra}})
         if not self._save_succeeded(trainer, name):
             return None
+        self._last_checkpoint_saved = self.manager.url_of(name)
+        if trainer.is_global_zero:  # as Lightning: loggers that upload checkpoints hear of each save
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
         if not background:
             if io.last_save is not None:
                 self._log_save_metrics(trainer, io.last_save)
@@ -837,25 +1065,57 @@ class CheckpointCallback(ModelCheckpoint):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 
-    def _unique_name(self, candidates: dict[str, float]) -> str:
-        """The templated name; a clash with an older checkpoint of another step gets ``-vN``."""
-        base = format_checkpoint_name(self.filename, candidates, suffix="")
-        taken = {r.name: r.global_step for r in self._records}
-        name, version = base + EXTENSION, 1
-        while name in taken and taken[name] != int(candidates["step"]) or name == LAST_NAME + EXTENSION:
-            name = f"{base}-v{version}{EXTENSION}"
-            version += 1
-        return name
+    def _unique_name(self, trainer: pl.Trainer, candidates: dict[str, float], replaceable: str | None) -> str:
+        """The templated name, with Lightning's ``-vN`` when a file of that name exists already.
+
+        As Lightning, the file this save pushes out of the top k (``replaceable``) is reused, and
+        ``enable_version_counter=False`` reuses any name -- but never a file we did not write, and
+        never a last.ckpt.
+        """
+        base = format_checkpoint_name(self.filename, candidates, self.auto_insert_metric_name, suffix="")
+        if not self._enable_version_counter:
+            return self._versioned(trainer, base, self._foreign)
+        return self._versioned(trainer, base, lambda n: n != replaceable and self._taken(n))
+
+    def _versioned(self, trainer: pl.Trainer, base: str, taken: Callable[[str], bool]) -> str:
+        """Rank 0 looks at storage; every rank uses its answer."""
+        name = None
+        if trainer.is_global_zero:
+            name = versioned_name(base, taken)
+        return trainer.strategy.broadcast(name)
+
+    def _taken(self, name: str) -> bool:
+        if name == LAST_NAME + EXTENSION or any(r.name == name for r, _ in self._pending):
+            return True
+        return self.manager.storage.exists(name) or self.manager.storage.exists(manifest_name(name))
+
+    def _foreign(self, name: str) -> bool:
+        """A file we may not replace: not committed by us, or a last.ckpt."""
+        if name == LAST_NAME + EXTENSION:
+            return True
+        if not self.manager.storage.exists(name):
+            return False
+        try:
+            return is_last_copy(self.manager.read_manifest(name))
+        except CheckpointError:
+            return True
 
     def _prune(self, trainer: pl.Trainer) -> None:
         # only committed checkpoints compete: one still persisting may yet fail
         persisting = {r.name for r, _ in self._pending}
+        if self._provisional is not None:
+            persisting.add(self._provisional.name)  # being written right now
         committed = [r for r in self._records if r.name not in persisting]
         # the policy `lightning-ckpt prune` applies too: ours, plus the newest of our checkpoints
         keep = KeepUnion((self.retention,)).keep(committed) | self._protected | persisting
         doomed = [r.name for r in committed if r.name not in keep]
+        adopted = {r.name for r in committed if r.extra.get(ADOPTED)}
         if doomed and trainer.is_global_zero:
             for name in doomed:
+                if name in adopted:
+                    rank_zero_info(f"lightning-ckpt: {self.manager.url_of(name)} left the top {self.save_top_k}; "
+                                   "it was written without a manifest (by ModelCheckpoint), so it is left in place")
+                    continue
                 try:
                     self.manager.delete(name)
                 except CheckpointError as exc:
@@ -864,44 +1124,37 @@ class CheckpointCallback(ModelCheckpoint):
         self._records = [r for r in self._records if r.name not in doomed]
 
     def _refresh_bookkeeping(self) -> None:
+        """best / top-k / k-th as Lightning's ModelCheckpoint reports them, from our records.
+
+        While a save is in progress (``_provisional``) it counts already, and what retention will
+        drop once it commits no longer does -- the state Lightning writes into that checkpoint.
+        """
+        records = self._records
+        if self._provisional is not None:
+            records = [r for r in records if r.name != self._provisional.name] + [self._provisional]
+            keep = KeepUnion((self.retention,)).keep(records) | self._protected | {self._provisional.name}
+            records = [r for r in records if r.name in keep]
         if self.monitor is None:
-            if self._records:
-                newest = max(self._records, key=lambda r: (r.global_step or 0, r.created))
+            if records:
+                newest = max(records, key=lambda r: (r.global_step or 0, r.created))
                 self._best_model_path = self.manager.url_of(newest.name)
             return
-        ranked = KeepTopK(len(self._records), self.monitor, self.mode).ranked(self._records)
-        self.best_k_models = {self.manager.url_of(r.name): torch.tensor(r.score) for r in ranked}
-        if ranked:
-            self._best_model_path = self.manager.url_of(ranked[0].name)
-            self.best_model_score = torch.tensor(ranked[0].score)
-            kth = ranked[min(len(ranked), self.save_top_k if self.save_top_k > 0 else len(ranked)) - 1]
+        ranked = KeepTopK(len(records), self.monitor, self.mode).ranked(records)
+        in_order = sorted(ranked, key=lambda r: (r.global_step or 0, r.created))  # Lightning's insertion order
+        self.best_k_models = {
+            self.manager.url_of(r.name): torch.tensor(rank_value(r.metrics.get(self.monitor), self.mode))
+            for r in in_order
+        }
+        if not ranked:
+            return
+        best = best_of(ranked, self.monitor, self.mode)[0]
+        self._best_model_path = self.manager.url_of(best.name)
+        self.best_model_score = torch.tensor(rank_value(best.metrics.get(self.monitor), self.mode))
+        k = self.save_top_k
+        if k == -1 or len(ranked) >= k:  # Lightning names a k-th only once k are kept
+            kth = ranked[-1] if k == -1 else ranked[k - 1]
             self.kth_best_model_path = self.manager.url_of(kth.name)
-            self.kth_value = torch.tensor(kth.score)
-            self.current_score = torch.tensor(ranked[-1].score)
-
-    # -- messages ---------------------------------------------------------------------------
-
-    def _kth_text(self) -> str:
-        return f"{float(self.kth_value):.5g}" if self._records else "nothing"
-
-    def _say(self, trainer: pl.Trainer, text: str) -> None:
-        if trainer.is_global_zero:
-            print(f"Epoch {trainer.current_epoch}, global step {trainer.global_step}: {text}")
-
-    def _say_saved(self, trainer: pl.Trainer, name: str, previous_best: torch.Tensor | None) -> None:
-        url = self.manager.url_of(name)
-        current = next((r.score for r in reversed(self._records) if r.name == name), None)
-        best = float(self.best_model_score) if self.best_model_score is not None else None
-        if self.monitor is None or current is None or best is None:
-            self._say(trainer, f"saving checkpoint to {url}")
-        elif previous_best is None:
-            self._say(trainer, f"{self.monitor} = {current:.5g}, saving to {url}")
-        elif current == best:
-            self._say(trainer, f"{self.monitor} improved from {float(previous_best):.5g} to {current:.5g}, "
-                               f"saving to {url}")
-        else:
-            self._say(trainer, f"{self.monitor} = {current:.5g} enters the top {self.save_top_k} "
-                               f"(best {best:.5g}), saving to {url}")
+            self.kth_value = torch.tensor(rank_value(kth.metrics.get(self.monitor), self.mode))
 
     # -- Lightning state --------------------------------------------------------------------
 
@@ -933,7 +1186,9 @@ class CheckpointCallback(ModelCheckpoint):
                 self._rng_to_restore = per_rank[distributed.rank()]
             else:
                 self._rng_to_restore = state_dict["rng"]
-        if state_dict.get("dirpath") != self.dirpath:
+        # as Lightning: best_model_path always; the rest only when the directory is the same
+        self._best_model_path = state_dict.get("best_model_path", "") or ""
+        if not self._same_dir(state_dict.get("dirpath")):
             warnings.warn(
                 f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
                 f"saves to {self.dirpath!r}, so its top-k and best state start from what that directory holds",
@@ -941,10 +1196,25 @@ class CheckpointCallback(ModelCheckpoint):
                 stacklevel=2,
             )
             return
-        # what storage actually holds wins; see _reconcile (run at on_train_start)
+        # what storage actually holds wins (see _reconcile, run at on_train_start); a run written by
+        # stock ModelCheckpoint (no manifests) keeps its top-k from this state
+        self._migrated = state_dict
         self.best_model_score = state_dict.get("best_model_score")
-        self._best_model_path = state_dict.get("best_model_path", "")
-        self.last_model_path = state_dict.get("last_model_path", "")
+        self.best_k_models = dict(state_dict.get("best_k_models") or {})
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path) or ""
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.last_model_path = state_dict.get("last_model_path", "") or ""
+
+    def _same_dir(self, other: Any) -> bool:
+        if not isinstance(other, (str, os.PathLike)) or self.dirpath is None:
+            return False
+        try:
+            url = Storage(os.fspath(other), self.storage_options).url
+        except CheckpointError:
+            return False
+        if url == self.dirpath:
+            return True
+        return "://" not in url and "://" not in self.dirpath and os.path.realpath(url) == os.path.realpath(self.dirpath)
 
 
 def _terminal_bar(verb: str, name: str) -> TransferProgress | None:
@@ -955,6 +1225,24 @@ def _terminal_bar(verb: str, name: str) -> TransferProgress | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     return TransferProgress(f"lightning-ckpt: {verb} {name}")
+
+
+#: Lightning's hint after ``ckpt_path="last"`` found nothing ("set ModelCheckpoint(save_last=True)")
+_LAST_HINT = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _mute_last_hint(mute: bool) -> None:
+    """Ignore Lightning's save_last hint between our "starting fresh" line and the next hook.
+
+    The hint tells ModelCheckpoint users to set ``save_last=True``; for this callback, which finds
+    its newest committed checkpoint without it, it is wrong. Only that one message is filtered,
+    and only until ``setup`` (the next hook Lightning calls) removes the filter again.
+    """
+    warnings.filters[:] = [f for f in warnings.filters if not (f[1] is not None and f[1].pattern == _LAST_HINT)]
+    if mute:
+        warnings.filterwarnings("ignore", message=_LAST_HINT)
+    else:
+        warnings._filters_mutated()  # type: ignore[attr-defined]
 
 
 def _is_final_save(trainer: pl.Trainer) -> bool:

@@ -50,7 +50,7 @@ from lightning_ckpt.errors import (
     UncommittedCheckpointError,
 )
 from lightning_ckpt.integrity import PENDING_SUFFIX, Manifest, manifest_name
-from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
+from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy, is_last_copy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import Storage, split_url
 
@@ -302,7 +302,10 @@ def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | N
         ranked = KeepBestBy(1, key, mode or _inferred_mode(group) or "min").ranked(group)
         if ranked:
             top = ranked[0].metrics[key]
-            names |= {m.name for m in ranked if m.metrics[key] == top}
+            tied = [m for m in ranked if m.metrics[key] == top]
+            # a last.ckpt copy is not a second best: star it only when its twin is gone
+            originals = [m for m in tied if not is_last_copy(m)]
+            names |= {m.name for m in (originals or tied)}
     return names
 
 

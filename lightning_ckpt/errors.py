@@ -23,6 +23,12 @@ subclass also derives from the builtin a caller would naturally catch, so
 Warnings (a damaged checkpoint skipped by ``"last"``, a failed periodic save that the next save
 retries) are :class:`CheckpointWarning`.
 
+:class:`ConfigurationError` is also Lightning's ``MisconfigurationException`` (so an
+``except MisconfigurationException`` written for ``ModelCheckpoint`` keeps working) once Lightning
+is imported: by ``import lightning`` before this module, or by importing anything of ours that uses
+Lightning (``CheckpointCallback``, ``ManagedCheckpointIO``). This module never imports Lightning
+itself, so the CLI and plain-PyTorch users do not pay for it.
+
 Only a real "not found" means "absent"; every other I/O failure is a :class:`StorageError`
 carrying the URL and the cause, so an outage is never mistaken for "no checkpoint yet". A missing
 bucket is not "no checkpoint yet" either (a typo in the URL must not start a run afresh), so
@@ -30,6 +36,8 @@ bucket is not "no checkpoint yet" either (a typo in the URL must not start a run
 """
 
 from __future__ import annotations
+
+import sys
 
 __all__ = [
     "BucketNotFoundError",
@@ -58,6 +66,17 @@ class CheckpointError(Exception):
 
 class ConfigurationError(CheckpointError, ValueError):
     """Invalid arguments or an invalid combination of them."""
+
+
+def adopt_lightning_base() -> None:
+    """Make :class:`ConfigurationError` a subclass of Lightning's ``MisconfigurationException``.
+
+    Called by the modules that import Lightning anyway; idempotent.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if not issubclass(ConfigurationError, MisconfigurationException):
+        ConfigurationError.__bases__ = (*ConfigurationError.__bases__, MisconfigurationException)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -129,3 +148,7 @@ class UnsupportedURLError(StorageError, ValueError):
 
 class CheckpointWarning(UserWarning):
     """Something was skipped or retried; training goes on, but a human should know."""
+
+
+if "lightning.fabric.utilities.exceptions" in sys.modules:  # Lightning is loaded already: no cost
+    adopt_lightning_base()

@@ -23,12 +23,14 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lightning_ckpt import distributed
 from lightning_ckpt.async_saver import AsyncSaver, PendingSave
-from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError
+from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError, adopt_lightning_base
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.sharded import ShardedCheckpointer, ShardedPendingSave
 from lightning_ckpt.storage import split_url
+
+adopt_lightning_base()  # Lightning is loaded here: ConfigurationError becomes a MisconfigurationException
 
 __all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "bypasses_checkpoint_io", "is_sharded"]
 

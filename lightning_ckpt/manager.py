@@ -62,7 +62,7 @@ from lightning_ckpt.integrity import (
     parse_json,
     versions,
 )
-from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy
+from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy, best_of
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, open_regular, split_url
 from lightning_ckpt.unpickle import refused_global
@@ -238,8 +238,12 @@ class CheckpointManager:
         self._end(name)
         return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
 
-    def copy(self, src: str, dst: str, **changes: Any) -> SaveResult:
-        """Commit ``dst`` as a copy of committed ``src`` (e.g. ``last.ckpt``); server-side on stores."""
+    def copy(self, src: str, dst: str, link: bool = True, **changes: Any) -> SaveResult:
+        """Commit ``dst`` as a copy of committed ``src`` (e.g. ``last.ckpt``); server-side on stores.
+
+        On a local disk ``link=True`` hard-links (the same bytes under two names), ``link=False``
+        writes an independent copy.
+        """
         start = time.perf_counter()
         manifest = self.read_manifest(src)
         self._begin(dst)
@@ -250,7 +254,7 @@ class CheckpointManager:
                 for path in manifest.files:
                     source.copy_to(path, target)
             else:
-                self.storage.copy(src, dst)
+                self.storage.copy(src, dst, link=link)
             fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
             copied = Manifest(**fields)
             self._write_manifest(copied)
@@ -673,10 +677,15 @@ class CheckpointManager:
         return self._first_valid(reversed(candidates), keep) or self._none_left(found, "last")
 
     def best(self, monitor: str, mode: str = "min", owner: str | None = None, keep: bool = False) -> Manifest | None:
-        """The best committed, verifying checkpoint by ``monitor``."""
+        """The best committed, verifying checkpoint by ``monitor``.
+
+        Among equal values the first one saved wins, as Lightning's ``best_model_path``, and a
+        ``last.ckpt`` copy never wins over the checkpoint it copies.
+        """
         found = self._scan_and_warn()
         candidates = [m for m in found.committed if owner is None or m.owner == owner]
-        return self._first_valid(KeepTopK(1, monitor, mode).ranked(candidates), keep) or self._none_left(found, "best")
+        ranked = best_of(KeepTopK(1, monitor, mode).ranked(candidates), monitor, mode)
+        return self._first_valid(ranked, keep) or self._none_left(found, "best")
 
     def _scan_and_warn(self) -> DirectoryScan:
         found = self.scan()

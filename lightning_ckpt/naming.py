@@ -9,11 +9,19 @@ by underscores.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from lightning_ckpt.errors import ConfigurationError
 
-__all__ = ["DEFAULT_TEMPLATE", "EXTENSION", "LAST_NAME", "format_checkpoint_name", "validate_template"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "EXTENSION",
+    "LAST_NAME",
+    "STARTING_VERSION",
+    "format_checkpoint_name",
+    "validate_template",
+    "versioned_name",
+]
 
 DEFAULT_TEMPLATE = "{epoch}-{step}"
 EXTENSION = ".ckpt"
@@ -55,3 +63,15 @@ def format_checkpoint_name(
         # an integer spec ("{epoch:03d}") applied to an integral float
         out = filename.format({k: int(v) if float(v).is_integer() else v for k, v in values.items()})
     return out.replace("/", "_") + suffix
+
+
+STARTING_VERSION = 1
+
+
+def versioned_name(base: str, taken: Callable[[str], bool], extension: str = EXTENSION) -> str:
+    """``base + extension``, or Lightning's ``base-v1``, ``base-v2``, ... while ``taken`` says so."""
+    name, version = base + extension, STARTING_VERSION
+    while taken(name):
+        name = f"{base}-v{version}{extension}"
+        version += 1
+    return name

@@ -36,7 +36,10 @@ __all__ = [
     "OverheadBudget",
     "RetentionPolicy",
     "SaveTrigger",
+    "best_of",
     "is_improvement",
+    "is_last_copy",
+    "rank_value",
 ]
 
 MODES = ("min", "max")
@@ -74,8 +77,8 @@ class EveryInterval:
     seconds: float
 
     def __post_init__(self) -> None:
-        if not self.seconds > 0:
-            raise ConfigurationError(f"train_time_interval must be positive, got {self.seconds} s")
+        if not self.seconds >= 0:  # zero is valid, as in Lightning: a save at every step
+            raise ConfigurationError(f"train_time_interval must not be negative, got {self.seconds} s")
 
     def due_on_step(self, step: int, now: float, last_save_time: float) -> bool:
         return now - last_save_time >= self.seconds
@@ -197,16 +200,45 @@ def is_improvement(current: float, reference: float | None, mode: str) -> bool:
     return current < reference if mode == "min" else current > reference
 
 
-def _sort_key(mode: str):
+def rank_value(value: float | None, mode: str) -> float:
+    """The value a checkpoint is ranked by: NaN (or nothing) counts as the worst, ``inf`` / ``-inf``.
+
+    Lightning's ModelCheckpoint does the same ("do not save nan, replace with +/- inf"), so a NaN
+    checkpoint can enter a top-k that is not full yet and is the first to go.
+    """
+    if value is None or math.isnan(value):
+        return math.inf if mode == "min" else -math.inf
+    return float(value)
+
+
+def _sort_key(mode: str, monitor: str | None = None):
     def key(m: Manifest) -> tuple[float, float, float]:
-        score = m.score
-        if score is None:
-            score = math.inf if mode == "min" else -math.inf
-        # best first; among equal scores the newer one ranks first
+        score = rank_value(m.metrics.get(monitor) if monitor is not None else m.score, mode)
+        # best first; among equal scores the newer one ranks first, so that retention drops the
+        # older of two equal k-th checkpoints -- as Lightning, whose k-th is the first one inserted
         primary = score if mode == "min" else -score
         return (primary, -(m.global_step or 0), -m.created)
 
     return key
+
+
+def is_last_copy(m: Manifest) -> bool:
+    """Whether ``m`` is a ``last.ckpt`` (a copy of the newest state, not a ranked checkpoint)."""
+    return m.name == "last.ckpt" or (m.owner or "").endswith("/last")
+
+
+def best_of(ranked: Sequence[Manifest], monitor: str, mode: str) -> list[Manifest]:
+    """``ranked`` (best first) reordered so that ties for the best put the one to report first.
+
+    Among checkpoints with the best value, Lightning's ``best_model_path`` is the first one saved;
+    a ``last.ckpt`` copy never wins over the checkpoint it copies (or any other with that value).
+    """
+    if not ranked:
+        return []
+    top = rank_value(ranked[0].metrics.get(monitor), mode)
+    tied = [m for m in ranked if rank_value(m.metrics.get(monitor), mode) == top]
+    first = sorted(tied, key=lambda m: (is_last_copy(m), m.global_step or 0, m.created))
+    return first + [m for m in ranked if m not in tied]
 
 
 class RetentionPolicy(Protocol):
@@ -253,21 +285,27 @@ class KeepTopK:
             raise ConfigurationError(f"mode={self.mode!r} must be one of {MODES}")
 
     def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
-        """Checkpoints that carry the monitored value, best first."""
-        scored = [m for m in checkpoints if m.monitor == self.monitor and m.score is not None]
-        return sorted(scored, key=_sort_key(self.mode))
+        """Checkpoints that carry the monitored value, best first (a NaN value ranks last)."""
+        scored = [m for m in checkpoints if m.monitor == self.monitor and self.monitor in m.metrics]
+        return sorted(scored, key=_sort_key(self.mode, self.monitor))
 
     def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
         return {m.name for m in self.ranked(checkpoints)[: self.k]}
 
     def admits(self, score: float, checkpoints: Sequence[Manifest]) -> bool:
-        """Whether a new checkpoint scoring ``score`` would enter the top k."""
-        if self.k == 0 or math.isnan(score):
+        """Whether a new checkpoint scoring ``score`` would enter the top k (as Lightning decides).
+
+        While fewer than k are kept anything enters, NaN too (ranked as the worst); then only a
+        value strictly better than the k-th does.
+        """
+        if self.k == 0:
             return False
         ranked = self.ranked(checkpoints)
         if len(ranked) < self.k:
             return True
-        kth = ranked[self.k - 1].score
+        if math.isnan(score):
+            return False
+        kth = rank_value(ranked[self.k - 1].metrics.get(self.monitor), self.mode)
         return is_improvement(score, kth, self.mode)
 
 def _ranked_by(checkpoints: Iterable[Manifest], monitor: str, mode: str) -> list[Manifest]:

@@ -586,17 +586,24 @@ class Storage:
 
         self._call("write", name, op)
 
-    def copy(self, src: str, dst: str) -> None:
-        """Make ``dst`` a complete copy of ``src`` (server-side where the backend can)."""
+    def copy(self, src: str, dst: str, link: bool = True) -> None:
+        """Make ``dst`` a complete copy of ``src`` (server-side where the backend can).
+
+        On a local disk ``link=True`` makes a hard link (free and instant, but the same bytes: a
+        damaged block damages both names); ``link=False`` copies the bytes into an independent file.
+        """
         src_path, dst_path = self.path(src), self.path(dst)
         if self.is_local:
 
             def local_op() -> None:
                 tmp = os.path.join(self.root, f".{dst}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
                 try:
-                    os.link(src_path, tmp)  # free and instant on the same file system
+                    if not link:
+                        raise OSError("an independent copy was asked for")
+                    os.link(src_path, tmp)
                 except OSError:
                     self.fs.cp_file(src_path, tmp)
+                    _fsync_file(tmp)
                 try:
                     os.replace(tmp, dst_path)
                 except BaseException:
@@ -1171,5 +1178,14 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    """Persist a file's bytes before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

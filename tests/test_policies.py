@@ -1,6 +1,7 @@
 """Save triggers and retention policies are pure functions of their inputs."""
 
 import math
+from dataclasses import replace
 
 import pytest
 from helpers import FakeClock
@@ -19,6 +20,7 @@ from lightning_ckpt.policies import (
     KeepTopK,
     KeepUnion,
     OverheadBudget,
+    best_of,
     is_improvement,
 )
 
@@ -127,7 +129,7 @@ def test_any_of() -> None:
     assert t.due_on_step(5, 0, 0) and t.due_on_epoch(0) and not t.due_on_step(4, 0, 0)
 
 
-@pytest.mark.parametrize("bad", [lambda: EveryNSteps(0), lambda: EveryNEpochs(-1), lambda: EveryInterval(0),
+@pytest.mark.parametrize("bad", [lambda: EveryNSteps(0), lambda: EveryNEpochs(-1), lambda: EveryInterval(-1),
                                  lambda: KeepLatest(-1), lambda: KeepTopK(-1, "x"), lambda: KeepTopK(1, "x", "avg")])
 def test_invalid_policies(bad) -> None:  # noqa: ANN001
     with pytest.raises(ConfigurationError):
@@ -141,10 +143,28 @@ def test_keep_top_k_min_and_max() -> None:
     assert KeepTopK(0, "val_loss").keep(ckpts) == set()
 
 
-def test_top_k_ignores_other_monitors_and_nan() -> None:
+def test_top_k_ignores_other_monitors_and_ranks_nan_last() -> None:
     other = Manifest(name="o", size=1, sha256="0" * 64, metrics={"acc": 1.0}, monitor="acc")
     ckpts = [m("a", 1, math.nan), m("b", 2, 0.3), other]
-    assert [x.name for x in KeepTopK(5, "val_loss").ranked(ckpts)] == ["b"]
+    # as Lightning, which replaces NaN with inf (min) / -inf (max)
+    assert [x.name for x in KeepTopK(5, "val_loss").ranked(ckpts)] == ["b", "a"]
+    assert [x.name for x in KeepTopK(5, "val_loss", "max").ranked(ckpts)] == ["b", "a"]
+    assert KeepTopK(1, "val_loss").keep(ckpts) == {"b"}
+
+
+def test_nan_enters_a_top_k_that_is_not_full() -> None:
+    assert KeepTopK(2, "val_loss").admits(math.nan, [m("b", 2, 0.3)])
+    assert not KeepTopK(1, "val_loss").admits(math.nan, [m("b", 2, 0.3)])
+    assert KeepTopK(1, "val_loss").admits(5.0, [m("a", 1, math.nan)])  # anything beats NaN
+
+
+def test_best_of_ties_prefers_the_first_saved_and_never_a_last_copy() -> None:
+    twin = m("epoch=1.ckpt", 8, 0.3, created=1)
+    last = replace(twin, name="last.ckpt", created=2)
+    later = m("epoch=2.ckpt", 16, 0.3, created=3)
+    ranked = KeepTopK(3, "val_loss").ranked([later, last, twin])
+    assert best_of(ranked, "val_loss", "min")[0].name == "epoch=1.ckpt"
+    assert best_of(KeepTopK(3, "val_loss").ranked([last, later]), "val_loss", "min")[0].name == "epoch=2.ckpt"
 
 
 def test_top_k_admits_only_strict_improvements_when_full() -> None:
