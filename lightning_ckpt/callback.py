@@ -532,7 +532,11 @@ class CheckpointCallback(ModelCheckpoint):
         self._migrated = None
         records = trainer.strategy.broadcast(records)
         self._records = list(records or [])
+        restored = self._best_model_path
         self._refresh_bookkeeping()
+        if self.monitor is None and restored and any(self.manager.url_of(r.name) == restored for r in self._records):
+            # as Lightning: the newest *of the resumed history* (a newer file may be another history's)
+            self._best_model_path = restored
         last = [m for m in (self.manager.manifests(owner=self._last_owner) if trainer.is_global_zero else [])]
         last = trainer.strategy.broadcast(last)
         if last:
@@ -769,8 +773,9 @@ class CheckpointCallback(ModelCheckpoint):
                 ranked = self.retention.ranked(self._records)
                 if len(ranked) >= self.save_top_k:
                     replaceable = ranked[self.save_top_k - 1].name
-        elif self._records:  # as Lightning: the previous "best" (the newest) may be overwritten by name
-            replaceable = max(self._records, key=lambda r: (r.global_step or 0, r.created)).name
+        elif self._best_model_path:  # as Lightning: the previous "best" (the newest saved) may be overwritten
+            previous = split_url(self._best_model_path)[1]
+            replaceable = previous if any(r.name == previous for r in self._records) else None
         shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
         name = self._unique_name(trainer, candidates, replaceable)
         chain = self._copy_to_last(name) if self.async_save and self.save_last else None

@@ -204,9 +204,14 @@ def test_monitor_missing_raises_typed_error(tmp_path) -> None:
 
 
 def test_name_clash_gets_a_version_suffix(tmp_path) -> None:
-    cb = CheckpointCallback(dirpath=str(tmp_path), filename="{epoch}", every_n_train_steps=4, save_top_k=-1)
+    cb = CheckpointCallback(dirpath=str(tmp_path), filename="{epoch}", every_n_train_steps=4, save_top_k=-1,
+                            monitor="step", mode="max")
     fit(cb, max_epochs=1)
     assert names(cb) == ["epoch=0-v1.ckpt", "epoch=0.ckpt"]
+    # as Lightning, without a monitor the previous checkpoint's name is reused (it is replaced)
+    cb = CheckpointCallback(dirpath=str(tmp_path / "b"), filename="{epoch}", every_n_train_steps=4, save_top_k=-1)
+    fit(cb, max_epochs=1)
+    assert names(cb) == ["epoch=0.ckpt"] and cb.manager.load("epoch=0.ckpt")["global_step"] == 8
 
 
 # -- corruption, fallbacks and bookkeeping ---------------------------------------------------------

@@ -160,6 +160,13 @@ def test_ls_table(capsys: pytest.CaptureFixture[str], run: str) -> None:
     assert "leftover" not in out
 
 
+def test_ls_stars_the_best_not_its_last_copy(capsys: pytest.CaptureFixture[str], run_url: str) -> None:
+    make_run(run_url, losses=[0.9, 0.4])  # the newest is the best: last.ckpt is its copy, same score
+    rows = json.loads(cli(capsys, "ls", run_url, "--json")[1])
+    assert [r["name"] for r in rows if r["best"]] == [NAMES[1]]
+    assert CheckpointManager(run_url).best("val_loss").name == NAMES[1]
+
+
 def test_ls_json(capsys: pytest.CaptureFixture[str], run: str) -> None:
     code, out, _ = cli(capsys, "ls", run, "--json")
     assert code == 0
