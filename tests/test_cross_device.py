@@ -133,6 +133,9 @@ def test_load_from_checkpoint_needs_no_map_location(run: Path) -> None:
     model = TinyModel.load_from_checkpoint(run / "last.ckpt")
     expected = CheckpointManager(str(run)).load("last.ckpt")["state_dict"]["net.0.weight"]
     assert model.net[0].weight.is_cpu and torch.equal(model.net[0].weight, expected)
+    CALLS.clear()
+    model = TinyModel.load_from_checkpoint(run / "last.ckpt", map_location=cuda_to_cpu)  # Lightning's own load
+    assert CALLS and set(CALLS) == {"cuda:0"} and torch.equal(model.net[0].weight, expected)
 
 
 def cuda_to_cpu(storage: Any, location: str) -> Any:
@@ -311,3 +314,18 @@ def test_only_a_capturable_flag_the_cpu_cannot_honour_is_changed() -> None:
     assert states[0]["param_groups"][0] == {"capturable": False, "lr": 0.5, "params": [0]}
     plain = [{"state": {}, "param_groups": [{"lr": 0.5, "params": [0]}]}]
     assert adapt_optimizer_states([torch.optim.SGD(params, lr=0.1)], plain) == [] and "capturable" not in plain[0]["param_groups"][0]
+
+
+def test_validate_and_other_devices_indices_load_on_the_cpu(run: Path, tmp_path: Path) -> None:
+    from helpers import data, trainer
+
+    _, val = data()
+    metrics = trainer([callback(run)]).validate(TinyModel(), val, ckpt_path=str(run / "last.ckpt"), verbose=False)
+    assert metrics and "val_loss" in metrics[0]
+    manager = CheckpointManager(str(tmp_path))
+    with saved_on_cuda("cuda:7"):  # a single-GPU run on the eighth GPU of its machine
+        manager.save({"w": torch.ones(2)}, "seven.ckpt")
+    assert manager.load("seven.ckpt")["w"].is_cpu
+    assert manager.load("seven.ckpt", map_location={"cuda:7": "cpu"})["w"].is_cpu
+    with pytest.raises(DeviceUnavailableError):
+        manager.load("seven.ckpt", map_location={"cuda:0": "cpu"})  # the mapping misses the saved device
