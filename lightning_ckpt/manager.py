@@ -989,18 +989,15 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
     except Exception as exc:
         if isinstance(exc, (CheckpointError, MemoryError)):
             raise
+        # torch versions differ in what they wrap into an UnpicklingError: by the words, any type
+        if isinstance(exc, (RuntimeError, pickle.UnpicklingError)) and _DEVICE_MISSING.search(str(exc)):
+            raise _device_error(url, map_location, exc) from exc
         # why torch refused is decided by scanning the pickles ourselves, not by its wording
         refused = refused_global(source.file) if weights_only else None
         if refused is not None:
             raise UnsafeCheckpointError(
                 f"{url} holds objects that weights-only loading refuses (global {refused}). "
                 "If you trust the file, load it with weights_only=False."
-            ) from exc
-        if isinstance(exc, RuntimeError) and _DEVICE_MISSING.search(str(exc)):
-            raise DeviceUnavailableError(
-                f"{url} cannot be loaded with map_location={map_location!r} on this machine: {exc.args[0]} "
-                "(lightning-ckpt loads onto the CPU by default; pass map_location='cpu' or a mapping of "
-                "the saved devices)"
             ) from exc
         raise CorruptCheckpointError(_unreadable(url, source, exc)) from exc
 
@@ -1037,6 +1034,13 @@ def _unreadable(url: str, source: _Source, exc: BaseException) -> str:
     else:
         what = f"not a torch checkpoint (neither a zip archive nor a pickle; it starts with {head[:16]!r})"
     return f"{url} is not a readable checkpoint: {what} ({detail})"
+
+
+def _device_error(url: str, map_location: MapLocation, exc: Exception) -> DeviceUnavailableError:
+    return DeviceUnavailableError(
+        f"{url} cannot be loaded with map_location={map_location!r} on this machine: {exc} (lightning-ckpt "
+        "loads onto the CPU by default; pass map_location='cpu' or a mapping of the saved devices)"
+    )
 
 
 #: torch.serialization's words for a storage whose device (saved, or from map_location) is not here
