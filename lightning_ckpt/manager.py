@@ -990,7 +990,7 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
         if isinstance(exc, (CheckpointError, MemoryError)):
             raise
         # torch versions differ in what they wrap into an UnpicklingError: by the words, any type
-        if isinstance(exc, (RuntimeError, pickle.UnpicklingError)) and _DEVICE_MISSING.search(str(exc)):
+        if _DEVICE_MISSING.search(str(exc)):
             raise _device_error(url, map_location, exc) from exc
         # why torch refused is decided by scanning the pickles ourselves, not by its wording
         refused = refused_global(source.file) if weights_only else None

@@ -20,6 +20,8 @@ from cuda_files import storage_locations
 
 from lightning_ckpt import CheckpointManager
 
+pytestmark = pytest.mark.slow  # three or four training processes (~2 minutes on 2 cores)
+
 RUN = str(Path(__file__).with_name("device_run.py"))
 CUDA = torch.cuda.is_available()
 

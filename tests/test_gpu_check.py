@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -49,6 +51,7 @@ def test_a_missing_package_stops_it_before_any_phase(tmp_path: Path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # imports every package it checks, then torch and Lightning again (~30 s on 2 cores)
 def test_a_phase_leaves_its_log_and_the_summary(tmp_path: Path) -> None:
     assert gpu_check.main(["--smoke", "--only", "env", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
