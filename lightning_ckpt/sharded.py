@@ -40,10 +40,11 @@ from lightning_ckpt.errors import (
     IncompatibleCheckpointError,
     StorageError,
     UncommittedCheckpointError,
+    UnsafeCheckpointError,
 )
 from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
-from lightning_ckpt.unpickle import dcp_reader
+from lightning_ckpt.unpickle import dcp_reader, refused_global
 
 __all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
 
@@ -267,8 +268,7 @@ class ShardedCheckpointer:
             raise IncompatibleCheckpointError(
                 f"the sharded checkpoint {url} does not fit this model: {_describe(exc)}"
             ) from exc
-        data = self.manager.storage.child(name).read_bytes(META_FILE)
-        extras = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        extras = _load_meta(self.manager, name, weights_only)
         return manifest, extras
 
 
@@ -326,8 +326,7 @@ def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> d
         manager.verify_files(name, manifest)
     target, options = manager.storage.fsspec_target(name)
     state = _dcp_load_everything(target, options)
-    extras = torch.load(io.BytesIO(manager.storage.child(name).read_bytes(META_FILE)), map_location="cpu",
-                        weights_only=True)
+    extras = _load_meta(manager, name, weights_only=True)
     optimizers = [state.pop(k) for k in sorted((k for k in state if k.startswith("optimizer_")),
                                                 key=lambda k: int(k.split("_")[1]))]
     out = {**extras, "state_dict": state.pop("state_dict", {})}
@@ -337,6 +336,26 @@ def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> d
 
 
 # -- DCP plumbing -----------------------------------------------------------------------------
+
+def _load_meta(manager: CheckpointManager, name: str, weights_only: bool) -> dict[str, Any]:
+    """``meta.pt`` of sharded ``name``, refused like a payload: ``UnsafeCheckpointError`` for objects
+    weights-only loading refuses (decided by scanning, not by torch's words), else corrupt."""
+    where = f"{manager.url_of(name)}/{META_FILE}"
+    data = io.BytesIO(manager.storage.child(name).read_bytes(META_FILE))
+    try:
+        extras = torch.load(data, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        if isinstance(exc, (CheckpointError, MemoryError)):
+            raise
+        refused = refused_global(data) if weights_only else None
+        if refused is not None:
+            raise UnsafeCheckpointError(f"{where} holds objects that weights-only loading refuses (global {refused})"
+                                        ) from None
+        raise CorruptCheckpointError(f"{where} is not readable: {type(exc).__name__}: {exc}") from None
+    if not isinstance(extras, dict):
+        raise CorruptCheckpointError(f"{where} holds a {type(extras).__name__}, not a dict")
+    return extras
+
 
 def _digest_share(directory: Any, index: int, count: int) -> dict[str, tuple[int, str]]:
     """Size and sha256 of every ``count``-th file of ``directory`` from the ``index``-th."""

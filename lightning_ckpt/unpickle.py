@@ -90,8 +90,14 @@ def dcp_reader(target: str, options: dict[str, Any]) -> Any:
     DCP swallows an exception raised while reading metadata into an ``AssertionError`` of its
     own; ours is kept on the reader as ``error``, for the caller to raise instead.
     """
+    from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from lightning_ckpt.storage import open_regular
+
+    local = isinstance(url_to_fs(target, **options)[0], LocalFileSystem)
 
     class RestrictedReader(FsspecReader):  # type: ignore[misc]
         error: BaseException | None = None
@@ -99,7 +105,9 @@ def dcp_reader(target: str, options: dict[str, Any]) -> Any:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             path = self._get_metadata_path(kwargs.get("rank"))
             try:
-                with self.fs.create_stream(path, "rb") as f:
+                # a local FIFO or device named .metadata is refused, never read (it would hang)
+                opened = open_regular(str(path)) if local else self.fs.create_stream(path, "rb")
+                with opened as f:
                     metadata = load_dcp_metadata(f, f"{target}/.metadata")
             except BaseException as exc:
                 if self.error is None:

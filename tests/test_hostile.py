@@ -535,3 +535,40 @@ def test_a_run_resumes_its_own_fallback_checkpoint(tmp_path: Path) -> None:
                             preemption=Preemption(fallback_dirpath=str(tmp_path / "shared")))
     fit(cb, max_epochs=2, ckpt_path="last")
     assert cb.resumed_from.endswith("shared/preempted.ckpt")
+
+
+# -- found hunting the same class of bug: meta.pt, the other pickle of a sharded checkpoint ---------
+
+
+@pytest.mark.parametrize("content", ["armed", "junk"])
+def test_a_forged_meta_pt_is_refused_like_a_payload(tmp_path: Path, content: str, capsys) -> None:
+    import io as _io
+
+    from lightning_ckpt.sharded import META_FILE
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    sharded(mgr, "s.ckpt")
+    marker = tmp_path / "pwned"
+    buffer = _io.BytesIO()
+    torch.save({"epoch": 0, "x": Armed(str(marker))}, buffer)
+    (tmp_path / "run" / "s.ckpt" / META_FILE).write_bytes(buffer.getvalue() if content == "armed" else b"PK\x03\x04junk")
+    rehash(mgr, "s.ckpt")
+    expected = UnsafeCheckpointError if content == "armed" else CorruptCheckpointError
+    with pytest.raises(expected, match=META_FILE):
+        consolidate(mgr, "s.ckpt")
+    with pytest.raises(expected, match=META_FILE):
+        ShardedCheckpointer(mgr).load("s.ckpt", model())
+    code, out, err = cli(capsys, "inspect", mgr.url_of("s.ckpt"))
+    assert code == 1 and "unexpected" not in err and "Traceback" not in out + err
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_as_dcp_metadata_does_not_hang_a_load(tmp_path: Path) -> None:
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    sharded(mgr, "s.ckpt")
+    (tmp_path / "run" / manifest_name("s.ckpt")).unlink()  # unverified: a directory Lightning wrote
+    os.remove(tmp_path / "run" / "s.ckpt" / ".metadata")
+    os.mkfifo(tmp_path / "run" / "s.ckpt" / ".metadata")
+    with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpointError, match="not a regular file"):
+        ShardedCheckpointer(mgr).load("s.ckpt", model())
