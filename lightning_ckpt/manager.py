@@ -193,6 +193,10 @@ class CheckpointManager:
         ``progress(bytes_written, None)`` is called as blocks reach the storage.
         """
         start = time.perf_counter()
+        # fields no reader would accept are refused before anything is touched
+        self._check_manifest(Manifest(name=name, size=0, sha256="0" * 64, epoch=epoch, global_step=global_step,
+                                      metrics=dict(metrics or {}), monitor=monitor, mode=mode, owner=owner,
+                                      weights_only=weights_only, extra=dict(extra or {})))
         self._begin(name)
         try:
             with self._progress("saving", name, progress) as bar, self.storage.open_write(name, progress=bar) as f:
@@ -264,7 +268,16 @@ class CheckpointManager:
         self._end(dst)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
 
+    def _check_manifest(self, manifest: Manifest) -> None:
+        """Raise :class:`ConfigurationError` unless every reader accepts ``manifest`` (else it would
+        be committed, then skipped as junk by every listing)."""
+        try:
+            Manifest.from_json(manifest.to_json(), self.url_of(manifest.name))
+        except (CorruptCheckpointError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"refusing to commit {manifest.name}: {exc}") from None
+
     def _write_manifest(self, manifest: Manifest) -> None:
+        self._check_manifest(manifest)
         if self.signer is None:
             data = manifest.to_json()
         else:

@@ -52,6 +52,8 @@ T = TypeVar("T")
 
 #: The file holding everything of a Trainer checkpoint that is not sharded (Lightning's name).
 META_FILE = "meta.pt"
+#: how long waiting for a finished background save waits for its thread to end (it only returns)
+JOIN_SECONDS = 60.0
 
 
 class ShardedCheckpointer:
@@ -149,11 +151,20 @@ class ShardedCheckpointer:
             raise
         assert future is not None
         pending.stall_seconds = time.perf_counter() - start
+        # the thread takes the only reference to DCP's future (and through it the staged state and
+        # DCP's executor) and drops it before signalling: those are freed while the waiter blocks,
+        # never by a daemon thread during interpreter finalization (see ShardedPendingSave.wait)
+        holder = [future]
+        del future
 
         def finish() -> None:
             try:
                 try:
-                    future.result()
+                    dcp_future = holder.pop()
+                    try:
+                        dcp_future.result()
+                    finally:
+                        del dcp_future
                 except BaseException as exc:  # DCP's CheckpointException is a BaseException
                     raise StorageError(errno.EIO, f"could not write the shards of {pending.url}: "
                                                   f"{_describe(exc)}") from exc
@@ -175,7 +186,10 @@ class ShardedCheckpointer:
                     error = exc
             pending.finish(result, error, time.perf_counter() - start)
 
-        threading.Thread(target=finish, name=f"lightning-ckpt-sharded-{name}", daemon=True).start()
+        # a daemon, so a save hung on a dead peer cannot keep the process from exiting; wait()
+        # joins it, so one that finished never outlives the run (see ShardedPendingSave.wait)
+        pending._thread = threading.Thread(target=finish, name=f"lightning-ckpt-sharded-{name}", daemon=True)
+        pending._thread.start()
         return pending
 
     def _commit_from_files(self, name: str, meta: bytes, fields: Mapping[str, Any], start: float) -> SaveResult:
@@ -287,6 +301,7 @@ class ShardedPendingSave:
         self._finished = threading.Event()
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"ShardedPendingSave({self.url!r}, {'done' if self.done() else 'persisting'})"
@@ -303,6 +318,14 @@ class ShardedPendingSave:
         """Block until finished; return the result (rank 0) or raise the save's error."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"the save of {self.url} did not finish within {timeout} s")
+        # The thread is a daemon. One still alive when the interpreter finalizes is stopped by
+        # pthread_exit the moment it needs the GIL again; unwinding through torch's C++ frames
+        # (a noexcept destructor) then aborts the process: "terminate called without an active
+        # exception", exit 134 after a run that did everything right. It has nothing left to do
+        # once finished: join it, so it is gone before the run ends.
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_SECONDS)
         if self._error is not None:
             raise self._error
         return self._result

@@ -52,15 +52,11 @@ def run(tmp: Path, tag: str, timeout: float = 240, **config: Any) -> tuple[subpr
     return proc, reports
 
 
-#: What a process printed when it aborted in the interpreter's teardown, after its run ended and
-#: its report was written: seen about once in ten runs with background (DCP async) sharded saves
-#: on this 2-core machine; the C++ side of torch.distributed, not the checkpoints (see the README).
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def ok(proc: subprocess.CompletedProcess, reports: list[dict], devices: int = 2) -> list[dict]:
-    aborted_after_the_run = proc.returncode == -6 and TEARDOWN_ABORT in proc.stderr  # (faulthandler's dump follows)
-    assert proc.returncode == 0 or aborted_after_the_run, proc.stderr[-4000:]
+    # exit 0, nothing else: a rank aborting in the interpreter's teardown after a run that did
+    # everything right (exit 134, "terminate called without an active exception") is a failure a
+    # scheduler sees (issue 15); the background sharded save's thread is joined before the end
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(reports) == devices, proc.stderr[-4000:]
     for report in reports:
         assert "error" not in report, report["error"]

@@ -572,3 +572,18 @@ def test_a_fifo_as_dcp_metadata_does_not_hang_a_load(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "run" / "s.ckpt" / ".metadata")
     with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpointError, match="not a regular file"):
         ShardedCheckpointer(mgr).load("s.ckpt", model())
+
+
+# -- attack pass: a manifest we write is always one we read -------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [{"epoch": -1}, {"metrics": {"loss": "low"}}, {"owner": ["x"]},
+                                    {"extra": {"deep": json.loads("[" * 40 + "]" * 40)}}])
+def test_a_save_with_fields_no_reader_accepts_is_refused_up_front(tmp_path: Path, fields: dict[str, Any]) -> None:
+    from lightning_ckpt import ConfigurationError
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save({"w": torch.zeros(2)}, "a.ckpt", global_step=1)
+    with pytest.raises(ConfigurationError, match="manifest"):
+        mgr.save({"w": torch.ones(2)}, "a.ckpt", global_step=2, **fields)
+    assert mgr.latest().global_step == 1  # the committed one is untouched
