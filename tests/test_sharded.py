@@ -243,3 +243,18 @@ def test_a_sharded_directory_lightning_wrote_itself_loads_unverified_with_a_warn
     mgr.storage.write_bytes("plain.ckpt" + PENDING_SUFFIX, b"{}")
     with pytest.raises(UncommittedCheckpointError, match="never committed"):
         ShardedCheckpointer(mgr).load("plain.ckpt", model, [optimizer])
+
+
+def test_a_background_save_leaves_no_thread_behind_once_waited_for(tmp_path) -> None:
+    """A daemon thread still alive at interpreter exit is stopped inside torch's C++ code and the
+    process aborts (exit 134, "terminate called without an active exception"): once a background
+    save was waited for, none of its threads may remain (issue 15)."""
+    import threading
+
+    mgr = CheckpointManager(str(tmp_path))
+    for step in (1, 2, 3):
+        pending = ShardedCheckpointer(mgr).save_async(tensors(step), {"epoch": 0}, f"s{step}.ckpt", global_step=step)
+        assert pending.wait().manifest.global_step == step
+        assert pending._thread is not None and not pending._thread.is_alive()
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("lightning-ckpt", "AsyncCheckpointExecutor"))]
+    assert left == []
