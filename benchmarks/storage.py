@@ -1,19 +1,23 @@
 """Checkpoint save/load throughput and peak extra host memory, ours vs Lightning vs a raw floor.
 
-One run measures, side by side, on (a) a local disk and (b) a SeaweedFS S3 server that this
-script starts on loopback (``tests/s3_server.py``'s :class:`SeaweedS3`):
+One run measures, side by side, on (a) a local disk, (b) a SeaweedFS S3 server, (c) a GCS server
+(fake-gcs-server) and (d) an Azure Blob server (Azurite), each started by this script on loopback
+(``tests/s3_server.py``, ``tests/gcs_server.py``, ``tests/azure_server.py``):
 
 - ``ours``: ``lightning_ckpt.CheckpointManager(dirpath, storage_options).save(state, name)``
-  (streams ``torch.save`` into the storage: temp file + fsync + rename locally, a multipart
-  parallel multipart upload on S3, sha256 on the way) and ``.load(name)`` (verifies size +
+  (streams ``torch.save`` into the storage: temp file + fsync + rename locally, a parallel
+  multipart upload on S3, a resumable upload in 8 MiB chunks on GCS, 8 MiB staged blocks
+  committed at the end on Azure, sha256 on the way) and ``.load(name)`` (verifies size +
   sha256 while streaming; a local file is then memory-mapped, a remote one spooled to a
   temporary file and loaded from there).
 - ``lightning``: what ``ModelCheckpoint`` ends up calling, ``Trainer.save_checkpoint`` ->
   ``TorchCheckpointIO.save_checkpoint`` -> ``lightning.fabric.utilities.cloud_io._atomic_save``
   (``torch.save`` into a ``BytesIO``, then ``fs.open(path, "wb")`` locally / ``fs.pipe`` on S3 of
-  ``getvalue()``), called directly; loading through ``cloud_io._load``.
+  ``getvalue()``), called directly; loading through ``cloud_io._load``. Lightning passes no
+  storage options, so its endpoint and credentials come from the environment (``AWS_*``,
+  ``STORAGE_EMULATOR_HOST``, ``AZURE_STORAGE_CONNECTION_STRING``), set in its case's process only.
 - ``raw``: the floor: the same serialized bytes written with ``open`` + ``write`` + ``fsync``
-  (local) or ``fs.pipe`` (S3), and read back with ``read()`` / ``fs.cat_file`` (no
+  (local) or ``fs.pipe`` (object stores), and read back with ``read()`` / ``fs.cat_file`` (no
   deserialization).
 
 A load is timed (and its memory measured) up to and including one read of every loaded tensor,
@@ -27,13 +31,14 @@ minus the RSS just before it (after the state was built): on Linux the kernel's 
 (``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to ``/proc/self/clear_refs``); where
 that reset is not available, RSS sampled every millisecond by a thread (psutil if installed,
 else ``/proc/self/statm``) -- the table says which was used. The page cache is not RSS, so local
-writes that sit in the page cache do not count; the S3 server's memory is another process's.
+writes that sit in the page cache do not count; a server's memory is another process's.
 
 Usage::
 
     python benchmarks/storage.py                # 256 MiB state, 3 repeats (medians reported)
     python benchmarks/storage.py --quick        # 32 MiB, 1 repeat: a smoke run for CI (< 60 s)
     python benchmarks/storage.py --size-mb 1024 --tensor-mb 64 --json results.json
+    python benchmarks/storage.py --backends local,gcs,azure   # any subset of local,s3,gcs,azure
 
 Sizes are MiB (2**20 bytes); throughput is MiB/s of the serialized checkpoint.
 """
@@ -61,15 +66,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_ckpt and tests/
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # the server helpers import each other by module name
+    sys.path.insert(1, str(REPO / "tests"))
 
 from benchmarks.machine import describe
 from benchmarks.peak_memory import PeakRSS
 
 MiB = 2**20
 METHODS = ("ours", "lightning", "raw")
-BACKENDS = ("local", "s3")
+BACKENDS = ("local", "s3", "gcs", "azure")
+OBJECT_STORES = ("s3", "gcs", "azure")
 # Heavy imports done once in the fork server, so each forked case starts in ~0.1 s.
-_PRELOAD = ["torch", "fsspec", "s3fs", "lightning_ckpt", "lightning.fabric.utilities.cloud_io"]
+_PRELOAD = ["torch", "fsspec", "s3fs", "gcsfs", "adlfs", "lightning_ckpt", "lightning.fabric.utilities.cloud_io"]
 _CHILD_TIMEOUT_S = 900.0
 
 
@@ -93,6 +101,17 @@ def build_state(size_mb: float, tensor_mb: float) -> dict[str, Any]:
 
 def _state_bytes(state: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _lightning_env(backend: str, options: dict[str, Any]) -> dict[str, str]:
+    """Environment that makes an option-less filesystem of ``backend`` reach the benchmark server."""
+    if backend == "s3":
+        return _aws_env(options)
+    if backend == "gcs":
+        return {"STORAGE_EMULATOR_HOST": options["endpoint_url"]}
+    if backend == "azure":
+        return {"AZURE_STORAGE_CONNECTION_STRING": options["connection_string"]}
+    return {}
 
 
 def _aws_env(options: dict[str, Any]) -> dict[str, str]:
@@ -133,13 +152,12 @@ def _filesystem(case: dict[str, Any]) -> Any:
         # Lightning builds its filesystem with url_to_fs(path) and no options, so on S3 the
         # endpoint and credentials can only come from the environment. This process runs this
         # one case and nothing else, so no other method ever sees these variables.
-        if backend == "s3":
-            os.environ.update(_aws_env(opts))
+        os.environ.update(_lightning_env(backend, opts))
         fs = fsspec.core.url_to_fs(directory)[0]  # cached by fsspec: _atomic_save/_load reuse it
     else:
         fs = fsspec.core.url_to_fs(directory, **opts)[0]
-    if backend == "s3":
-        fs.ls(directory.removeprefix("s3://").split("/", 1)[0])
+    if backend in OBJECT_STORES:
+        fs.ls(directory.split("://", 1)[1].split("/", 1)[0])
     else:
         # TorchCheckpointIO.save_checkpoint makes the directory before calling _atomic_save
         os.makedirs(directory, exist_ok=True)
@@ -167,7 +185,7 @@ def _save_case(case: dict[str, Any]) -> dict[str, Any]:
         torch.save(state, buf)
         blob = buf.getvalue()
         del state, buf
-        if backend == "s3":
+        if backend in OBJECT_STORES:
             _, seconds, mem = _timed(lambda: target.pipe_file(path, blob))
         else:
 
@@ -202,7 +220,7 @@ def _load_case(case: dict[str, Any]) -> dict[str, Any]:
         from lightning.fabric.utilities.cloud_io import _load
 
         out, seconds, mem = _timed(lambda: _touched(_load(path)))
-    elif backend == "s3":
+    elif backend in OBJECT_STORES:
         out, seconds, mem = _timed(lambda: target.cat_file(path))
     else:
 
@@ -259,7 +277,7 @@ def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the run
 def machine() -> dict[str, Any]:
     """What this ran on."""
-    return describe("torch", "lightning", "fsspec", "s3fs")
+    return describe("torch", "lightning", "fsspec", "s3fs", "gcsfs", "adlfs")
 
 
 @contextlib.contextmanager
@@ -275,10 +293,32 @@ def s3_server(needed: bool) -> Iterator[Any]:
         yield server
 
 
+@contextlib.contextmanager
+def servers(backends: tuple[str, ...]) -> Iterator[dict[str, tuple[str, dict[str, Any], Any]]]:
+    """Each object store benchmarked: ``{backend: (bucket URL, storage_options, server)}``."""
+    with contextlib.ExitStack() as stack:
+        out: dict[str, tuple[str, dict[str, Any], Any]] = {}
+        name = f"bench-{uuid.uuid4().hex[:12]}"
+        if "s3" in backends:
+            s3 = stack.enter_context(s3_server(True))
+            out["s3"] = (s3.make_bucket(name), s3.storage_options, s3)
+        if "gcs" in backends:
+            from gcs_server import FakeGCS
+
+            gcs = stack.enter_context(FakeGCS())
+            out["gcs"] = (gcs.make_bucket(name), gcs.storage_options, gcs)
+        if "azure" in backends:
+            from azure_server import Azurite
+
+            azure = stack.enter_context(Azurite())
+            out["azure"] = (azure.make_container(name), azure.storage_options, azure)
+        yield out
+
+
 def _cleanup(backend: str, directory: str, server: Any) -> None:
-    if backend == "s3":
+    if backend in OBJECT_STORES:
         with contextlib.suppress(FileNotFoundError):
-            server.filesystem().rm(directory.removeprefix("s3://"), recursive=True)
+            server.filesystem().rm(directory.split("://", 1)[1], recursive=True)
     else:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -288,19 +328,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
-    multiprocessing.forkserver.ensure_running()  # imports in the background while S3 starts
+    # gcsfs >= 2025.x probes every bucket over gRPC, which no emulator serves (tests/gcs_server.py);
+    # set before the fork server imports gcsfs
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    multiprocessing.forkserver.ensure_running()  # imports in the background while the servers start
     samples: list[dict[str, Any]] = []
     local_root = tempfile.mkdtemp(prefix="lckpt-bench-", dir=args.local_dir)
     try:
-        with s3_server("s3" in args.backends) as server:
-            bucket = server.make_bucket(f"bench-{uuid.uuid4().hex[:12]}") if server is not None else ""
+        with servers(args.backends) as stores:
             for rep in range(args.repeat):
                 # rotate the order so that no method always runs first (cold caches, warm server)
                 methods = list(args.methods[rep % len(args.methods) :]) + list(args.methods[: rep % len(args.methods)])
                 for backend in args.backends:
                     for method in methods:
-                        if backend == "s3":
-                            directory, opts = f"{bucket}/{method}-r{rep}", server.storage_options
+                        server = None
+                        if backend in stores:
+                            bucket, opts, server = stores[backend]
+                            directory = f"{bucket}/{method}-r{rep}"
                         else:
                             directory, opts = os.path.join(local_root, f"{method}-r{rep}"), {}
                         case = {
@@ -409,7 +453,8 @@ def markdown(report: dict[str, Any]) -> str:
          f"median of {c['repeat']} run(s), every case in a fresh process."),
         (f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Linux {m['kernel']}; "
          f"Python {m['python']}, torch {m['torch']}, Lightning {m['lightning']}, fsspec {m['fsspec']}, "
-         f"s3fs {m['s3fs']}; S3 = SeaweedFS on loopback; local dir {c['local_dir']}."),
+         f"s3fs {m['s3fs']}, gcsfs {m.get('gcsfs')}, adlfs {m.get('adlfs')}; on loopback: S3 = SeaweedFS, "
+         f"GCS = fake-gcs-server, Azure = Azurite; local dir {c['local_dir']}."),
         f"Peak extra RSS: {report['rss_method']}, minus the RSS just before the operation.",
         "",
         ("| backend | method | save s | save MiB/s | save peak extra RSS MiB (x ckpt) | load s | load MiB/s "
@@ -445,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-mb", type=float, default=16.0,
                    help="largest tensor in MiB (16; a real model's largest tensor is a few %% of its state)")
     p.add_argument("--repeat", type=int, default=None, help="runs per case, medians reported (3; --quick: 1)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of local,s3")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of local,s3,gcs,azure")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ours,lightning,raw")
     p.add_argument("--local-dir", default=None, help="where local checkpoints go (default: the temp dir)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")

@@ -272,3 +272,30 @@ def test_a_large_upload_streams_with_bounded_memory(store: Store) -> None:
     # resumable chunks (GCS) / staged blocks (Azure) of 8 MiB: a few buffers (20 MiB measured at
     # 40 and at 64 MiB), never the whole object
     assert peak < 30 * MiB, f"peak {peak / MiB:.0f} MiB for a {total // MiB} MiB upload"
+
+
+# -- the SDKs' exceptions, translated (no server needed) ---------------------------------------------
+
+
+def test_gcs_and_azure_refusals_and_missing_containers_are_typed() -> None:
+    from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
+    from gcsfs.retry import HttpError
+
+    from lightning_ckpt.storage import is_transient
+
+    expired = HttpError({"code": 401, "message": "Invalid Credentials"})  # gcsfs already retried it
+    forbidden = OSError("Forbidden: b/bucket/o\ncaller does not have storage.objects.list access")
+    refused = ClientAuthenticationError("Server failed to authenticate the request.")
+    refused.status_code = 403
+    wrapped = RuntimeError("Failed to upload block: Server failed to authenticate the request.")
+    wrapped.__cause__ = refused  # how adlfs raises it
+    for exc in (expired, forbidden, refused, wrapped):
+        assert not is_transient(exc), exc
+        assert isinstance(Storage.translate(exc, "list", "gs://b/run"), StoragePermissionError), exc
+    missing = ResourceNotFoundError("The specified container does not exist.")
+    missing.error_code = "ContainerNotFound"
+    container = RuntimeError("Failed to upload block")
+    container.__cause__ = missing
+    assert isinstance(Storage.translate(container, "write", "az://c/run/a"), BucketNotFoundError)
+    busy = HttpError({"code": 503, "message": "Service Unavailable"})
+    assert is_transient(busy)
