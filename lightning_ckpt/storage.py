@@ -11,7 +11,8 @@ resets, timeouts, throttling, 5xx) are retried with exponential backoff by :clas
 permission and "no space" errors are not.
 
 S3 gets its own transfer code on top of s3fs's client: uploads of up to four parts at once with
-part sizes that grow with the upload (:func:`part_size`), ranged downloads four at a time, and
+part sizes that grow with the upload (:func:`part_size`), ranged downloads four at a time (GCS
+and Azure too, through gcsfs's and adlfs's async clients), and
 :meth:`Storage.abort_incomplete_uploads` for writers that were killed mid-upload. A missing
 bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
 Transfers report their progress to an optional ``progress(done, total)`` callback.
@@ -370,8 +371,8 @@ class Storage:
         after every block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
         """
         path = self.path(name)
-        if self._s3:
-            return self._call("read", name, lambda: self._stream_s3(path, sink, limit, progress), retry=False)
+        if self._s3 or self._atomic_uploads:  # s3fs, gcsfs, adlfs: async clients with ranged reads
+            return self._call("read", name, lambda: self._stream_ranged(path, sink, limit, progress), retry=False)
         attempts = [0]
 
         def op() -> int:
@@ -394,8 +395,8 @@ class Storage:
 
         return self._call("read", name, op, retry=restart is not None)
 
-    def _stream_s3(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
-                   progress: Progress | None) -> int:
+    def _stream_ranged(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
+                       progress: Progress | None) -> int:
         """Ranged GETs of :data:`RANGE_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
 
         Each range is retried on its own on transient errors, so a blip costs one range, not a

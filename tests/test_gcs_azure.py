@@ -60,7 +60,7 @@ class Store:
         """Every object under ``<bucket>/<prefix>`` by name (directory entries do not count)."""
         fs = self.client()
         try:
-            found = fs.find(f"{self.bucket}/{prefix}", detail=True)
+            found = fs.find(f"{self.bucket}/{prefix}".rstrip("/"), detail=True)
         except FileNotFoundError:
             return {}
         return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p, info in found.items() if info.get("type") != "directory"}
@@ -158,6 +158,15 @@ def _uncommitted(store: Store) -> list[str]:
     return sync(fs.loop, names)
 
 
+def test_the_bucket_root_itself_as_the_directory(store: Store) -> None:
+    manager = CheckpointManager(store.url, store.options)  # gs://bucket, az://container: no prefix
+    manager.save({"w": torch.ones(2)}, "a.ckpt", global_step=1)
+    Storage(store.url, store.options).write_bytes("b.ckpt" + PENDING_SUFFIX, b"")
+    assert manager.cleanup() == ["b.ckpt" + PENDING_SUFFIX]
+    assert manager.latest().name == "a.ckpt" and manager.url_of("a.ckpt") == f"{store.url}/a.ckpt"
+    assert set(store.objects("")) == {"a.ckpt", "a.ckpt" + MANIFEST_SUFFIX}
+
+
 # -- wrong bucket, wrong credentials ---------------------------------------------------------------
 
 
@@ -232,7 +241,7 @@ def test_an_unfinished_upload_is_invisible_until_it_completes(store: Store) -> N
 
 def test_server_side_copy_and_delete(store: Store) -> None:
     s = Storage(f"{store.url}/run", store.options)
-    data = os.urandom(9 * MiB)
+    data = os.urandom(8 * MiB) * 2  # exactly two blocks: the upload ends with an empty final flush
     with s.open_write("epoch=1.ckpt") as f:
         f.write(data)
     s.copy("epoch=1.ckpt", "last.ckpt")  # what save_last does
