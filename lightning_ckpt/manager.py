@@ -1000,6 +1000,10 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
         source.file.seek(0)
         return torch.load(spool_path or source.file, map_location=map_location, weights_only=weights_only)
     except Exception as exc:
+        if isinstance(exc, _CallerMapLocationError):  # the caller's own code failed: its error, as it was
+            if _DEVICE_MISSING.search(str(exc.error)):
+                raise _device_error(url, map_location, exc.error) from exc.error
+            raise exc.error from None
         if isinstance(exc, (CheckpointError, MemoryError)):
             raise
         # torch versions differ in what they wrap into an UnpicklingError: by the words, any type
@@ -1056,9 +1060,34 @@ def _device_error(url: str, map_location: MapLocation, exc: Exception) -> Device
     )
 
 
+class _CallerMapLocationError(Exception):
+    """Carries what a caller's ``map_location`` callable raised past torch and our translation."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _CallerMapLocation:
+    """A caller's ``map_location`` callable whose errors stay the caller's (never "corrupt checkpoint")."""
+
+    def __init__(self, fn: Callable[[Any, str], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, storage: Any, location: str) -> Any:
+        try:
+            return self.fn(storage, location)
+        except Exception as exc:
+            raise _CallerMapLocationError(exc) from exc
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
 #: torch.serialization's words for a storage whose device (saved, or from map_location) is not here
 _DEVICE_MISSING = re.compile(
     r"Attempting to deserialize object on|device module is not registered|don't know how to restore data location"
+    r"|Storage device not recognized|Torch not compiled with \w+ enabled"
 )
 
 
@@ -1067,10 +1096,10 @@ def _check_device(map_location: MapLocation, url: str) -> MapLocation:
     one that is no device, or names a device this machine lacks, is refused before anything is read."""
     import torch
 
-    if map_location is None or isinstance(map_location, Mapping) or (
-        callable(map_location) and not isinstance(map_location, (str, torch.device))
-    ):
+    if map_location is None or isinstance(map_location, Mapping):
         return map_location  # torch says which saved location has no device (see _DEVICE_MISSING)
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        return _CallerMapLocation(map_location)
     if isinstance(map_location, bytes):  # torch.load takes bytes too
         map_location = map_location.decode("ascii", "replace")
     if not isinstance(map_location, (str, torch.device)):

@@ -329,3 +329,28 @@ def test_validate_and_other_devices_indices_load_on_the_cpu(run: Path, tmp_path:
     assert manager.load("seven.ckpt", map_location={"cuda:7": "cpu"})["w"].is_cpu
     with pytest.raises(DeviceUnavailableError):
         manager.load("seven.ckpt", map_location={"cuda:0": "cpu"})  # the mapping misses the saved device
+
+
+@pytest.mark.parametrize("saved_on", ["cuda:1", "mps", "xla:0", "hpu:0", "privateuseone:0"])
+def test_checkpoints_of_other_accelerators_load_on_the_cpu(tmp_path: Path, saved_on: str) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    with saved_on_cuda(saved_on):  # the same record, another accelerator's name
+        manager.save({"w": torch.arange(3.0)}, "x.ckpt")
+    assert set(storage_locations(tmp_path / "x.ckpt").values()) == {saved_on}
+    assert torch.equal(manager.load("x.ckpt")["w"], torch.arange(3.0))
+    with pytest.raises(DeviceUnavailableError, match="map_location=None"):
+        manager.load("x.ckpt", map_location=None)
+
+
+def test_a_map_location_callable_keeps_its_own_errors(run: Path) -> None:
+    def broken(storage: Any, location: str) -> Any:
+        raise KeyError(f"no rule for {location}")
+
+    with pytest.raises(KeyError, match="no rule for cuda:0"):  # the caller's error, not "corrupt"
+        CheckpointManager(str(run)).load("last.ckpt", map_location=broken)
+
+    def to_missing_gpu(storage: Any, location: str) -> Any:
+        return torch.serialization.default_restore_location(storage, "cuda:0")
+
+    with pytest.raises(DeviceUnavailableError, match="map_location"):  # a missing device, in torch's words
+        CheckpointManager(str(run)).load("last.ckpt", map_location=to_missing_gpu)
