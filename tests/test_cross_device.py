@@ -354,3 +354,12 @@ def test_a_map_location_callable_keeps_its_own_errors(run: Path) -> None:
 
     with pytest.raises(DeviceUnavailableError, match="map_location"):  # a missing device, in torch's words
         CheckpointManager(str(run)).load("last.ckpt", map_location=to_missing_gpu)
+
+
+def test_an_old_format_gpu_checkpoint_loads_on_the_cpu(tmp_path: Path) -> None:
+    with saved_on_cuda():  # torch < 1.6 wrote no zip; its location records are the same
+        torch.save({"w": torch.arange(3.0)}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.warns(UserWarning, match="unverified"):  # a plain file of someone else's: no manifest
+        assert torch.equal(CheckpointManager(str(tmp_path)).load("old.ckpt")["w"], torch.arange(3.0))
+    with pytest.warns(UserWarning), pytest.raises(DeviceUnavailableError):
+        CheckpointManager(str(tmp_path)).load("old.ckpt", map_location=None)
