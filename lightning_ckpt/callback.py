@@ -561,7 +561,10 @@ class CheckpointCallback(ModelCheckpoint):
                 continue
             if name in known or name not in unmanaged or not self._same_dir(directory):
                 continue
-            value = float(score)
+            try:
+                value = float(score)
+            except (TypeError, ValueError, RuntimeError):
+                continue  # not a score: nothing to rank it by
             adopted.append(Manifest(name=name, size=0, sha256="", global_step=0, created=float(order),
                                     metrics={self.monitor: value}, monitor=self.monitor, mode=self.mode,
                                     owner=self.owner, extra={ADOPTED: True}))
@@ -583,6 +586,8 @@ class CheckpointCallback(ModelCheckpoint):
     def _should_save_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
         if self._save_on_train_epoch_end is not None:
             return self._save_on_train_epoch_end
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            return False  # time-based validation: save after it, as Lightning
         if trainer.check_val_every_n_epoch != 1:
             return False
         num_val_batches = trainer.num_val_batches
@@ -776,9 +781,12 @@ class CheckpointCallback(ModelCheckpoint):
         elif self._best_model_path:  # as Lightning: the previous "best" (the newest saved) may be overwritten
             previous = split_url(self._best_model_path)[1]
             replaceable = previous if any(r.name == previous for r in self._records) else None
+        if replaceable in self._protected:
+            replaceable = None  # the checkpoint this run resumed from is never replaced, even by name
         shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
         name = self._unique_name(trainer, candidates, replaceable)
-        chain = self._copy_to_last(name) if self.async_save and self.save_last else None
+        chain = self._copy_to_last(name, self._last_name(trainer, candidates)) if self.async_save and self.save_last \
+            else None
         # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
         before = (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
                   self.kth_value, self.current_score)
@@ -865,13 +873,9 @@ class CheckpointCallback(ModelCheckpoint):
         return self._versioned(trainer, base, lambda n: n != mine and self._last_taken(n))
 
     def _last_taken(self, name: str) -> bool:
-        """A file ``name`` exists that is not a last.ckpt of this callback."""
-        if not self.manager.storage.exists(name):
-            return False
-        try:
-            return self.manager.read_manifest(name).owner != self._last_owner
-        except CheckpointError:
-            return True
+        """As Lightning: a file ``name`` exists (another callback's, or another run's that this one
+        did not resume) -- never replaced: ours takes ``last-v1.ckpt``."""
+        return self.manager.storage.exists(name) or any(r.name == name for r, _ in self._pending)
 
     def _drop_previous_last(self, previous: str) -> None:
         """A templated ``CHECKPOINT_NAME_LAST`` made a new last file: delete our previous one."""
@@ -888,15 +892,15 @@ class CheckpointCallback(ModelCheckpoint):
     def _last_owner(self) -> str:
         return self.owner + "/last"
 
-    def _copy_to_last(self, name: str) -> Callable[[SaveResult], None]:
+    def _copy_to_last(self, name: str, last: str) -> Callable[[SaveResult], None]:
         """A background step after ``name`` commits: make ``last.ckpt`` a copy of it."""
         manager, owner, link = self.manager, self._last_owner, self.save_last != "copy"
 
         def copy(result: SaveResult) -> None:
             try:
-                manager.copy(name, LAST_NAME + EXTENSION, link=link, owner=owner)
+                manager.copy(name, last, link=link, owner=owner)
             except CheckpointError as exc:  # the checkpoint itself committed: report, don't fail it
-                warnings.warn(f"could not refresh {manager.url_of(LAST_NAME + EXTENSION)}: {exc}",
+                warnings.warn(f"could not refresh {manager.url_of(last)}: {exc}",
                               CheckpointWarning, stacklevel=1)
 
         return copy

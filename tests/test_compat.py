@@ -158,6 +158,23 @@ def test_a_second_fit_on_the_same_trainer(tmp_path) -> None:
     assert out[1] == out[0]
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"save_top_k": -1, "monitor": "epoch", "mode": "max", "filename": "{epoch}", "save_last": True},
+    {"save_top_k": 0, "save_last": True},
+    {"save_top_k": -1, "filename": "{epoch}", "enable_version_counter": False, "save_last": True},
+])
+def test_a_rerun_in_the_same_directory_as_lightning(tmp_path, kwargs: dict[str, Any]) -> None:
+    """A new Trainer and callback, not resuming: names already there get -vN (last.ckpt too)."""
+    out = []
+    for cls in (ModelCheckpoint, CheckpointCallback):
+        d = str(tmp_path / cls.__name__)
+        for _ in range(2):
+            cb = cls(dirpath=d, **kwargs)
+            fit(cb, max_epochs=2)
+        out.append(seen(cb, d))
+    assert out[1] == out[0]
+
+
 # -- the constructor -------------------------------------------------------------------------
 
 
@@ -335,3 +352,31 @@ def test_a_failing_save_on_exception_never_masks_the_error(fail_on_save_error: b
         with pytest.raises(RuntimeError, match="boom"):
             fit(cb, max_epochs=3, extra_callbacks=[FailsAt(11)])
     assert [m.name for m in cb.manager.manifests()] == ["epoch=0-step=8.ckpt"]
+
+
+def test_the_checkpoint_resumed_from_is_never_replaced_by_name(tmp_path) -> None:
+    """Lightning would reuse the name of the k-th it pushes out, even the file it resumed from."""
+    kw = {"dirpath": str(tmp_path), "monitor": "step", "mode": "max", "filename": "{epoch}"}
+    fit(CheckpointCallback(**kw), max_steps=4, val_check_interval=0.5)
+    resumed = CheckpointManager(str(tmp_path)).read_manifest("epoch=0.ckpt")
+    assert resumed.global_step == 4
+    cb = CheckpointCallback(**kw)
+    fit(cb, max_epochs=1, val_check_interval=0.5, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert cb.manager.read_manifest("epoch=0.ckpt").sha256 == resumed.sha256
+    assert cb.best_model_path == str(tmp_path / "epoch=0-v1.ckpt")
+
+
+def test_a_hostile_migrated_state_is_ignored(tmp_path) -> None:
+    d = str(tmp_path)
+    kw = {"dirpath": d, "monitor": "val_loss", "save_top_k": 2}
+    fit(ModelCheckpoint(**kw, save_last=True), max_epochs=2)
+    ckpt = torch.load(os.path.join(d, "last.ckpt"), weights_only=False)
+    state = ckpt["callbacks"][ModelCheckpoint(**kw).state_key]
+    state["best_k_models"] = {"/etc/passwd": torch.tensor(0.0), os.path.join(d, "../x.ckpt"): torch.tensor(0.0),
+                              os.path.join(d, "last.ckpt"): "not a score"}
+    torch.save(ckpt, os.path.join(d, "last.ckpt"))
+    cb = CheckpointCallback(**kw)
+    fit(cb, max_epochs=3, ckpt_path="last")
+    assert all(os.path.dirname(p) == d for p in cb.best_k_models)
+    assert "last.ckpt" not in {os.path.basename(p) for p in cb.best_k_models}
+
