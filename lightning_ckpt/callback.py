@@ -266,6 +266,7 @@ class CheckpointCallback(ModelCheckpoint):
 
         self.dirpath: str | None = None
         self._dirpath_arg = os.fspath(dirpath) if dirpath is not None else None
+        self._resumed_earlier_version: str | None = None  # see _earlier_version_checkpoint
         if self._dirpath_arg is not None:
             # parse the URL now: an unknown protocol or a missing fsspec backend fails here
             self.dirpath = Storage(self._dirpath_arg, self.storage_options, retry).url
@@ -411,6 +412,7 @@ class CheckpointCallback(ModelCheckpoint):
             manifest = manager.latest(keep=True, where=where)
             if manifest is not None:
                 found.append((manifest.global_step or 0, manifest.created, manager, manifest))
+        note = ""
         if not found:
             stock = self._stock_last()
             if stock is not None:
@@ -418,16 +420,51 @@ class CheckpointCallback(ModelCheckpoint):
                                f"{stock}, written without a manifest (by ModelCheckpoint?): it is not verified",
                                category=CheckpointWarning)
                 return {stock if not self.storage_options else io.resume_pointer(stock)}
-            rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
-            # Lightning follows with "HINT: Set ModelCheckpoint(..., save_last=True)", which does not
-            # apply to this callback: silence exactly that warning until setup() (the next hook)
-            _mute_last_hint(True)
-            return set()
+            earlier = self._earlier_version_checkpoint(trainer)
+            if earlier is None:
+                rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
+                # Lightning follows with "HINT: Set ModelCheckpoint(..., save_last=True)", which does not
+                # apply to this callback: silence exactly that warning until setup() (the next hook)
+                _mute_last_hint(True)
+                return set()
+            found.append((0, 0.0, *earlier))
+            self._resumed_earlier_version = earlier[0].url
+            rank_zero_info(
+                f"lightning-ckpt: no committed checkpoint in {self.dirpath}, a new version directory (without "
+                f"dirpath= every run gets one): continuing the newest checkpoint of an earlier run of this logger, "
+                f"{earlier[0].url_of(earlier[1].name)}; set dirpath= to keep a run's checkpoints in one place"
+            )
         *_, manager, latest = max(found, key=lambda f: (f[0], f[1]))
         url = manager.url_of(latest.name)
         # Lightning stats the path with a filesystem built without storage options (and a sharded
         # checkpoint is a directory, which object stores cannot stat)
         return {url if not (self.storage_options or latest.sharded) else io.resume_pointer(url)}
+
+    def _earlier_version_checkpoint(self, trainer: pl.Trainer) -> tuple[CheckpointManager, Manifest] | None:
+        """With the default dirpath, the newest resumable checkpoint of the logger's earlier versions.
+
+        Lightning gives every run a new ``<save_dir>/<name>/version_N``, so ``ckpt_path="last"``
+        would never see the previous run's checkpoints: the highest ``version_K`` (K < N) holding a
+        committed checkpoint is the run to continue. Only the same logger name counts (another name
+        is another experiment), and only numbered versions (a named version is the same directory
+        every run). Nothing there is written or deleted: the new run saves into its own directory.
+        """
+        if self._dirpath_arg is not None or not trainer.loggers:
+            return None
+        logger = trainer.loggers[0]
+        current = logger.version
+        if not isinstance(current, int):
+            return None
+        root = Storage(os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name)),
+                       self.storage_options, self.retry)
+        versions = sorted((int(d[8:]) for d in root.dirs() if re.fullmatch(r"version_\d+", d)), reverse=True)
+        for version in (v for v in versions if v < current):
+            manager = CheckpointManager(root.url_of(f"version_{version}/checkpoints"), self.storage_options,
+                                        self.retry, signer=self.signer, encryptor=self.encryptor)
+            manifest = manager.latest(keep=True, where=lambda m: not m.weights_only or self.save_weights_only)
+            if manifest is not None:
+                return manager, manifest
+        return None
 
     def _is_ours(self, manifest: Manifest, manager: CheckpointManager) -> bool:
         """Whether a checkpoint in the fallback directory was saved by this run (same ``dirpath``);
@@ -1198,6 +1235,10 @@ class CheckpointCallback(ModelCheckpoint):
         # as Lightning: best_model_path always; the rest only when the directory is the same
         self._best_model_path = state_dict.get("best_model_path", "") or ""
         if not self._same_dir(state_dict.get("dirpath")):
+            if self._resumed_earlier_version is not None and self._same_dir_as(
+                state_dict.get("dirpath"), self._resumed_earlier_version
+            ):
+                return  # chosen on purpose (see _earlier_version_checkpoint), and said so then
             warnings.warn(
                 f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
                 f"saves to {self.dirpath!r}, so its top-k and best state start from what that directory holds",
@@ -1215,15 +1256,18 @@ class CheckpointCallback(ModelCheckpoint):
         self.last_model_path = state_dict.get("last_model_path", "") or ""
 
     def _same_dir(self, other: Any) -> bool:
-        if not isinstance(other, (str, os.PathLike)) or self.dirpath is None:
+        return self.dirpath is not None and self._same_dir_as(other, self.dirpath)
+
+    def _same_dir_as(self, other: Any, directory: str) -> bool:
+        if not isinstance(other, (str, os.PathLike)):
             return False
         try:
             url = Storage(os.fspath(other), self.storage_options).url
         except CheckpointError:
             return False
-        if url == self.dirpath:
+        if url == directory:
             return True
-        return "://" not in url and "://" not in self.dirpath and os.path.realpath(url) == os.path.realpath(self.dirpath)
+        return "://" not in url and "://" not in directory and os.path.realpath(url) == os.path.realpath(directory)
 
 
 def _terminal_bar(verb: str, name: str) -> TransferProgress | None:

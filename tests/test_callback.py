@@ -343,3 +343,55 @@ def test_every_save_logs_its_cost_to_the_loggers(tmp_path) -> None:
     sizes = {m.name: m.size for m in cb.manager.manifests()}
     assert {float(r["checkpoint/bytes"]) for r in rows} == {float(v) for v in sizes.values()}
     assert all(float(r["checkpoint/throughput_mb_s"]) > 0 for r in rows)
+
+
+# -- the default dirpath: a new lightning_logs/version_N each run ---------------------------------
+
+
+def _rerun_with_default_dirpath(root, max_epochs: int, name: str = "exp"):  # noqa: ANN001, ANN202
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = CheckpointCallback(monitor="val_loss", save_last=True)
+    trainer, _ = fit(callback, max_epochs=max_epochs, ckpt_path="last", default_root_dir=str(root),
+                     logger=CSVLogger(str(root), name=name))
+    return trainer, callback
+
+
+def test_default_dirpath_rerun_resumes_the_newest_earlier_version(tmp_path, caplog, recwarn) -> None:
+    first, cb1 = _rerun_with_default_dirpath(tmp_path, 1)
+    assert cb1.resumed_from is None
+    assert cb1.dirpath == str(tmp_path / "exp" / "version_0" / "checkpoints")
+    caplog.clear()
+
+    second, cb2 = _rerun_with_default_dirpath(tmp_path, 2)
+    err = caplog.text
+    assert cb2.dirpath == str(tmp_path / "exp" / "version_1" / "checkpoints")  # Lightning's new version
+    assert cb2.resumed_from == str(tmp_path / "exp" / "version_0" / "checkpoints" / "last.ckpt")
+    assert second.global_step == 16  # continued: 8 steps of run 1 + 8 of its own
+    # said so, naming where it came from and what to set
+    assert f"resuming from {cb2.resumed_from}" in err
+    assert "earlier run" in err and "dirpath=" in err
+
+    third, cb3 = _rerun_with_default_dirpath(tmp_path, 3)
+    assert cb3.resumed_from == str(tmp_path / "exp" / "version_1" / "checkpoints" / "last.ckpt")
+    assert third.global_step == 24
+    # resuming another directory's checkpoint on purpose is no surprise worth a warning
+    assert not [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
+
+
+def test_default_dirpath_never_resumes_another_experiments_versions(tmp_path) -> None:
+    _rerun_with_default_dirpath(tmp_path, 1, name="exp")
+    trainer, callback = _rerun_with_default_dirpath(tmp_path, 1, name="other")  # another logger name
+    assert callback.resumed_from is None and trainer.global_step == 8
+    assert callback.dirpath == str(tmp_path / "other" / "version_0" / "checkpoints")
+
+
+def test_default_dirpath_skips_earlier_versions_without_a_resumable_checkpoint(tmp_path) -> None:
+    _rerun_with_default_dirpath(tmp_path, 1)  # version_0: a checkpoint
+    (tmp_path / "exp" / "version_1").mkdir()  # a run that died before its first save
+    (tmp_path / "exp" / "version_2" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "exp" / "version_2" / "checkpoints" / "stray.ckpt").write_bytes(b"not ours")  # never touched
+    _, callback = _rerun_with_default_dirpath(tmp_path, 2)
+    assert callback.dirpath == str(tmp_path / "exp" / "version_3" / "checkpoints")
+    assert callback.resumed_from == str(tmp_path / "exp" / "version_0" / "checkpoints" / "last.ckpt")
+    assert (tmp_path / "exp" / "version_2" / "checkpoints" / "stray.ckpt").read_bytes() == b"not ours"
