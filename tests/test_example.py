@@ -3,8 +3,9 @@
 They cover the data module (shapes, dtypes, the seeded split, the fallback from MNIST with its
 one message, made hermetic by replacing the network probe), the model's output shape, the
 shipped YAML configs, the train-interrupt-resume demo, and the ``LightningCLI`` entry point run
-twice on the same config: a one-epoch ``fit`` that starts fresh, then a second ``fit`` with more
-epochs that resumes from the first run's last checkpoint through ``ckpt_path: last``.
+on the same config: a one-epoch ``fit`` that starts fresh, a second ``fit`` with more epochs that
+resumes from the first run's last checkpoint through ``ckpt_path: last``, and the first command
+again, which has nothing left to train.
 """
 
 from __future__ import annotations
@@ -127,14 +128,23 @@ def test_cli_fit_then_rerun_resumes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert f"last checkpoint:     {last}" in out
     assert len(list((tmp_path / "ckpt").glob("epoch=0*"))) >= 1
 
-    second = main(["fit", "--config", str(config_file), "--trainer.max_epochs=2"]).trainer
+    second = main(["fit", "--config", str(config_file), "--trainer.max_epochs=3"]).trainer
     out = capsys.readouterr().out
     assert second.ckpt_path is not None
-    assert f"resumed from {last} at epoch 1, global step {steps_per_epoch}" in out
+    assert f"resumed from {last}: continuing with epoch 1 at global step {steps_per_epoch}" in out
     assert os.path.samefile(str(second.ckpt_path), last)
-    assert second.current_epoch == 2
-    assert second.global_step == 2 * steps_per_epoch
-    assert len(list((tmp_path / "ckpt").glob("epoch=1*"))) >= 1
+    assert second.current_epoch == 3
+    assert second.global_step == 3 * steps_per_epoch
+    assert "stopped after epoch 2 (3 epochs done)" in out
+
+    # the same command once more, with the config's max_epochs (1) behind the checkpoint (3):
+    # Lightning refuses with a MisconfigurationException; the example says there is nothing to do
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config_file)])
+    captured = capsys.readouterr()
+    assert done.value.code == 0
+    assert "nothing to train" in captured.err and "--trainer.max_epochs" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_demo_interrupts_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,10 +152,13 @@ def test_demo_interrupts_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixtu
     demo_main(["--dirpath", str(dirpath), "--epochs", "2", "--limit-samples", "64"])
     out = capsys.readouterr().out
     assert "started fresh" in out
+    assert "data: scikit-learn's bundled handwritten digits" in out  # says what it trains on
     assert "simulating an interruption after epoch 0" in out
-    # 64 samples in batches of 64: one step an epoch, so run 2 resumes at epoch 1, step 1
-    assert f"resumed from {dirpath / 'last.ckpt'} at epoch 1, global step 1" in out
-    assert "finished at epoch 2, global step 2" in out
+    assert "stopped after epoch 0 (1 epoch done), global step 1" in out
+    # 64 samples in batches of 64: one step an epoch, so run 2 continues with epoch 1 at step 1;
+    # every line counts epochs from 0, as Lightning's file names do
+    assert f"resumed from {dirpath / 'last.ckpt'}: continuing with epoch 1 at global step 1" in out
+    assert "stopped after epoch 1 (2 epochs done), global step 2" in out
     assert (dirpath / "last.ckpt").exists()
 
     with pytest.raises(SystemExit):  # a second demo into the same directory needs --clean

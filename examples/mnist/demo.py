@@ -1,7 +1,7 @@
 """Train, interrupt, resume: the whole checkpoint story in one command, offline.
 
 ``python -m examples.mnist.demo [--dirpath DIR] [--epochs N]`` trains the MNIST classifier on
-scikit-learn's bundled digits (no download) with a ``lightning_ckpt.CheckpointCallback``. Run 1
+scikit-learn's bundled digits (no download; it says so) with a ``lightning_ckpt.CheckpointCallback``. Run 1
 calls ``fit(ckpt_path="last")``, starts fresh because ``DIR`` is empty, and is stopped after its
 first epoch as a crash or a pre-empted job would stop it. Run 2 is a new ``Trainer`` — as in a
 new process — with the same checkpoint configuration and the same ``ckpt_path="last"``; it finds
@@ -79,11 +79,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         fs.rm(path, recursive=True)
 
     seed_everything(0, workers=True)
+    print(
+        f"{PREFIX} data: scikit-learn's bundled handwritten digits (1,797 8x8 images, upsampled to 28x28), "
+        "no download; `python -m examples.mnist.train` trains on real MNIST (pip install -e '.[mnist]')",
+        flush=True,
+    )
     with warnings.catch_warnings():
         # Single-process loading and few batches per epoch are deliberate here; Lightning's
         # advice about them would only bury the demo's own output.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        # Lightning 2.6 on a newer torch, with or without this library: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         _train_interrupt_resume(args.dirpath, args.epochs, args.limit_samples)
 
     print(f"\n{PREFIX} files in {args.dirpath}:")

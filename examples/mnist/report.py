@@ -54,8 +54,8 @@ class ResumeReport(Callback):
             print(f"{PREFIX} started fresh: no checkpoint to resume from", flush=True)
         else:
             print(
-                f"{PREFIX} resumed from {self.resumed_from} "
-                f"at epoch {self.start_epoch}, global step {self.start_step}",
+                f"{PREFIX} resumed from {self.resumed_from}: "
+                f"continuing with epoch {self.start_epoch} at global step {self.start_step}",
                 flush=True,
             )
 
@@ -98,5 +98,12 @@ def checkpoint_summary(trainer: Trainer) -> str:
             f"{PREFIX} last checkpoint:     {callback.last_model_path or '(none)'}",
         ]
     lines.append(f"{PREFIX} resumed from:        {resumed_from(trainer) or 'nothing (started fresh)'}")
-    lines.append(f"{PREFIX} finished at epoch {trainer.current_epoch}, global step {trainer.global_step}")
+    lines.append(f"{PREFIX} {_progress(trainer.current_epoch)}, global step {trainer.global_step}")
     return "\n".join(lines)
+
+
+def _progress(epochs_done: int) -> str:
+    """Where training stands, in the 0-based epoch numbers of Lightning's logs and file names."""
+    if epochs_done < 1:
+        return "stopped before the end of epoch 0"
+    return f"stopped after epoch {epochs_done - 1} ({epochs_done} epoch{'s' if epochs_done > 1 else ''} done)"
