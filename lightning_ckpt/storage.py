@@ -16,6 +16,12 @@ and Azure too, through gcsfs's and adlfs's async clients), and
 :meth:`Storage.abort_incomplete_uploads` for writers that were killed mid-upload. A missing
 bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
 Transfers report their progress to an optional ``progress(done, total)`` callback.
+
+GCS and Azure Blob write through gcsfs's resumable upload and adlfs's staged blocks (8 MiB at a
+time; nothing is visible before the upload completes, so a failed rewrite keeps the committed
+object). Their SDKs' refusals (HTTP 401/403, also when adlfs wraps them in ``RuntimeError``) are
+:class:`~lightning_ckpt.errors.StoragePermissionError`; Azure's server-side copies are waited
+for, and a never-committed Azure blob left by a failed or killed writer is deleted.
 """
 
 from __future__ import annotations

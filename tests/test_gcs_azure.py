@@ -223,6 +223,26 @@ def test_refused_credentials_are_a_permission_error_and_are_not_retried(
     assert store.objects() == {}
 
 
+def test_azure_read_only_sas_can_list_and_load_but_not_save(azure_server: Azurite, azure_container_url) -> None:
+    import datetime
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+    from azure_server import ACCOUNT, ACCOUNT_KEY
+
+    url, options = azure_container_url
+    CheckpointManager(f"{url}/run", options).save({"w": torch.ones(3)}, "a.ckpt", global_step=1)
+    sas = generate_container_sas(ACCOUNT, url.removeprefix("az://"), account_key=ACCOUNT_KEY,
+                                 permission=ContainerSasPermissions(read=True, list=True),
+                                 expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+    reader = CheckpointManager(f"{url}/run", {"connection_string": f"BlobEndpoint={azure_server.endpoint_url};"
+                                                                   f"SharedAccessSignature={sas}"})
+    assert [m.name for m in reader.manifests()] == ["a.ckpt"]
+    assert torch.equal(reader.load("a.ckpt")["w"], torch.ones(3))
+    with pytest.raises(StoragePermissionError, match=url):
+        reader.save({"w": torch.zeros(3)}, "b.ckpt")
+    assert [m.name for m in CheckpointManager(f"{url}/run", options).manifests()] == ["a.ckpt"]
+
+
 # -- what the commit protocol relies on --------------------------------------------------------------
 
 
