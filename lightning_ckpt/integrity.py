@@ -166,10 +166,12 @@ class Manifest:
         if not _is_number(created) or not 0 <= created <= MAX_CREATED:
             raise _Invalid(f"created {_short(created)} is not a time between 1970 and 9999")
         metrics = raw.get("metrics", {})
-        if not isinstance(metrics, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()):
+        if not isinstance(metrics, dict) or not all(
+            _text(k, "a metric name") is not None and _is_number(v) for k, v in metrics.items()
+        ):
             raise _Invalid("metrics must map names to numbers")
         versions_ = raw.get("versions", {})
-        if not isinstance(versions_, dict) or not all(isinstance(v, str) for v in versions_.values()):
+        if not isinstance(versions_, dict) or not all(_text(v, "a version") is not None for v in versions_.values()):
             raise _Invalid("versions must map names to strings")
         extra = raw.get("extra", {})
         if not isinstance(extra, dict):
@@ -239,7 +241,7 @@ def parse_json(data: bytes, where: str) -> Any:
         raise CorruptCheckpointError(f"manifest of {where} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, a 5000-digit number
         raise CorruptCheckpointError(f"manifest of {where} is not valid JSON: {exc}") from None
 
 
@@ -266,9 +268,9 @@ def is_safe_name(name: str) -> bool:
     """Whether ``name`` is one plain file name: it cannot name anything outside its directory."""
     return (
         0 < len(name) <= 1024
+        and _encodable(name)
         and name not in (".", "..")
         and not any(c in name for c in "/\\\0")
-        and not (len(name) > 1 and name[1] == ":")  # "C:x" is a path on Windows
     )
 
 
@@ -306,9 +308,18 @@ def _sha256(value: Any, what: str) -> str:
 
 
 def _text(value: Any, what: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT):
+    if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT or not _encodable(value)):
         raise _Invalid(f"{what} {_short(value)} is not a string")
     return value
+
+
+def _encodable(text: str) -> bool:
+    """No lone surrogates (JSON allows ``"\\ud800"``; no terminal or file name does)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _file_table(value: Any) -> dict[str, dict[str, Any]]:

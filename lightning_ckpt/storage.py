@@ -1070,7 +1070,9 @@ def open_regular(path: str) -> IO[bytes]:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", path)
         if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(f"{path} is not a regular file (a FIFO, socket or device?); refusing to read it")
+            raise CorruptCheckpointError(
+                f"{path} is not a regular file (a FIFO, socket or device?); refusing to read it"
+            )
         if flags & getattr(os, "O_NONBLOCK", 0):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -330,6 +330,13 @@ def test_an_oversized_manifest_is_corrupt_without_being_read_whole(run: Checkpoi
     check_skipped_everywhere(run, capsys)
 
 
+@pytest.mark.parametrize("text", ['"global_step": ' + "9" * 5000, '"size": 1e400', '"epoch": NaN', '"owner": "\\ud800"'])
+def test_pathological_json_numbers_and_strings_are_corrupt(run: CheckpointManager, capsys, text: str) -> None:
+    path = Path(run.storage.path(manifest_name("c.ckpt")))
+    path.write_text(path.read_text()[:-1] + ", " + text + "}")
+    check_skipped_everywhere(run, capsys)
+
+
 def test_a_junk_signature_key_id_is_skipped(tmp_path: Path, capsys) -> None:
     mgr = CheckpointManager(str(tmp_path / "run"), signer=Signer(KEY))
     for step, name in enumerate(("a.ckpt", "b.ckpt", "c.ckpt"), 1):
