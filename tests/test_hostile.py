@@ -594,3 +594,16 @@ def test_a_save_with_fields_no_reader_accepts_is_refused_up_front(tmp_path: Path
     with pytest.raises(ConfigurationError, match="manifest"):
         mgr.save({"w": torch.ones(2)}, "a.ckpt", global_step=2, **fields)
     assert mgr.latest().global_step == 1  # the committed one is untouched
+
+
+def test_a_junk_shard_behind_a_rehashed_manifest_is_corrupt_in_the_cli(tmp_path: Path, capsys) -> None:
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    sharded(mgr, "s.ckpt")
+    shard = next((tmp_path / "run" / "s.ckpt").glob("*.distcp"))
+    shard.write_bytes(b"\x00" * 7)
+    rehash(mgr, "s.ckpt")
+    with pytest.raises(CorruptCheckpointError):
+        consolidate(mgr, "s.ckpt")
+    for argv in (["inspect", mgr.url_of("s.ckpt")], ["export", mgr.url_of("s.ckpt"), "-o", str(tmp_path / "w.st")]):
+        code, out, err = cli(capsys, *argv)
+        assert code == 1 and "Traceback" not in out + err and "unexpected" not in err, (argv, out, err)
