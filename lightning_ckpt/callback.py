@@ -1127,7 +1127,7 @@ class CheckpointCallback(ModelCheckpoint):
         """Rank 0 looks at storage; every rank uses its answer."""
         name = None
         if trainer.is_global_zero:
-            name = versioned_name(base, taken)
+            name = versioned_name(base, taken, start=self.STARTING_VERSION)
         return trainer.strategy.broadcast(name)
 
     def _taken(self, name: str) -> bool:
@@ -1239,9 +1239,10 @@ class CheckpointCallback(ModelCheckpoint):
                 state_dict.get("dirpath"), self._resumed_earlier_version
             ):
                 return  # chosen on purpose (see _earlier_version_checkpoint), and said so then
-            warnings.warn(
-                f"the checkpoint was written by a callback saving to {state_dict.get('dirpath')!r}; this one "
-                f"saves to {self.dirpath!r}, so its top-k and best state start from what that directory holds",
+            warnings.warn(  # Lightning's words, which code and tests match on
+                f"The dirpath has changed from {state_dict.get('dirpath')!r} to {self.dirpath!r}, therefore "
+                "`best_model_score`, `kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models` "
+                "won't be reloaded. Only `best_model_path` will be reloaded.",
                 CheckpointWarning,
                 stacklevel=2,
             )

@@ -68,9 +68,11 @@ def format_checkpoint_name(
 STARTING_VERSION = 1
 
 
-def versioned_name(base: str, taken: Callable[[str], bool], extension: str = EXTENSION) -> str:
+def versioned_name(
+    base: str, taken: Callable[[str], bool], extension: str = EXTENSION, start: int = STARTING_VERSION
+) -> str:
     """``base + extension``, or Lightning's ``base-v1``, ``base-v2``, ... while ``taken`` says so."""
-    name, version = base + extension, STARTING_VERSION
+    name, version = base + extension, start
     while taken(name):
         name = f"{base}-v{version}{extension}"
         version += 1

@@ -175,6 +175,32 @@ def test_a_rerun_in_the_same_directory_as_lightning(tmp_path, kwargs: dict[str, 
     assert out[1] == out[0]
 
 
+def test_a_second_fit_on_the_same_trainer_versions_from_starting_version(tmp_path) -> None:
+    out = []
+    for cls in (ModelCheckpoint, CheckpointCallback):
+        d = str(tmp_path / cls.__name__)
+        cb = cls(dirpath=d, save_top_k=-1, monitor="epoch", filename="test")
+        cb.STARTING_VERSION = 9
+        pl.seed_everything(0, verbose=False)
+        t, model = trainer([cb], max_epochs=2), TinyModel()
+        t.fit(model, *data())
+        t.fit_loop.max_epochs = 4
+        t.fit(model, *data())
+        out.append(seen(cb, d))
+    assert out[1] == out[0]
+    assert set(out[1]["files"]) == {"test.ckpt", "test-v9.ckpt", "test-v10.ckpt", "test-v11.ckpt"}
+
+
+def test_a_state_from_another_directory_restores_only_best_model_path(tmp_path) -> None:
+    written = ModelCheckpoint(dirpath=str(tmp_path / "a"), save_last=True)
+    written.best_model_path, written.last_model_path = "x/epoch=1.ckpt", "x/last.ckpt"
+    for cls in (ModelCheckpoint, CheckpointCallback):
+        cb = cls(dirpath=str(tmp_path / "b"), save_last=True)
+        with pytest.warns(UserWarning, match="The dirpath has changed from"):
+            cb.load_state_dict(written.state_dict())
+        assert cb.best_model_path == "x/epoch=1.ckpt" and cb.last_model_path == ""
+
+
 # -- the constructor -------------------------------------------------------------------------
 
 

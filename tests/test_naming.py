@@ -3,7 +3,7 @@
 import pytest
 
 from lightning_ckpt.errors import ConfigurationError
-from lightning_ckpt.naming import format_checkpoint_name, validate_template
+from lightning_ckpt.naming import format_checkpoint_name, validate_template, versioned_name
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,10 @@ def test_no_metric_name_insertion() -> None:
 def test_bad_templates_rejected(bad: object) -> None:
     with pytest.raises(ConfigurationError):
         validate_template(bad)  # type: ignore[arg-type]
+
+
+def test_versioned_name_counts_like_lightning() -> None:
+    taken = {"a.ckpt", "a-v1.ckpt"}
+    assert versioned_name("a", taken.__contains__) == "a-v2.ckpt"
+    assert versioned_name("b", taken.__contains__) == "b.ckpt"
+    assert versioned_name("a", taken.__contains__, start=9) == "a-v9.ckpt"
