@@ -902,7 +902,8 @@ class CheckpointCallback(ModelCheckpoint):
     def _last_name(self, trainer: pl.Trainer, candidates: dict[str, float]) -> str:
         """``last.ckpt`` (``CHECKPOINT_NAME_LAST`` may be a template), versioned as Lightning when
         another callback's or another run's file already has that name."""
-        base = format_checkpoint_name(self.CHECKPOINT_NAME_LAST, candidates, self.auto_insert_metric_name, suffix="")
+        base = format_checkpoint_name(self.CHECKPOINT_NAME_LAST, candidates, self.auto_insert_metric_name, suffix="",
+                                      join=self.CHECKPOINT_JOIN_CHAR, equals=self.CHECKPOINT_EQUALS_CHAR)
         name = base + EXTENSION
         if not self._enable_version_counter:
             return name
@@ -1118,7 +1119,8 @@ class CheckpointCallback(ModelCheckpoint):
         ``enable_version_counter=False`` reuses any name -- but never a file we did not write, and
         never a last.ckpt.
         """
-        base = format_checkpoint_name(self.filename, candidates, self.auto_insert_metric_name, suffix="")
+        base = format_checkpoint_name(self.filename, candidates, self.auto_insert_metric_name, suffix="",
+                                      join=self.CHECKPOINT_JOIN_CHAR, equals=self.CHECKPOINT_EQUALS_CHAR)
         if not self._enable_version_counter:
             return self._versioned(trainer, base, self._foreign)
         return self._versioned(trainer, base, lambda n: n != replaceable and self._taken(n))
@@ -1127,7 +1129,7 @@ class CheckpointCallback(ModelCheckpoint):
         """Rank 0 looks at storage; every rank uses its answer."""
         name = None
         if trainer.is_global_zero:
-            name = versioned_name(base, taken, start=self.STARTING_VERSION)
+            name = versioned_name(base, taken, start=self.STARTING_VERSION, join=self.CHECKPOINT_JOIN_CHAR)
         return trainer.strategy.broadcast(name)
 
     def _taken(self, name: str) -> bool:

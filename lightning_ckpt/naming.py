@@ -47,14 +47,19 @@ def format_checkpoint_name(
     metrics: Mapping[str, float],
     auto_insert_metric_name: bool = True,
     suffix: str = EXTENSION,
+    join: str = "-",
+    equals: str = "=",
 ) -> str:
-    """The file name for ``metrics`` (plain floats/ints) under ``template``."""
-    filename = template or DEFAULT_TEMPLATE
+    """The file name for ``metrics`` (plain floats/ints) under ``template``.
+
+    ``join`` and ``equals`` are ModelCheckpoint's ``CHECKPOINT_JOIN_CHAR`` / ``CHECKPOINT_EQUALS_CHAR``.
+    """
+    filename = template or "{epoch}" + join + "{step}"
     values: dict[str, float | int] = {}
     for group in sorted(_KEY.findall(filename), key=len, reverse=True):
         name = group[1:]
         if auto_insert_metric_name:
-            filename = filename.replace(group, name + "={" + name)
+            filename = filename.replace(group, name + equals + "{" + name)
         filename = filename.replace(group, f"{{0[{name}]")
         values[name] = metrics.get(name, 0)
     try:
@@ -69,11 +74,12 @@ STARTING_VERSION = 1
 
 
 def versioned_name(
-    base: str, taken: Callable[[str], bool], extension: str = EXTENSION, start: int = STARTING_VERSION
+    base: str, taken: Callable[[str], bool], extension: str = EXTENSION, start: int = STARTING_VERSION,
+    join: str = "-",
 ) -> str:
     """``base + extension``, or Lightning's ``base-v1``, ``base-v2``, ... while ``taken`` says so."""
     name, version = base + extension, start
     while taken(name):
-        name = f"{base}-v{version}{extension}"
+        name = f"{base}{join}v{version}{extension}"
         version += 1
     return name

@@ -201,6 +201,18 @@ def test_a_state_from_another_directory_restores_only_best_model_path(tmp_path) 
         assert cb.best_model_path == "x/epoch=1.ckpt" and cb.last_model_path == ""
 
 
+def test_customised_name_characters_as_lightning(tmp_path) -> None:
+    out = []
+    for cls in (ModelCheckpoint, CheckpointCallback):
+        d = str(tmp_path / cls.__name__)
+        cb = cls(dirpath=d, save_top_k=-1, monitor="epoch", mode="max", save_last=True)
+        cb.CHECKPOINT_JOIN_CHAR, cb.CHECKPOINT_EQUALS_CHAR, cb.CHECKPOINT_NAME_LAST = "@", ":", "{epoch}-last"
+        fit(cb, max_epochs=2)
+        out.append(seen(cb, d))
+    assert out[1] == out[0]
+    assert "epoch:1@step:16.ckpt" in out[1]["files"]
+
+
 # -- the constructor -------------------------------------------------------------------------
 
 
