@@ -23,7 +23,8 @@ subclass also derives from the builtin a caller would naturally catch, so
 Warnings (a damaged checkpoint skipped by ``"last"``, a failed periodic save that the next save
 retries) are :class:`CheckpointWarning`.
 
-:class:`ConfigurationError` is also Lightning's ``MisconfigurationException`` (so an
+:class:`ConfigurationError` and :class:`MonitorNotFoundError` are also Lightning's
+``MisconfigurationException`` (so an
 ``except MisconfigurationException`` written for ``ModelCheckpoint`` keeps working) once Lightning
 is imported: by ``import lightning`` before this module, or by importing anything of ours that uses
 Lightning (``CheckpointCallback``, ``ManagedCheckpointIO``). This module never imports Lightning
@@ -69,14 +70,16 @@ class ConfigurationError(CheckpointError, ValueError):
 
 
 def adopt_lightning_base() -> None:
-    """Make :class:`ConfigurationError` a subclass of Lightning's ``MisconfigurationException``.
+    """Make :class:`ConfigurationError` and :class:`MonitorNotFoundError` subclasses of Lightning's
+    ``MisconfigurationException`` (what ``ModelCheckpoint`` raises for both).
 
     Called by the modules that import Lightning anyway; idempotent.
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    if not issubclass(ConfigurationError, MisconfigurationException):
-        ConfigurationError.__bases__ = (*ConfigurationError.__bases__, MisconfigurationException)
+    for cls in (ConfigurationError, MonitorNotFoundError):
+        if not issubclass(cls, MisconfigurationException):
+            cls.__bases__ = (*cls.__bases__, MisconfigurationException)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

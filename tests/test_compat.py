@@ -238,6 +238,12 @@ def test_invalid_values_raise_what_model_checkpoint_raises(kwargs: dict[str, Any
     assert isinstance(caught.value, ConfigurationError) and isinstance(caught.value, ValueError)
 
 
+def test_a_monitor_never_logged_raises_what_model_checkpoint_raises(tmp_path) -> None:
+    for cls in (ModelCheckpoint, CheckpointCallback):
+        with pytest.raises(MisconfigurationException, match="val_acc"):
+            fit(cls(dirpath=str(tmp_path / cls.__name__), monitor="val_acc"), max_epochs=1)
+
+
 def test_the_state_key_is_lightnings() -> None:
     for kwargs in ({}, {"monitor": "val_loss", "mode": "max"}, {"every_n_train_steps": 5},
                    {"train_time_interval": timedelta(minutes=1)}, {"every_n_epochs": 0, "every_n_train_steps": 0}):
