@@ -25,6 +25,7 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.checkpoint import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -73,7 +74,13 @@ from lightning_ckpt.preemption import Preemption, SignalLatch, plan_save, requeu
 #: the manifest's ``extra`` record of the run a preemption checkpoint belongs to (its ``dirpath``)
 RUN_KEY = "run"
 from lightning_ckpt.progress import TransferProgress
-from lightning_ckpt.resumable import adapt_optimizer_states, is_stateful, make_stateful, optimizer_mismatch
+from lightning_ckpt.resumable import (
+    adapt_optimizer_states,
+    is_stateful,
+    loader_generators,
+    make_stateful,
+    optimizer_mismatch,
+)
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.sharded import ShardedPendingSave
@@ -249,6 +256,8 @@ class CheckpointCallback(ModelCheckpoint):
         self._full_save_seconds: float | None = None
         self._last_full_size = 0
         self._rng_to_restore: dict[str, Any] | None = None
+        self._generators_to_restore: list[torch.Tensor] | None = None
+        self._inexact_warned: set[str] = set()
         self._deferred_step: int | None = None
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._every_n_train_steps = every_n_train_steps or 0
@@ -528,10 +537,34 @@ class CheckpointCallback(ModelCheckpoint):
         if self.exact_resume:
             self._check_loaders_resumable(trainer)
         if self._rng_to_restore is not None:
-            # last thing before the first batch: the loader's iterator (which draws from the RNG)
-            # already exists, exactly as it did at the moment the checkpoint was taken
-            restore_rng(self._rng_to_restore)
-            self._rng_to_restore = None
+            self._restore_random_streams(trainer)
+
+    def _restore_random_streams(self, trainer: pl.Trainer) -> None:
+        """Put every random stream back where the checkpoint found it, as late as Lightning allows.
+
+        The last thing before the first batch. Mid-epoch, the train loader's iterator already
+        exists (restored to its position), exactly as it did when the checkpoint was taken. At an
+        epoch boundary the uninterrupted run created the next epoch's iterator *after* the save,
+        drawing its seeds from the streams restored here; Lightning, resuming, reuses an iterator
+        it created before this hook. Clearing its resuming flag makes it create the iterator again
+        where the uninterrupted run did (after ``set_epoch`` and ``on_train_epoch_start``); mid-epoch
+        the flag has no effect (Lightning then continues the restored iterator).
+        """
+        assert self._rng_to_restore is not None
+        restore_rng(self._rng_to_restore)
+        self._rng_to_restore = None
+        generators = self._generators_to_restore
+        self._generators_to_restore = None
+        if generators is not None:
+            live = loader_generators(trainer.fit_loop._combined_loader)
+            if len(live) == len(generators):
+                for generator, state in zip(live, generators):
+                    generator.set_state(state)
+            else:
+                warnings.warn(f"the checkpoint holds {len(generators)} train loader generator(s), this run has "
+                              f"{len(live)}: their random streams start afresh, so the resumed run is not "
+                              "bit-identical to an uninterrupted one", CheckpointWarning, stacklevel=2)
+        _recreate_iterator_at_epoch_start(trainer)
 
     def _check_loaders_resumable(self, trainer: pl.Trainer) -> None:
         loader = trainer.fit_loop._combined_loader
@@ -636,14 +669,25 @@ class CheckpointCallback(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.exact_resume and _accumulating(trainer):
+            # the gradients accumulated so far are in no checkpoint: save (or stop) after the step
+            return
+        # Lightning skips a validation that was due at the restart point, so a checkpoint taken
+        # now would resume without the random draws (and metrics) of that validation; and after an
+        # epoch's last batch it resumes into the next epoch with a loader iterator made before the
+        # random streams are restored. So take it right after the validation or at the epoch's end
+        # instead (same weights, fresher metrics); so does preemption
+        later = self.exact_resume and (_validation_follows(trainer) or _epoch_ends(trainer))
         if self.trigger is None or self._should_skip_saving_checkpoint(trainer):
-            self._maybe_preempt(trainer)
+            if not later:
+                self._maybe_preempt(trainer)
             return
         due = self.trigger.due_on_step(trainer.global_step, self._clock(), self._last_time_saved)
         if self._train_time_interval is not None or self.overhead_budget is not None:
             due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
         if not due:
-            self._maybe_preempt(trainer)
+            if not later:
+                self._maybe_preempt(trainer)
             return
         self._last_time_checked = self._clock()
         if self.monitor is not None and self.monitor not in self._candidates(trainer):
@@ -652,10 +696,7 @@ class CheckpointCallback(ModelCheckpoint):
             return
         lightning_defers = (self.monitor is not None and not self._should_save_on_train_epoch_end(trainer)
                             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-        if (self.exact_resume or lightning_defers) and _validation_follows(trainer):
-            # Lightning skips a validation that was due at the restart point, so a checkpoint taken
-            # now would resume without the random draws that validation makes: take it right after
-            # the validation instead (same weights, fresher metrics)
+        if later or (lightning_defers and _validation_follows(trainer)):
             self._deferred_step = trainer.global_step
             return
         self._save_step(trainer)
@@ -1017,6 +1058,8 @@ class CheckpointCallback(ModelCheckpoint):
         Sharded strategies write checkpoints themselves, to local paths only, bypassing the
         CheckpointIO: there every rank hands its shards to the sharded checkpointer instead.
         """
+        if self.exact_resume and not weights_only:
+            self._warn_if_not_exact(trainer)
         if is_sharded(trainer.strategy):
             io = self._install_io(trainer)
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
@@ -1032,6 +1075,39 @@ class CheckpointCallback(ModelCheckpoint):
             trainer.strategy.barrier("lightning_ckpt.save_full")
         else:
             trainer.save_checkpoint(url, weights_only, storage_options=options)
+
+    def _warn_if_not_exact(self, trainer: pl.Trainer) -> None:
+        """Say once, at the first save it concerns, why a resume from it cannot be bit-identical."""
+        loaders = list(getattr(trainer.fit_loop._combined_loader, "flattened", None) or [])
+        reasons: dict[str, str] = {}
+        if _epoch_ends(trainer):
+            persistent = [type(dl).__name__ for dl in loaders
+                          if getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) > 0]
+            if persistent:
+                reasons["persistent"] = (
+                    f"the train loader(s) {persistent} keep persistent worker processes, whose random streams "
+                    "(augmentations drawn in workers) at an epoch end are not in the checkpoint: a run resumed "
+                    "from an epoch-end checkpoint draws other ones. Mid-epoch checkpoints are exact; "
+                    "persistent_workers=False makes every checkpoint exact.")
+        else:
+            plain = [type(dl).__name__ for dl in loaders if not is_stateful(dl)]
+            ahead = [type(dl).__name__ for dl in loaders if is_stateful(dl) and sized_len(dl) is None]
+            if plain:
+                reasons["position"] = (
+                    f"the train loader(s) {plain} cannot restore their position (an IterableDataset without "
+                    "state_dict/load_state_dict, or a DataLoader subclass): a run resumed from a mid-epoch "
+                    "checkpoint starts the epoch's data over. Checkpoints at epoch ends are exact.")
+            if ahead:
+                reasons["ahead"] = (
+                    f"the train loader(s) {ahead} have no length, so Lightning fetches one batch ahead and their "
+                    "saved position is one batch past the last trained one: a run resumed from a mid-epoch "
+                    "checkpoint skips a batch. Checkpoints at epoch ends are exact; a dataset with __len__ "
+                    "makes every checkpoint exact.")
+        for reason, text in reasons.items():
+            if reason not in self._inexact_warned:
+                self._inexact_warned.add(reason)
+                rank_zero_warn(f"lightning-ckpt: a run resumed from this checkpoint will not be bit-identical to "
+                               f"an uninterrupted one: {text}", category=CheckpointWarning)
 
     def _settle(self, trainer: pl.Trainer, wait: bool, final: bool = False) -> None:
         """Account for background saves that finished: retention, metrics, failures (all ranks agree).
@@ -1226,14 +1302,29 @@ class CheckpointCallback(ModelCheckpoint):
         rng = capture_rng()
         return {"rng": rng, "rng_per_rank": distributed.all_gather(rng) if distributed.active() else None}
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Add the train loaders' own generators (``DataLoader(generator=...)``) to this callback's state."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not self.exact_resume or state is None:
+            return
+        generators = [g.get_state() for g in loader_generators(trainer.fit_loop._combined_loader)]
+        state["generators"] = generators
+        state["generators_per_rank"] = distributed.all_gather(generators) if distributed.active() else None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.exact_resume and state_dict.get("rng") is not None:
             per_rank = state_dict.get("rng_per_rank")
+            generators = state_dict.get("generators_per_rank")
             # at another world size there is no bit-exact continuation: every rank takes rank 0's
             if isinstance(per_rank, list) and len(per_rank) == distributed.world_size():
                 self._rng_to_restore = per_rank[distributed.rank()]
             else:
                 self._rng_to_restore = state_dict["rng"]
+            if isinstance(generators, list) and len(generators) == distributed.world_size():
+                self._generators_to_restore = generators[distributed.rank()]
+            else:
+                self._generators_to_restore = state_dict.get("generators")
         # as Lightning: best_model_path always; the rest only when the directory is the same
         self._best_model_path = state_dict.get("best_model_path", "") or ""
         if not self._same_dir(state_dict.get("dirpath")):
@@ -1318,6 +1409,33 @@ def _validation_follows(trainer: pl.Trainer) -> bool:
     try:
         return loop._data_fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
     except (AttributeError, TypeError):  # another Lightning version: save at once, as ModelCheckpoint
+        return False
+
+
+def _recreate_iterator_at_epoch_start(trainer: pl.Trainer) -> None:
+    """Have Lightning create the train iterator at the next epoch start, as in an uninterrupted run.
+
+    Lightning (2.4-2.6) skips that ``iter()`` on the first epoch after a resume (``is_resuming``),
+    reusing the iterator it created before the random streams were restored.
+    """
+    loop = trainer.fit_loop
+    if hasattr(loop, "_resuming_from_checkpoint"):
+        loop._resuming_from_checkpoint = False
+
+
+def _epoch_ends(trainer: pl.Trainer) -> bool:
+    """Whether the training batch that just ended was its epoch's last."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
+    except (AttributeError, TypeError):  # another Lightning version: as ModelCheckpoint
+        return False
+
+
+def _accumulating(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended only accumulated gradients (no optimizer step yet)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop._should_accumulate())
+    except (AttributeError, TypeError):  # another Lightning version: as ModelCheckpoint
         return False
 
 

@@ -11,6 +11,7 @@ differs between a checkpoint and the objects it is about to be loaded into.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from lightning_ckpt.rng import capture_rng, restore_rng
 
-__all__ = ["ResumableRandomSampler", "WorkerRandomState", "adapt_optimizer_states", "is_stateful", "make_stateful",
-           "model_mismatch", "optimizer_mismatch"]
+__all__ = ["ResumableRandomSampler", "WorkerRandomState", "adapt_optimizer_states", "is_stateful", "loader_generators",
+           "make_stateful", "model_mismatch", "optimizer_mismatch"]
 
 _PASSTHROUGH = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
                 "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device", "in_order")
@@ -29,6 +30,24 @@ _PASSTHROUGH = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_in
 def is_stateful(loader: Any) -> bool:
     """Whether ``loader`` can report and restore its position (Lightning's ``_Stateful``)."""
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+def loader_generators(combined: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator``s the train loaders draw from, in a stable order.
+
+    ``DataLoader(generator=g)`` draws each iterator's worker seed from ``g`` and shuffles with it;
+    a sampler or batch sampler may hold its own. None of them is a process-wide stream, so exact
+    resume stores them beside :func:`~lightning_ckpt.rng.capture_rng`'s.
+    """
+    found: list[torch.Generator] = []
+    for loader in getattr(combined, "flattened", None) or []:
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found
 
 
 def make_stateful(loaders: Any) -> Any:
@@ -61,7 +80,10 @@ def make_stateful(loaders: Any) -> Any:
             kwargs["sampler"] = ResumableRandomSampler(sampler.data_source, generator=sampler.generator)
         elif type(sampler) is not SequentialSampler:
             kwargs["sampler"] = sampler
-    return StatefulDataLoader(dataset, **kwargs)
+    with warnings.catch_warnings():
+        # torchdata's constructor calls a torch API that torch deprecated; the call is theirs, not the user's
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        return StatefulDataLoader(dataset, **kwargs)
 
 
 class WorkerRandomState(Dataset):
