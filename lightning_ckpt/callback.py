@@ -149,6 +149,9 @@ class CheckpointCallback(ModelCheckpoint):
         exact_resume: store every random stream and the train loader's position, so a resumed
             run is bit-identical to an uninterrupted one; plain ``DataLoader``s are rebuilt as
             torchdata ``StatefulDataLoader``s (same batches) to make their position restorable.
+            A save due before a validation, at an epoch's last batch or inside a
+            gradient-accumulation window is taken at the next point a resume can be exact from;
+            where one cannot be (README, "Exact resume"), the first such save warns.
         preemption: on SIGTERM/SIGUSR1 (see :class:`~lightning_ckpt.preemption.Preemption`), save at the
             next safe point within the grace period, optionally requeue under SLURM, and exit with a
             distinct status (75). ``True`` uses the defaults.

@@ -2,10 +2,10 @@
 
 Each cell trains tests/matrix_run.py uninterrupted (3 epochs of 6 batches: a dropout MLP, AdamW, a
 StepLR stepping per epoch or per step, items drawing from Python's, NumPy's and torch's generators,
-validation drawing too), then resumes from checkpoints that run left, each in a new process, and
+validation drawing too), then resumes from checkpoints that run left (one, or two spread over it), each in a new process, and
 compares the final weights, optimizer and scheduler states bit for bit. The processes are forked
 from one that only imported the libraries (a fresh process without 7 s of imports each); the
-2-process DDP cells launch as users do.
+2-process DDP cells launch as users do (marked ``slow``: ``pytest -m slow``).
 
 Combinations that cannot be exact are not in the matrix: they warn (tests at the end) and the
 README lists them.
@@ -78,22 +78,24 @@ def assert_identical(full: dict[str, Any], resumed: dict[str, Any], where: str) 
     assert full["scheduler"] == resumed["scheduler"], where
 
 
-def resume_points(dirpath: Path, most: int = 3) -> list[str]:
-    """Up to ``most`` checkpoints the run left before its end, spread over the run."""
-    final = EPOCHS * STEPS_PER_EPOCH
+def resume_points(dirpath: Path, final: int, most: int) -> list[str]:
+    """Up to ``most`` checkpoints the run left before its ``final`` step: the first and last of them, ..."""
     names = [m.name for m in sorted(CheckpointManager(str(dirpath)).manifests(), key=lambda m: m.global_step or 0)
              if (m.global_step or 0) < final and m.name != "last.ckpt"]
     if len(names) <= most:
         return names
+    if most == 1:
+        return [names[len(names) // 2]]
     return [names[round(i * (len(names) - 1) / (most - 1))] for i in range(most)]
 
 
-def check_cell(run: Runner, tmp: Path, config: dict[str, Any], most: int = 2) -> list[str]:
+def check_cell(run: Runner, tmp: Path, config: dict[str, Any]) -> list[str]:
     config = {"epochs": EPOCHS, **config}
+    most = config.pop("resumes", 1)
     assert run({**config, "dirpath": str(tmp / "full"), "out": str(tmp / "full.pt")}) == 0
     full = load(tmp / "full.pt")
     assert full["step"] == EPOCHS * STEPS_PER_EPOCH // config.get("accumulate", 1)
-    points = resume_points(tmp / "full", most)
+    points = resume_points(tmp / "full", full["step"], most)
     assert points, "the uninterrupted run left no checkpoint to resume from"
     for name in points:
         out = tmp / f"{name}.pt"
@@ -106,11 +108,11 @@ def check_cell(run: Runner, tmp: Path, config: dict[str, Any], most: int = 2) ->
 
 CELLS: dict[str, dict[str, Any]] = {
     # triggers, with a shuffling DataLoader over the default generator
-    "epoch-end-after-validation": {"trigger": "epoch"},
+    "epoch-end-after-validation": {"trigger": "epoch", "resumes": 2},  # from each epoch's checkpoint
     "epoch-end-no-validation": {"trigger": "epoch_noval", "interval": "step"},
     "check-val-every-2-epochs": {"trigger": "val_every_2"},
     "val-check-interval-half": {"trigger": "val_half", "interval": "step"},
-    "every-n-train-steps": {"trigger": "steps", "every": 4},
+    "every-n-train-steps": {"trigger": "steps", "every": 4, "resumes": 2},
     "every-n-train-steps-at-epoch-ends": {"trigger": "steps", "every": 6, "interval": "step"},
     "every-n-train-steps-at-epoch-ends-no-validation": {"trigger": "steps", "every": 6, "noval": True},
     "train-time-interval": {"trigger": "time", "every": 5},
@@ -154,12 +156,13 @@ def ddp_cell(tmp: Path, config: dict[str, Any]) -> None:
     launch({**config, "dirpath": str(tmp / "full"), "out": str(tmp / "full.pt")})
     full = load(tmp / "full.pt")
     assert full["step"] == EPOCHS * STEPS_PER_EPOCH // 2  # each of 2 ranks sees half of every epoch
-    (name,) = resume_points(tmp / "full", most=1)
+    (name,) = resume_points(tmp / "full", full["step"], most=1)
     out = tmp / f"{name}.pt"
     launch({**config, "dirpath": str(tmp / "resumed"), "out": str(out), "ckpt_path": str(tmp / "full" / name)})
     assert_identical(full, load(out), name)
 
 
+@pytest.mark.slow  # two processes per run, about a minute on 2 cores
 @pytest.mark.parametrize("config", [{"trigger": "epoch"}, {"trigger": "steps", "every": 4}], ids=["epoch", "steps"])
 def test_ddp_with_a_distributed_sampler_resumes_bit_identically(tmp_path: Path, config: dict[str, Any]) -> None:
     ddp_cell(tmp_path, config)
@@ -233,3 +236,17 @@ def test_exact_resume_adds_no_warning_of_its_own(tmp_path: Path) -> None:
                                               every_n_train_steps=3)}
         assert not any("set_vital" in m for m in on)
         assert on <= off, on - off
+
+
+def test_a_loader_generator_the_resumed_run_lacks_warns(tmp_path: Path) -> None:
+    from helpers import TinyModel, trainer
+
+    from lightning_ckpt import CheckpointCallback, CheckpointWarning
+
+    x = torch.randn(32, 4)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    shuffled = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator())
+    trainer([CheckpointCallback(dirpath=str(tmp_path))], max_epochs=1).fit(TinyModel(), shuffled)
+    plain = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.warns(CheckpointWarning, match="holds 1 train loader generator"):
+        trainer([CheckpointCallback(dirpath=str(tmp_path))], max_epochs=2).fit(TinyModel(), plain, ckpt_path="last")
