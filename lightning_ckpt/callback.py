@@ -80,6 +80,7 @@ from lightning_ckpt.resumable import (
     loader_generators,
     make_stateful,
     optimizer_mismatch,
+    stateful_loader_class,
 )
 from lightning_ckpt.rng import capture_rng, restore_rng
 from lightning_ckpt.security import Encryptor, Signer
@@ -261,6 +262,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._rng_to_restore: dict[str, Any] | None = None
         self._generators_to_restore: list[torch.Tensor] | None = None
         self._inexact_warned: set[str] = set()
+        self._loader_states: list[dict[str, Any]] | None = None
         self._deferred_step: int | None = None
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._every_n_train_steps = every_n_train_steps or 0
@@ -554,6 +556,8 @@ class CheckpointCallback(ModelCheckpoint):
         the flag has no effect (Lightning then continues the restored iterator).
         """
         assert self._rng_to_restore is not None
+        states, self._loader_states = self._loader_states, None
+        _restart_iterator_at_its_epoch(trainer, states)
         restore_rng(self._rng_to_restore)
         self._rng_to_restore = None
         generators = self._generators_to_restore
@@ -1315,6 +1319,13 @@ class CheckpointCallback(ModelCheckpoint):
         state["generators"] = generators
         state["generators_per_rank"] = distributed.all_gather(generators) if distributed.active() else None
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Keep the train loaders' saved positions: a mid-epoch resume may have to load them again."""
+        if self.exact_resume:
+            fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+            self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader") or None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.exact_resume and state_dict.get("rng") is not None:
             per_rank = state_dict.get("rng_per_rank")
@@ -1415,6 +1426,33 @@ def _validation_follows(trainer: pl.Trainer) -> bool:
         return False
 
 
+def _restart_iterator_at_its_epoch(trainer: pl.Trainer, states: list[dict[str, Any]] | None) -> None:
+    """Mid-epoch, with a sampler that shuffles by epoch (``DistributedSampler``): recreate the iterator.
+
+    Lightning creates the resumed iterator (torchdata's samplers then draw the permutation at
+    once) before it calls ``set_epoch`` with the resumed epoch, so the rest of the epoch would
+    come from epoch 0's permutation. Set the epoch first, load the saved position again and let
+    the fetcher create the iterator anew -- before the random streams are restored, as Lightning
+    did.
+    """
+    loop = trainer.fit_loop
+    combined = loop._combined_loader
+    if not states or combined is None or loop._data_fetcher is None or not getattr(loop, "restarted_mid_epoch", False):
+        return
+    if any(state.get("_iterator_finished", False) for state in states if isinstance(state, dict)):
+        return
+    samplers = [s for dl in combined.flattened
+                for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None))]
+    if not any(callable(getattr(s, "set_epoch", None)) for s in samplers):
+        return
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    for dl in combined.flattened:
+        _set_sampler_epoch(dl, loop.epoch_progress.current.processed)
+    combined._load_state_dicts(states)
+    iter(loop._data_fetcher)
+
+
 def _recreate_iterator_at_epoch_start(trainer: pl.Trainer) -> None:
     """Have Lightning create the train iterator at the next epoch start, as in an uninterrupted run.
 
@@ -1452,6 +1490,7 @@ def _make_train_loader_stateful(trainer: pl.Trainer) -> None:
     source = trainer.fit_loop._data_source
     if getattr(source, "_lightning_ckpt_stateful", False):
         return
+    stateful_loader_class()  # exists before Lightning patches DataLoader subclasses to record arguments
     original = source.dataloader
     source.dataloader = lambda: make_stateful(original())  # type: ignore[method-assign]
     source._lightning_ckpt_stateful = True  # type: ignore[attr-defined]

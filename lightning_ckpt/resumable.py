@@ -11,6 +11,7 @@ differs between a checkpoint and the objects it is about to be loaded into.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,8 +63,6 @@ def make_stateful(loaders: Any) -> Any:
         return type(loaders)(make_stateful(v) for v in loaders)
     if type(loaders) is not DataLoader or isinstance(loaders.dataset, IterableDataset):
         return loaders
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
     kwargs: dict[str, Any] = {k: getattr(loaders, k) for k in _PASSTHROUGH if hasattr(loaders, k)}
     dataset = loaders.dataset
     if loaders.num_workers > 0:
@@ -80,10 +79,29 @@ def make_stateful(loaders: Any) -> Any:
             kwargs["sampler"] = ResumableRandomSampler(sampler.data_source, generator=sampler.generator)
         elif type(sampler) is not SequentialSampler:
             kwargs["sampler"] = sampler
-    with warnings.catch_warnings():
-        # torchdata's constructor calls a torch API that torch deprecated; the call is theirs, not the user's
-        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-        return StatefulDataLoader(dataset, **kwargs)
+    return stateful_loader_class()(dataset, **kwargs)
+
+
+@functools.cache
+def stateful_loader_class() -> type:
+    """torchdata's ``StatefulDataLoader``, quiet about a deprecated torch call its constructor makes.
+
+    Its ``__init__`` calls ``torch.set_vital``, which torch deprecated with a warning on every
+    call; the call is torchdata's, not the user's, so this subclass (same name, same signature)
+    filters exactly that warning -- also when Lightning re-instantiates the loader, e.g. with a
+    ``DistributedSampler``. Create it before Lightning requests the loader (the callback's
+    ``setup``), so Lightning records its arguments like any ``DataLoader`` subclass's.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    @functools.wraps(StatefulDataLoader.__init__)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            StatefulDataLoader.__init__(self, *args, **kwargs)
+
+    return type("StatefulDataLoader", (StatefulDataLoader,), {
+        "__init__": __init__, "__module__": __name__, "__doc__": stateful_loader_class.__doc__})
 
 
 class WorkerRandomState(Dataset):
