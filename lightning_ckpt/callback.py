@@ -1437,7 +1437,8 @@ def _restart_iterator_at_its_epoch(trainer: pl.Trainer, states: list[dict[str, A
     """
     loop = trainer.fit_loop
     combined = loop._combined_loader
-    if not states or combined is None or loop._data_fetcher is None or not getattr(loop, "restarted_mid_epoch", False):
+    mid_epoch = getattr(loop, "restarted_mid_epoch", False)
+    if not states or combined is None or loop._data_fetcher is None or not mid_epoch:
         return
     if any(state.get("_iterator_finished", False) for state in states if isinstance(state, dict)):
         return

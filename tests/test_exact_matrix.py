@@ -3,9 +3,9 @@
 Each cell trains tests/matrix_run.py uninterrupted (3 epochs of 6 batches: a dropout MLP, AdamW, a
 StepLR stepping per epoch or per step, items drawing from Python's, NumPy's and torch's generators,
 validation drawing too), then resumes from checkpoints that run left (one, or two spread over it),
-each in a new process, and compares the final weights, optimizer and scheduler states bit for bit. The processes are forked
-from one that only imported the libraries (a fresh process without 7 s of imports each); the
-2-process DDP cells launch as users do (marked ``slow``: ``pytest -m slow``).
+each in a new process, and compares the final weights, optimizer and scheduler states bit for
+bit. The processes are forked from one that only imported the libraries (a fresh process without
+7 s of imports each); the 2-process DDP cells launch as users do (marked ``slow``: ``-m slow``).
 
 Combinations that cannot be exact are not in the matrix: they warn (tests at the end) and the
 README lists them.
