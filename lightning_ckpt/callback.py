@@ -1316,8 +1316,10 @@ class CheckpointCallback(ModelCheckpoint):
         if not self.exact_resume or state is None:
             return
         generators = [g.get_state() for g in loader_generators(trainer.fit_loop._combined_loader)]
-        state["generators"] = generators
-        state["generators_per_rank"] = distributed.all_gather(generators) if distributed.active() else None
+        per_rank = distributed.all_gather(generators) if distributed.active() else None
+        if generators or any(per_rank or ()):  # a checkpoint without loader generators stays as it was
+            state["generators"] = generators
+            state["generators_per_rank"] = per_rank
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
