@@ -6,10 +6,10 @@ A small dropout MLP with an LR scheduler (stepping per epoch or per step), shuff
 whose items also draw from Python's and NumPy's generators, and CheckpointCallback saving at the
 trigger under test. ``config``:
 
-    trigger:   epoch | epoch_noval | val_every_2 | val_half | steps | time | preempt
+    trigger:   epoch | epoch_noval | val_every_2 | val_half | val_steps | steps | time | preempt
     loader:    shuffle | generator | workers | persistent | iterable | iterable_stateful | distributed
     interval:  "epoch" | "step" (the scheduler's), accumulate: 1 | 2, epochs: max_epochs
-    noval: no validation, sanity: num_sanity_val_steps, max_steps: train by steps, not epochs
+    save_on_train_epoch_end: the callback's argument, noval: no validation, sanity: num_sanity_val_steps, max_steps: train by steps, not epochs
     dirpath, out, ckpt_path (resume from it), preempt_at (global step to send SIGTERM at)
 
 Writes the final weights, optimizer and scheduler states, and a trace (per training batch: epoch,
@@ -160,10 +160,14 @@ def trainer_and_callback(config: dict[str, Any]) -> tuple[pl.Trainer, Checkpoint
         tr_kw["check_val_every_n_epoch"] = 2
     elif trigger == "val_half":
         tr_kw["val_check_interval"] = 0.5
+    elif trigger == "val_steps":  # every 4 batches, across epoch boundaries
+        tr_kw.update(val_check_interval=4, check_val_every_n_epoch=None)
     elif trigger == "steps":
         cb_kw.update(every_n_train_steps=config.get("every", 4), filename="{step}")
     elif trigger == "time":
         cb_kw.update(train_time_interval=timedelta(seconds=config.get("every", 4)), filename="{step}")
+    if "save_on_train_epoch_end" in config:
+        cb_kw["save_on_train_epoch_end"] = config["save_on_train_epoch_end"]
     callbacks: list[Any] = []
     if trigger == "preempt":
         cb_kw["preemption"] = Preemption(grace_seconds=600)

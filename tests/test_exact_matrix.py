@@ -112,6 +112,8 @@ CELLS: dict[str, dict[str, Any]] = {
     "epoch-end-no-validation": {"trigger": "epoch_noval", "interval": "step"},
     "check-val-every-2-epochs": {"trigger": "val_every_2"},
     "val-check-interval-half": {"trigger": "val_half", "interval": "step"},
+    "val-check-every-4-batches-across-epochs": {"trigger": "val_steps", "resumes": 2},
+    "saved-at-validation-end": {"trigger": "epoch", "save_on_train_epoch_end": False},
     "every-n-train-steps": {"trigger": "steps", "every": 4, "resumes": 2},
     "every-n-train-steps-at-epoch-ends": {"trigger": "steps", "every": 6, "interval": "step"},
     "every-n-train-steps-at-epoch-ends-no-validation": {"trigger": "steps", "every": 6, "noval": True},
