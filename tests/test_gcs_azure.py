@@ -15,6 +15,7 @@ import tracemalloc
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,6 +143,49 @@ def test_cleanup_removes_an_interrupted_save_and_its_unfinished_upload(store: St
         assert _uncommitted(store) == []
     assert set(store.objects()) == {"kept.ckpt", "kept.ckpt" + MANIFEST_SUFFIX}
     assert [m.name for m in manager.manifests()] == ["kept.ckpt"]
+
+
+_KILLED_WRITER = r"""
+import json, os, signal, sys
+import torch
+from lightning_ckpt import CheckpointManager
+
+url, options = sys.argv[1], json.loads(sys.argv[2])
+
+def progress(done, total):
+    if done >= 40 * 2**20:  # past the first GCS chunk and several Azure blocks: die mid-upload
+        os.kill(os.getpid(), signal.SIGKILL)
+
+state = {f"w{i}": torch.randn(2**20) for i in range(16)}  # 64 MiB
+CheckpointManager(url, options).save(state, "dead.ckpt", progress=progress)
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_upload_leaves_nothing_after_cleanup(store: Store, tmp_path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    url = f"{store.url}/run"
+    manager = CheckpointManager(url, store.options)
+    manager.save({"w": torch.ones(3)}, "kept.ckpt", global_step=1)
+    script = tmp_path / "writer.py"
+    script.write_text(_KILLED_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), url, json.dumps(store.options)], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "dead.ckpt" not in store.objects()  # never visible
+    assert [m.name for m in manager.manifests()] == ["kept.ckpt"]
+    removed = manager.cleanup()
+    assert "dead.ckpt" + PENDING_SUFFIX in removed
+    if store.kind == "azure":
+        assert "dead.ckpt (unfinished upload)" in removed and _uncommitted(store) == []
+    assert set(store.objects()) == {"kept.ckpt", "kept.ckpt" + MANIFEST_SUFFIX}
+    assert manager.latest().name == "kept.ckpt"
 
 
 def _uncommitted(store: Store) -> list[str]:
