@@ -308,6 +308,18 @@ class CheckpointCallback(ModelCheckpoint):
 
     # -- identity -------------------------------------------------------------------------
 
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, Any],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        """Lightning's name, as saved: a ``/`` from a metric name (``{val/loss}``) becomes ``_``."""
+        path = super().format_checkpoint_name(metrics, filename, ver, prefix)
+        head = os.path.join(self.dirpath, "") if self.dirpath else ""
+        return head + path[len(head):].replace("/", "_")
+
     @property
     def state_key(self) -> str:
         """Lightning's own key for a ``ModelCheckpoint`` of these settings.

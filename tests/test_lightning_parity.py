@@ -22,8 +22,8 @@ import re
 import time
 from argparse import Namespace
 from datetime import timedelta
-from typing import get_type_hints
 from pathlib import Path
+from typing import get_type_hints
 from unittest import mock
 from unittest.mock import Mock, patch
 
@@ -42,17 +42,16 @@ from torch import optim
 from lightning_ckpt import CheckpointCallback
 
 if os.environ.get("LCKPT_PARITY_STOCK"):  # baseline: the same file against the installed ModelCheckpoint
-    CheckpointCallback = ModelCheckpoint  # type: ignore[misc]  # noqa: F811
+    CheckpointCallback = ModelCheckpoint  # type: ignore[misc]
 
 SIDECARS = (".manifest.json", ".pending")
 
 
-# README "errors" row: our ConfigurationError is a MisconfigurationException with our own message
+# README (arguments): our ConfigurationError is a MisconfigurationException, with our own message
 OURS = "" if CheckpointCallback is ModelCheckpoint else "."
 
 
-# the same warning in our words (README "errors" row)
-DIRPATH_CHANGED = "The dirpath has changed from" if CheckpointCallback is ModelCheckpoint else "this one saves to"
+DIRPATH_CHANGED = "The dirpath has changed from"
 
 
 def _same(a, b) -> bool:
@@ -105,16 +104,23 @@ def mock_training_epoch_loop(trainer):
 
 def _scheduler(optimizer, reduce_lr_on_plateau, monitor, gamma):
     if reduce_lr_on_plateau:
-        return {"scheduler": optim.lr_scheduler.ReduceLROnPlateau(optimizer), "monitor": monitor, "strict": True}
+        return {
+            "scheduler": optim.lr_scheduler.ReduceLROnPlateau(optimizer),
+            "monitor": monitor,
+            "strict": True,
+        }
     return optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma)
 
 
+@pytest.mark.slow  # many full fits; the default run keeps one of each kind elsewhere
 @pytest.mark.parametrize(
     ("validation_step_none", "val_dataloaders_none", "monitor"),
     [(False, False, "val_log"), (True, False, "train_log_epoch"), (False, True, "val_log")],
 )
 @pytest.mark.parametrize("reduce_lr_on_plateau", [False, True])
-def test_model_checkpoint_score_and_ckpt(tmp_path, validation_step_none, val_dataloaders_none, monitor, reduce_lr_on_plateau):
+def test_model_checkpoint_score_and_ckpt(
+    tmp_path, validation_step_none, val_dataloaders_none, monitor, reduce_lr_on_plateau
+):
     max_epochs, limit_train_batches, limit_val_batches = 3, 5, 7
     lr, gamma = 1e-1, 2
 
@@ -193,7 +199,9 @@ def test_model_checkpoint_score_and_ckpt(tmp_path, validation_step_none, val_dat
     ("val_check_interval", "reduce_lr_on_plateau", "epoch_aligned"),
     [(0.25, True, True), (0.25, False, True), (0.42, False, False)],
 )
-def test_model_checkpoint_score_and_ckpt_val_check_interval(tmp_path, val_check_interval, reduce_lr_on_plateau, epoch_aligned):
+def test_model_checkpoint_score_and_ckpt_val_check_interval(
+    tmp_path, val_check_interval, reduce_lr_on_plateau, epoch_aligned
+):
     seed_everything(0)
     max_epochs, limit_train_batches, limit_val_batches = 3, 12, 7
     lr, gamma = 1e-1, 2
@@ -273,9 +281,17 @@ def test_model_checkpoint_score_and_ckpt_val_check_interval(tmp_path, val_check_
 @pytest.mark.parametrize("save_top_k", [-1, 0, 1, 2])
 def test_model_checkpoint_with_non_string_input(tmp_path, save_top_k):
     model = LogInTwoMethods()
-    checkpoint = CheckpointCallback(monitor="early_stop_on", dirpath=None, filename="{epoch}", save_top_k=save_top_k)
+    checkpoint = CheckpointCallback(
+        monitor="early_stop_on", dirpath=None, filename="{epoch}", save_top_k=save_top_k
+    )
     max_epochs = 2
-    trainer = Trainer(default_root_dir=tmp_path, callbacks=[checkpoint], overfit_batches=0.20, max_epochs=max_epochs, logger=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[checkpoint],
+        overfit_batches=0.20,
+        max_epochs=max_epochs,
+        logger=False,
+    )
     trainer.fit(model)
     assert checkpoint.dirpath == str(tmp_path / "checkpoints")
     if save_top_k == -1:
@@ -298,13 +314,19 @@ def test_model_checkpoint_to_yaml(tmp_path, save_top_k):
     assert d == dict(checkpoint.best_k_models.items())
 
 
-@pytest.mark.parametrize(("logger_version", "expected"), [(None, "version_0"), (1, "version_1"), ("awesome", "awesome")])
+@pytest.mark.parametrize(
+    ("logger_version", "expected"), [(None, "version_0"), (1, "version_1"), ("awesome", "awesome")]
+)
 def test_model_checkpoint_path(tmp_path, logger_version, expected):
     model = LogInTwoMethods()
     logger = CSVLogger(tmp_path, version=logger_version)  # ported: tensorboard is not installed here
     # ported: the stock test relies on the Trainer's default callback; ours is passed explicitly
     trainer = Trainer(
-        default_root_dir=tmp_path, overfit_batches=0.2, max_epochs=2, logger=logger, callbacks=[CheckpointCallback()]
+        default_root_dir=tmp_path,
+        overfit_batches=0.2,
+        max_epochs=2,
+        logger=logger,
+        callbacks=[CheckpointCallback()],
     )
     trainer.fit(model)
     ckpt_version = Path(trainer.checkpoint_callback.dirpath).parent.name
@@ -319,7 +341,9 @@ def test_pickling(tmp_path):
     assert vars(ckpt) == vars(ckpt_loaded)
 
 
-@pytest.mark.skip(reason="ddp_spawn with 2 CPU processes; tests/test_distributed.py covers our multi-process saves")
+@pytest.mark.skip(
+    reason="ddp_spawn with 2 CPU processes; tests/test_distributed.py covers our multi-process saves"
+)
 def test_model_checkpoint_no_extraneous_invocations():
     pass
 
@@ -327,34 +351,56 @@ def test_model_checkpoint_no_extraneous_invocations():
 def test_model_checkpoint_format_checkpoint_name(tmp_path, monkeypatch):
     model_checkpoint = CheckpointCallback(dirpath=tmp_path)
     assert model_checkpoint._format_checkpoint_name("", {"epoch": 3, "step": 2}) == "epoch=3-step=2"
-    assert model_checkpoint._format_checkpoint_name(None, {"epoch": 3, "step": 2}, prefix="test") == "test-epoch=3-step=2"
-    assert model_checkpoint._format_checkpoint_name("ckpt", {}, prefix="test") == "test-ckpt"
-    assert model_checkpoint._format_checkpoint_name("{epoch:03d}-{acc}", {"epoch": 3, "acc": 0.03}) == "epoch=003-acc=0.03"
     assert (
-        model_checkpoint._format_checkpoint_name("{epoch:03d}-{epoch_test:03d}", {"epoch": 3, "epoch_test": 3})
+        model_checkpoint._format_checkpoint_name(None, {"epoch": 3, "step": 2}, prefix="test")
+        == "test-epoch=3-step=2"
+    )
+    assert model_checkpoint._format_checkpoint_name("ckpt", {}, prefix="test") == "test-ckpt"
+    assert (
+        model_checkpoint._format_checkpoint_name("{epoch:03d}-{acc}", {"epoch": 3, "acc": 0.03})
+        == "epoch=003-acc=0.03"
+    )
+    assert (
+        model_checkpoint._format_checkpoint_name(
+            "{epoch:03d}-{epoch_test:03d}", {"epoch": 3, "epoch_test": 3}
+        )
         == "epoch=003-epoch_test=003"
     )
     model_checkpoint.CHECKPOINT_JOIN_CHAR = "@"
-    ckpt_name = model_checkpoint._format_checkpoint_name("{epoch},{acc:.5f}", {"epoch": 3, "acc": 0.03}, prefix="test")
+    ckpt_name = model_checkpoint._format_checkpoint_name(
+        "{epoch},{acc:.5f}", {"epoch": 3, "acc": 0.03}, prefix="test"
+    )
     assert ckpt_name == "test@epoch=3,acc=0.03000"
     monkeypatch.undo()
     model_checkpoint.CHECKPOINT_EQUALS_CHAR = ":"
-    assert model_checkpoint._format_checkpoint_name("{epoch:03d}-{acc}", {"epoch": 3, "acc": 0.03}) == "epoch:003-acc:0.03"
-    monkeypatch.undo()
-    assert CheckpointCallback(monitor="early_stop_on", dirpath=None).format_checkpoint_name({"epoch": 3, "step": 2}) == (
-        "epoch=3-step=2.ckpt"
+    assert (
+        model_checkpoint._format_checkpoint_name("{epoch:03d}-{acc}", {"epoch": 3, "acc": 0.03})
+        == "epoch:003-acc:0.03"
     )
+    monkeypatch.undo()
+    assert CheckpointCallback(monitor="early_stop_on", dirpath=None).format_checkpoint_name(
+        {"epoch": 3, "step": 2}
+    ) == ("epoch=3-step=2.ckpt")
     if CheckpointCallback is ModelCheckpoint:
-        assert ModelCheckpoint(dirpath="").format_checkpoint_name({"epoch": 5, "step": 4}) == "epoch=5-step=4.ckpt"
-    else:  # README: 'dirpath=""' row
+        assert (
+            ModelCheckpoint(dirpath="").format_checkpoint_name({"epoch": 5, "step": 4})
+            == "epoch=5-step=4.ckpt"
+        )
+    else:  # README: '`dirpath=""`' row
         with pytest.raises(MisconfigurationException, match="non-empty path"):
             CheckpointCallback(monitor="early_stop_on", dirpath="")
-    ckpt_name = CheckpointCallback(monitor="early_stop_on", dirpath=".").format_checkpoint_name({"epoch": 3, "step": 4})
+    ckpt_name = CheckpointCallback(monitor="early_stop_on", dirpath=".").format_checkpoint_name(
+        {"epoch": 3, "step": 4}
+    )
     assert ckpt_name == str(Path(".").resolve() / "epoch=3-step=4.ckpt")
     ckpt = CheckpointCallback(monitor="early_stop_on", dirpath=tmp_path, filename="name")
     assert ckpt.format_checkpoint_name({}, ver=3) == str(tmp_path / "name-v3.ckpt")
     ckpt = CheckpointCallback(monitor="early_stop_on", dirpath=None, filename="{epoch}_{val/loss:.5f}")
-    assert ckpt.format_checkpoint_name({"epoch": 4, "val/loss": 0.03}) == "epoch=4_val/loss=0.03000.ckpt"
+    # README: "'/' in filename" row: the name really saved, in one flat directory
+    slash = "/" if CheckpointCallback is ModelCheckpoint else "_"
+    assert (
+        ckpt.format_checkpoint_name({"epoch": 4, "val/loss": 0.03}) == f"epoch=4_val{slash}loss=0.03000.ckpt"
+    )
     ckpt_name = model_checkpoint._format_checkpoint_name(
         "epoch={epoch:03d}-val_acc={val/acc}", {"epoch": 3, "val/acc": 0.03}, auto_insert_metric_name=False
     )
@@ -371,7 +417,9 @@ class CheckpointCallbackExtensionTest(CheckpointCallback):
 
 def test_model_checkpoint_file_extension(tmp_path):
     model = LogInTwoMethods()
-    model_checkpoint = CheckpointCallbackExtensionTest(monitor="early_stop_on", dirpath=tmp_path, save_top_k=1, save_last=True)
+    model_checkpoint = CheckpointCallbackExtensionTest(
+        monitor="early_stop_on", dirpath=tmp_path, save_top_k=1, save_last=True
+    )
     trainer = Trainer(default_root_dir=tmp_path, callbacks=[model_checkpoint], max_steps=1, logger=False)
     trainer.fit(model)
     # README: "FILE_EXTENSION ... overridden": saved files are always .ckpt
@@ -385,7 +433,9 @@ def test_model_checkpoint_save_last(save_last, tmp_path, monkeypatch):
     model = LogInTwoMethods()
     epochs = 3
     monkeypatch.setattr(CheckpointCallback, "CHECKPOINT_NAME_LAST", "last-{epoch}")
-    model_checkpoint = CheckpointCallback(monitor="early_stop_on", dirpath=tmp_path, save_top_k=-1, save_last=save_last)
+    model_checkpoint = CheckpointCallback(
+        monitor="early_stop_on", dirpath=tmp_path, save_top_k=-1, save_last=save_last
+    )
     trainer = Trainer(
         default_root_dir=tmp_path,
         callbacks=[model_checkpoint],
@@ -415,12 +465,16 @@ def test_model_checkpoint_save_last_as_link_not_local(tmp_path):
     callback.setup(trainer=Trainer(logger=False), pl_module=BoringModel(), stage="fit")
 
 
-@pytest.mark.skip(reason="ModelCheckpoint._link_checkpoint is a private static helper; README: save_last='link' is a hard link")
+@pytest.mark.skip(
+    reason="ModelCheckpoint._link_checkpoint is a private static helper; README: save_last='link' is a hard link"
+)
 def test_model_checkpoint_link_checkpoint():
     pass
 
 
-@pytest.mark.skip(reason="ModelCheckpoint._link_checkpoint is a private static helper; README: save_last='link' is a hard link")
+@pytest.mark.skip(
+    reason="ModelCheckpoint._link_checkpoint is a private static helper; README: save_last='link' is a hard link"
+)
 def test_model_checkpoint_link_checkpoint_relative_path():
     pass
 
@@ -431,7 +485,9 @@ def test_invalid_top_k(tmp_path):
 
 
 def test_none_monitor_top_k(tmp_path):
-    with pytest.raises(MisconfigurationException, match=OURS or r"save_top_k=3, monitor=None\) is not a valid*"):
+    with pytest.raises(
+        MisconfigurationException, match=OURS or r"save_top_k=3, monitor=None\) is not a valid*"
+    ):
         CheckpointCallback(dirpath=tmp_path, save_top_k=3)
     CheckpointCallback(dirpath=tmp_path, save_top_k=-1)
     CheckpointCallback(dirpath=tmp_path, save_top_k=0)
@@ -473,15 +529,23 @@ def test_invalid_every_n_train_steps(tmp_path):
 
 
 def test_invalid_trigger_combination(tmp_path):
-    with pytest.raises(MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"):
+    with pytest.raises(
+        MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"
+    ):
         CheckpointCallback(dirpath=tmp_path, every_n_train_steps=1, every_n_epochs=2)
-    with pytest.raises(MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"):
+    with pytest.raises(
+        MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"
+    ):
         CheckpointCallback(train_time_interval=timedelta(minutes=1), every_n_epochs=2)
-    with pytest.raises(MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"):
+    with pytest.raises(
+        MisconfigurationException, match=OURS or r".*Combination of parameters every_n_train_steps"
+    ):
         CheckpointCallback(train_time_interval=timedelta(minutes=1), every_n_train_steps=2)
     CheckpointCallback(dirpath=tmp_path, every_n_train_steps=0, every_n_epochs=3)
     CheckpointCallback(dirpath=tmp_path, every_n_train_steps=4, every_n_epochs=0)
-    CheckpointCallback(dirpath=tmp_path, every_n_train_steps=0, every_n_epochs=0, train_time_interval=timedelta(minutes=1))
+    CheckpointCallback(
+        dirpath=tmp_path, every_n_train_steps=0, every_n_epochs=0, train_time_interval=timedelta(minutes=1)
+    )
 
 
 def test_none_every_n_train_steps_val_epochs(tmp_path):
@@ -521,7 +585,9 @@ def test_model_checkpoint_save_last_none_monitor(tmp_path):
 def test_model_checkpoint_every_n_epochs(tmp_path, every_n_epochs):
     model = LogInTwoMethods()
     epochs = 5
-    checkpoint_callback = CheckpointCallback(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=every_n_epochs)
+    checkpoint_callback = CheckpointCallback(
+        dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=every_n_epochs
+    )
     trainer = Trainer(
         default_root_dir=tmp_path,
         callbacks=[checkpoint_callback],
@@ -531,7 +597,11 @@ def test_model_checkpoint_every_n_epochs(tmp_path, every_n_epochs):
         logger=False,
     )
     trainer.fit(model)
-    expected = [f"epoch={e}.ckpt" for e in range(epochs) if not (e + 1) % every_n_epochs] if every_n_epochs > 0 else []
+    expected = (
+        [f"epoch={e}.ckpt" for e in range(epochs) if not (e + 1) % every_n_epochs]
+        if every_n_epochs > 0
+        else []
+    )
     assert set(listdir(tmp_path)) == set(expected)
 
 
@@ -547,10 +617,17 @@ def test_ckpt_every_n_train_steps(tmp_path):
         save_last=False,
     )
     trainer = Trainer(
-        default_root_dir=tmp_path, max_epochs=2, enable_progress_bar=False, callbacks=[checkpoint_callback], logger=False
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        enable_progress_bar=False,
+        callbacks=[checkpoint_callback],
+        logger=False,
     )
     trainer.fit(model)
-    expected = [f"step={i}.ckpt" for i in range(every_n_train_steps, max_epochs * epoch_length + 1, every_n_train_steps)]
+    expected = [
+        f"step={i}.ckpt"
+        for i in range(every_n_train_steps, max_epochs * epoch_length + 1, every_n_train_steps)
+    ]
     assert set(listdir(tmp_path)) == set(expected)
 
 
@@ -569,8 +646,8 @@ def test_model_checkpoint_train_time_interval(mock_datetime, tmp_path):
     if CheckpointCallback is not ModelCheckpoint:
         # ported: the stock mock advances 7 s per clock *call* and ours reads the clock more often per
         # batch, so let the clock advance 7 s per *batch*, as the test means
-        mock_datetime.monotonic.side_effect = lambda: start_time + seconds_per_batch * (
-            run["trainer"].global_step if run else 0
+        mock_datetime.monotonic.side_effect = lambda: (
+            start_time + seconds_per_batch * (run["trainer"].global_step if run else 0)
         )
     run["trainer"] = trainer = Trainer(
         default_root_dir=tmp_path,
@@ -611,16 +688,24 @@ def test_model_checkpoint_topk_zero(tmp_path):
 def test_model_checkpoint_topk_all(tmp_path):
     seed_everything(1000)
     epochs = 3
-    checkpoint_callback = CheckpointCallback(dirpath=tmp_path, filename="{epoch}", monitor="epoch", mode="max", save_top_k=-1)
+    checkpoint_callback = CheckpointCallback(
+        dirpath=tmp_path, filename="{epoch}", monitor="epoch", mode="max", save_top_k=-1
+    )
     trainer = Trainer(
-        default_root_dir=tmp_path, callbacks=[checkpoint_callback], max_epochs=epochs, logger=False, val_check_interval=1.0
+        default_root_dir=tmp_path,
+        callbacks=[checkpoint_callback],
+        max_epochs=epochs,
+        logger=False,
+        val_check_interval=1.0,
     )
     trainer.fit(BoringModel())
     assert checkpoint_callback.monitor == "epoch"
     assert checkpoint_callback.best_model_path == str(tmp_path / "epoch=2.ckpt")
     assert checkpoint_callback.best_model_score == epochs - 1
     assert len(listdir(tmp_path)) == len(checkpoint_callback.best_k_models) == epochs
-    assert set(checkpoint_callback.best_k_models.keys()) == {str(tmp_path / f"epoch={i}.ckpt") for i in range(epochs)}
+    assert set(checkpoint_callback.best_k_models.keys()) == {
+        str(tmp_path / f"epoch={i}.ckpt") for i in range(epochs)
+    }
     assert checkpoint_callback.kth_best_model_path == str(tmp_path / "epoch=0.ckpt")
 
 
@@ -715,11 +800,15 @@ def test_checkpointing_with_nan_as_first(tmp_path, mode):
             self.log("abc", monitor[self.current_epoch])
 
     callback = CheckpointCallback(monitor="abc", mode=mode, save_top_k=1, dirpath=tmp_path)
-    trainer = Trainer(callbacks=[callback], default_root_dir=tmp_path, val_check_interval=1.0, max_epochs=len(monitor))
+    trainer = Trainer(
+        callbacks=[callback], default_root_dir=tmp_path, val_check_interval=1.0, max_epochs=len(monitor)
+    )
     trainer.save_checkpoint = Mock()
     trainer.fit(CurrentModel())
     assert trainer.save_checkpoint.call_count == len(monitor)
-    assert mode == "min" and callback.best_model_score == 5 or mode == "max" and callback.best_model_score == 8
+    assert (
+        mode == "min" and callback.best_model_score == 5 or mode == "max" and callback.best_model_score == 8
+    )
 
 
 def test_checkpoint_repeated_strategy(tmp_path):
@@ -834,7 +923,9 @@ def test_configure_model_checkpoint(tmp_path):
     trainer = Trainer(callbacks=[callback1, callback2], **kwargs)
     assert trainer.checkpoint_callback == callback1
     assert trainer.checkpoint_callbacks == [callback1, callback2]
-    with pytest.raises(MisconfigurationException, match="`enable_checkpointing=False` but found `ModelCheckpoint`"):
+    with pytest.raises(
+        MisconfigurationException, match="`enable_checkpointing=False` but found `ModelCheckpoint`"
+    ):
         Trainer(enable_checkpointing=False, callbacks=[callback1], **kwargs)
 
 
@@ -1056,7 +1147,9 @@ def test_model_checkpoint_saveload_ckpt(tmp_path):
     written_ckpt = cb_write.state_dict()
     for state in ckpt:
         assert ckpt[state] == written_ckpt[state]
-    cb_restore = CheckpointCallback(dirpath=(tmp_path / "restore"), monitor=None, save_top_k=-1, save_last=True)
+    cb_restore = CheckpointCallback(
+        dirpath=(tmp_path / "restore"), monitor=None, save_top_k=-1, save_last=True
+    )
     with pytest.warns(UserWarning, match=DIRPATH_CHANGED):
         cb_restore.load_state_dict(written_ckpt)
     make_assertions(cb_restore, written_ckpt)
@@ -1077,7 +1170,14 @@ def test_resume_training_preserves_old_ckpt_last(tmp_path):
         "enable_model_summary": False,
         "logger": False,
     }
-    mc_kwargs = {"filename": "{step}", "monitor": "step", "mode": "max", "save_last": True, "save_top_k": 2, "every_n_train_steps": 1}
+    mc_kwargs = {
+        "filename": "{step}",
+        "monitor": "step",
+        "mode": "max",
+        "save_last": True,
+        "save_top_k": 2,
+        "every_n_train_steps": 1,
+    }
     trainer = Trainer(**trainer_kwargs, callbacks=CheckpointCallback(**mc_kwargs))
     trainer.fit(model)
     assert set(listdir(tmp_path / "checkpoints")) == {"last.ckpt", "step=2.ckpt", "step=3.ckpt"}
@@ -1142,7 +1242,9 @@ def test_last_global_step_saved():
 
 @pytest.mark.parametrize("every_n_epochs", [0, 5])
 def test_save_last_every_n_epochs_interaction(tmp_path, every_n_epochs):
-    mc = CheckpointCallback(every_n_epochs=every_n_epochs, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+    mc = CheckpointCallback(
+        every_n_epochs=every_n_epochs, save_last=True, save_top_k=0, save_on_train_epoch_end=True
+    )
     trainer = Trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
@@ -1161,7 +1263,9 @@ def test_save_last_every_n_epochs_interaction(tmp_path, every_n_epochs):
     assert save_mock.call_count == 1
 
 
-@pytest.mark.skip(reason="checks the stock default callback's private _should_save_on_train_epoch_end, not ours")
+@pytest.mark.skip(
+    reason="checks the stock default callback's private _should_save_on_train_epoch_end, not ours"
+)
 def test_train_epoch_end_ckpt_with_no_validation():
     pass
 
@@ -1179,11 +1283,15 @@ def test_resume_and_old_checkpoint_files_remain(same_resume_folder, tmp_path):
     }
     first, second = tmp_path / "first", tmp_path / "second"
     new_dirpath = first if same_resume_folder else second
-    callback = CheckpointCallback(dirpath=first, monitor="step", mode="max", save_top_k=2, every_n_train_steps=2)
+    callback = CheckpointCallback(
+        dirpath=first, monitor="step", mode="max", save_top_k=2, every_n_train_steps=2
+    )
     trainer = Trainer(callbacks=callback, max_steps=5, **trainer_kwargs)
     trainer.fit(model)
     assert set(listdir(first)) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
-    callback = CheckpointCallback(dirpath=new_dirpath, monitor="step", mode="max", save_top_k=2, every_n_train_steps=2)
+    callback = CheckpointCallback(
+        dirpath=new_dirpath, monitor="step", mode="max", save_top_k=2, every_n_train_steps=2
+    )
     trainer = Trainer(callbacks=callback, max_steps=8, **trainer_kwargs)
     trainer.fit(model, ckpt_path=str(first / "epoch=0-step=4.ckpt"))
     if same_resume_folder:
@@ -1193,7 +1301,9 @@ def test_resume_and_old_checkpoint_files_remain(same_resume_folder, tmp_path):
         assert set(listdir(second)) == {"epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt"}
 
 
-@pytest.mark.skip(reason="ModelCheckpoint._find_last_checkpoints is private; README: 'ckpt_path=\"last\"' row")
+@pytest.mark.skip(
+    reason="ModelCheckpoint._find_last_checkpoints is private; README: 'ckpt_path=\"last\"' row"
+)
 def test_find_last_checkpoints():
     pass
 
@@ -1207,7 +1317,15 @@ def test_expand_home():
 
 @pytest.mark.parametrize(
     ("val", "expected"),
-    [("yes", True), ("True", True), ("true", True), ("no", False), ("false", False), ("False", False), ("link", "link")],
+    [
+        ("yes", True),
+        ("True", True),
+        ("true", True),
+        ("no", False),
+        ("false", False),
+        ("False", False),
+        ("link", "link"),
+    ],
 )
 def test_save_last_cli(val, expected):
     from jsonargparse import ArgumentParser
@@ -1220,8 +1338,11 @@ def test_save_last_cli(val, expected):
 
 
 # ------------------------------------------------------ test_checkpoint_callback_frequency.py
+@pytest.mark.slow  # many full fits; the default run keeps one of each kind elsewhere
 @mock.patch("torch.save")
-@pytest.mark.parametrize(("epochs", "val_check_interval", "expected"), [(1, 1.0, 1), (2, 1.0, 2), (1, 0.25, 4), (2, 0.3, 6)])
+@pytest.mark.parametrize(
+    ("epochs", "val_check_interval", "expected"), [(1, 1.0, 1), (2, 1.0, 2), (1, 0.25, 4), (2, 0.3, 6)]
+)
 def test_default_checkpoint_freq(save_mock, tmp_path, epochs, val_check_interval, expected):
     trainer = Trainer(
         default_root_dir=tmp_path,
@@ -1236,9 +1357,11 @@ def test_default_checkpoint_freq(save_mock, tmp_path, epochs, val_check_interval
     assert save_mock.call_count == expected
 
 
+@pytest.mark.slow  # many full fits; the default run keeps one of each kind elsewhere
 @mock.patch("torch.save")
 @pytest.mark.parametrize(
-    ("k", "epochs", "val_check_interval", "expected"), [(1, 1, 1.0, 1), (2, 2, 1.0, 2), (2, 1, 0.25, 4), (2, 2, 0.3, 6)]
+    ("k", "epochs", "val_check_interval", "expected"),
+    [(1, 1, 1.0, 1), (2, 2, 1.0, 2), (2, 1, 0.25, 4), (2, 2, 0.3, 6)],
 )
 @pytest.mark.parametrize("save_last", [False, True, "link"])
 def test_top_k(save_mock, tmp_path, k, epochs, val_check_interval, expected, save_last):
@@ -1256,7 +1379,9 @@ def test_top_k(save_mock, tmp_path, k, epochs, val_check_interval, expected, sav
             return loss
 
     trainer = Trainer(
-        callbacks=[CheckpointCallback(dirpath=tmp_path, monitor="my_loss", save_top_k=k, save_last=save_last)],
+        callbacks=[
+            CheckpointCallback(dirpath=tmp_path, monitor="my_loss", save_top_k=k, save_last=save_last)
+        ],
         default_root_dir=tmp_path,
         max_epochs=epochs,
         enable_model_summary=False,
@@ -1271,7 +1396,9 @@ def test_top_k(save_mock, tmp_path, k, epochs, val_check_interval, expected, sav
 
 # ------------------------------------------------------------- test_trainer_checkpoint.py
 def test_finetuning_with_ckpt_path(tmp_path):
-    checkpoint_callback = CheckpointCallback(monitor="val_loss", dirpath=tmp_path, filename="{epoch:02d}", save_top_k=-1)
+    checkpoint_callback = CheckpointCallback(
+        monitor="val_loss", dirpath=tmp_path, filename="{epoch:02d}", save_top_k=-1
+    )
 
     class ExtendedBoringModel(BoringModel):
         def configure_optimizers(self):
@@ -1314,6 +1441,44 @@ def test_finetuning_with_ckpt_path(tmp_path):
             assert f"epoch={idx + 1}" in best_model_path
 
 
-@pytest.mark.skip(reason="Trainer.save_checkpoint/TorchCheckpointIO storage_options plumbing, not the callback")
+@pytest.mark.skip(
+    reason="Trainer.save_checkpoint/TorchCheckpointIO storage_options plumbing, not the callback"
+)
 def test_trainer_save_checkpoint_storage_options():
     pass
+
+
+# ------------------------------------------------- found by hand while switching a config over
+class LogSlashMetric(BoringModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(0.5 - 0.1 * self.current_epoch))
+        return super().validation_step(batch, batch_idx)
+
+
+def test_format_checkpoint_name_is_the_name_saved(tmp_path):
+    """``format_checkpoint_name()`` predicts the file the callback writes, also for a metric named ``val/loss``."""
+    mc = CheckpointCallback(dirpath=tmp_path, filename="{epoch}-{val/loss:.2f}", monitor="val/loss")
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[mc],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LogSlashMetric())
+    predicted = mc.format_checkpoint_name({"epoch": 0, "val/loss": 0.5})
+    assert mc.best_model_path == predicted
+    assert os.path.isfile(predicted)
+    if CheckpointCallback is not ModelCheckpoint:  # README: "'/' in filename" row: one flat directory
+        assert predicted == str(tmp_path / "epoch=0-val_loss=0.50.ckpt")
+
+
+def test_filename_with_a_directory(tmp_path):
+    if CheckpointCallback is ModelCheckpoint:
+        ModelCheckpoint(dirpath=tmp_path, filename="sub/{epoch}")  # a sub-directory of dirpath
+    else:  # README: "'/' in filename" row
+        with pytest.raises(MisconfigurationException, match="must not contain '/'"):
+            CheckpointCallback(dirpath=tmp_path, filename="sub/{epoch}")
