@@ -212,9 +212,11 @@ def test_fsdp2_a_damaged_shard_is_skipped_by_last_and_refused_by_name(fsdp_runs:
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
+    damaged = tmp_path / "damaged"  # the resumed run below saves a fresh last.ckpt into dirpath
+    shutil.copytree(dirpath, damaged)
     resumed = ok(*run(tmp_path, "res", ckpt_path="last", max_steps=6, dirpath=str(dirpath), **fsdp_runs["common"]))
     assert [r["resumed_from"] for r in resumed] == [str(dirpath / "epoch=0-step=4.ckpt")] * 2
-    _, reports = run(tmp_path, "named", ckpt_path=str(dirpath / "last.ckpt"), max_steps=12, dirpath=str(dirpath),
+    _, reports = run(tmp_path, "named", ckpt_path=str(damaged / "last.ckpt"), max_steps=12, dirpath=str(damaged),
                         **fsdp_runs["common"])
     # every rank refuses it (rank 0 then ends the run: Lightning kills the other ranks, which may
     # not have written their report by then)
