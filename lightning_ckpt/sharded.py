@@ -44,7 +44,7 @@ from lightning_ckpt.errors import (
 )
 from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
-from lightning_ckpt.unpickle import dcp_reader, refused_global
+from lightning_ckpt.unpickle import dcp_planner, dcp_reader, refused_global
 
 __all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
 
@@ -266,12 +266,13 @@ class ShardedCheckpointer:
         url = self.manager.url_of(name)
         try:
             model_state = {"state_dict": get_model_state_dict(module)}
-            _dcp_load(model_state, target, options)
+            files = manifest.files if manifest is not None else None  # shards only among the verified files
+            _dcp_load(model_state, target, options, files)
             set_model_state_dict(module, model_state["state_dict"], options=StateDictOptions(strict=strict))
             for index, optimizer in enumerate(optimizers):
                 key = f"optimizer_{index}"
                 optim_state = {key: get_optimizer_state_dict(module, optimizer)}
-                _dcp_load(optim_state, target, options)
+                _dcp_load(optim_state, target, options, files)
                 set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                          options=StateDictOptions(cpu_offload=True, strict=strict))
         except CheckpointError:
@@ -348,7 +349,7 @@ def consolidate(manager: CheckpointManager, name: str, verify: bool = True) -> d
     if verify:
         manager.verify_files(name, manifest)
     target, options = manager.storage.fsspec_target(name)
-    state = _dcp_load_everything(target, options)
+    state = _dcp_load_everything(target, options, manifest.files)
     extras = _load_meta(manager, name, weights_only=True)
     optimizers = [state.pop(k) for k in sorted((k for k in state if k.startswith("optimizer_")),
                                                 key=lambda k: int(k.split("_")[1]))]
@@ -407,32 +408,35 @@ def _dcp_async_save(state: dict[str, Any], target: str, options: dict[str, Any],
     return dcp.async_save(state, storage_writer=FsspecWriter(target, **options), process_group=group)
 
 
-def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
+def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any], files: Any = None) -> None:
     import torch.distributed.checkpoint as dcp
 
-    reader = dcp_reader(target, options)  # DCP's .metadata unpickled through an allow-list
+    reader = dcp_reader(target, options, files)  # DCP's .metadata unpickled through an allow-list
+    planner = dcp_planner(target)  # and its non-tensor blobs loaded weights-only
     try:
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader, planner=planner)
     except BaseException:
-        if reader.error is not None:  # DCP reports it as an AssertionError of its own
-            raise reader.error from None
+        for error in (reader.error, planner.error):
+            if error is not None:  # DCP reports it as an AssertionError or CheckpointException of its own
+                raise error from None
         raise
 
 
-def _dcp_load_everything(target: str, options: dict[str, Any]) -> dict[str, Any]:
+def _dcp_load_everything(target: str, options: dict[str, Any], files: Any = None) -> dict[str, Any]:
     """Every tensor of a DCP checkpoint, whole, in this process (what ``dcp_to_torch_save`` does)."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    reader = dcp_reader(target, options)
+    reader = dcp_reader(target, options, files)  # shards only among the verified files
+    planner = dcp_planner(target, everything=True)
     with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming a single process": intended
         warnings.simplefilter("ignore", UserWarning)
         try:
-            _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+            _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
         except BaseException as exc:
-            if reader.error is not None:
-                raise reader.error from None
+            for error in (reader.error, planner.error):
+                if error is not None:
+                    raise error from None
             if not _is_failure(exc):
                 raise
             raise CorruptCheckpointError(f"could not read the sharded checkpoint {target}: {_describe(exc)}") from None

@@ -8,7 +8,11 @@ message says, and a merely damaged pickle stays a
 :class:`~lightning_ckpt.errors.CorruptCheckpointError`. A sharded checkpoint's ``.metadata`` is
 DCP's index, a plain pickle that DCP's own reader unpickles with any global; :func:`dcp_reader`
 returns DCP's fsspec reader with that one read replaced by :func:`load_dcp_metadata`, an
-unpickler that resolves only an allow-list of DCP's metadata classes and torch's dtypes.
+unpickler that resolves only an allow-list of DCP's metadata classes and torch's dtypes, and
+whose index may name only plain file names of the checkpoint's own directory. DCP stores every
+non-tensor value (an optimizer's ``param_groups``, any object) as a ``torch.save`` blob that its
+load planners read with ``torch.load(weights_only=False)``; :func:`dcp_planner` returns a planner
+that loads them weights-only instead.
 
 (``torch.distributed``'s object collectives also unpickle, but only what the job's own ranks
 sent over its own process group; nothing from storage travels through them.)
@@ -22,7 +26,7 @@ from typing import IO, Any
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["dcp_reader", "load_dcp_metadata", "refused_global"]
+__all__ = ["dcp_planner", "dcp_reader", "load_dcp_metadata", "refused_global"]
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _DCP_EXTRA = {
@@ -84,7 +88,36 @@ def load_dcp_metadata(stream: IO[bytes], where: str) -> Any:
     return metadata
 
 
-def dcp_reader(target: str, options: dict[str, Any]) -> Any:
+def _check_storage_data(metadata: Any, where: str, files: Any) -> None:
+    """Every file DCP's index points into is a plain name in the checkpoint's directory (one of
+    ``files`` when known), at a sane offset: never ``/etc/...``, ``../..``, a URL or a hidden file."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise CorruptCheckpointError(f"{where} has no index of its shard files")
+    for info in storage.values():
+        if not isinstance(info, _StorageInfo):
+            raise CorruptCheckpointError(f"{where} indexes a {type(info).__name__}, not a shard location")
+        path, offset, length = info.relative_path, info.offset, info.length
+        if (not isinstance(path, str) or not path or "/" in path or "\\" in path or ":" in path
+                or path.startswith(".") or (files is not None and path not in files)):
+            raise CorruptCheckpointError(f"{where} points into {path!r}, not a shard file of this checkpoint")
+        for value in (offset, length):
+            if type(value) is not int or not 0 <= value < 1 << 62:
+                raise CorruptCheckpointError(f"{where} has a shard offset or length of {value!r}")
+    # where each item goes in the state dict: keys and list indices (a huge index would pad a list)
+    planner_data = getattr(metadata, "planner_data", None)
+    if planner_data is not None:
+        if not isinstance(planner_data, dict):
+            raise CorruptCheckpointError(f"{where} has a junk state-dict layout")
+        for keys in planner_data.values():
+            if not isinstance(keys, (tuple, list)) or not all(
+                    isinstance(k, str) or (type(k) is int and 0 <= k < 1 << 20) for k in keys):
+                raise CorruptCheckpointError(f"{where} has a junk state-dict layout")
+
+
+def dcp_reader(target: str, options: dict[str, Any], files: Any = None) -> Any:
     """DCP's ``FsspecReader`` for ``target`` whose metadata is read by :func:`load_dcp_metadata`.
 
     DCP swallows an exception raised while reading metadata into an ``AssertionError`` of its
@@ -109,6 +142,7 @@ def dcp_reader(target: str, options: dict[str, Any]) -> Any:
                 opened = open_regular(str(path)) if local else self.fs.create_stream(path, "rb")
                 with opened as f:
                     metadata = load_dcp_metadata(f, f"{target}/.metadata")
+                _check_storage_data(metadata, f"{target}/.metadata", files)
             except BaseException as exc:
                 if self.error is None:
                     self.error = exc
@@ -119,6 +153,47 @@ def dcp_reader(target: str, options: dict[str, Any]) -> Any:
             return metadata
 
     return RestrictedReader(target, **options)
+
+
+def dcp_planner(target: str, everything: bool = False) -> Any:
+    """A DCP load planner (the default one, or with ``everything`` the one that loads every item
+    into an empty state dict) whose non-tensor blobs are loaded weights-only: a blob that would
+    run code is an :class:`UnsafeCheckpointError` (kept on the planner as ``error``, as DCP wraps
+    what a planner raises), never executed."""
+    import io as _io
+
+    import torch
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    base = _EmptyStateDictLoadPlanner if everything else DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(base):  # type: ignore[misc, valid-type]
+        error: BaseException | None = None
+
+        def load_bytes(self, read_item: Any, value: IO[bytes]) -> None:
+            where = f"{target} (item {read_item.dest_index.fqn!r})"
+            try:
+                data = value.read()
+                try:
+                    obj = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    refused = refused_global(_io.BytesIO(data))
+                    if refused is not None:
+                        raise UnsafeCheckpointError(
+                            f"{where} holds objects that weights-only loading refuses (global {refused})") from None
+                    raise CorruptCheckpointError(f"{where} is not readable: {type(exc).__name__}: {exc}") from None
+                # what DefaultLoadPlanner.load_bytes does with the object, minus its torch.load
+                if self.flatten_state_dict:
+                    set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+                else:
+                    self.state_dict[read_item.dest_index.fqn] = obj
+            except BaseException as exc:
+                if self.error is None:
+                    self.error = exc
+                raise
+
+    return WeightsOnlyPlanner()
 
 
 # -- payloads: why did weights-only loading refuse? -------------------------------------------
