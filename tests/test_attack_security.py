@@ -138,3 +138,43 @@ def test_a_dcp_index_pointing_outside_the_verified_files_is_corrupt(armed: tuple
         shutil.copy(run / NAME / "__0_0.distcp", run / NAME / "unlisted.distcp")
     with pytest.raises(CorruptCheckpointError, match="not a shard file"):
         consolidate(CheckpointManager(str(run)), NAME)
+
+
+# -- encrypted payloads: chunks cut, reordered or spliced behind a re-hashed manifest -----------
+
+def _encrypted_run(tmp_path: Path) -> tuple[CheckpointManager, Path, bytes]:
+    from lightning_ckpt.security import Encryptor
+
+    manager = CheckpointManager(str(tmp_path), encryptor=Encryptor(bytes(range(32)), chunk=1024))
+    manager.save({"w": torch.arange(2000, dtype=torch.float32)}, "a.ckpt", epoch=0, global_step=1)
+    manager.save({"w": torch.zeros(2000)}, "b.ckpt", epoch=0, global_step=2)
+    return manager, tmp_path, (tmp_path / "b.ckpt").read_bytes()
+
+
+def _replace_payload(run: Path, name: str, data: bytes) -> None:
+    import hashlib
+
+    (run / name).write_bytes(data)
+    raw = json.loads((run / manifest_name(name)).read_text())
+    raw["size"], raw["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (run / manifest_name(name)).write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("attack", ["drop-last", "drop-middle", "swap", "splice", "duplicate", "header-only"])
+def test_a_tampered_encrypted_payload_never_loads(tmp_path: Path, attack: str) -> None:
+    manager, run, other = _encrypted_run(tmp_path)
+    data = (run / "a.ckpt").read_bytes()
+    head, step = 9 + 8, 1024 + 16
+    chunks = [data[i:i + step] for i in range(head, len(data), step)]
+    assert len(chunks) > 4
+    forged = {
+        "drop-last": chunks[:-1],
+        "drop-middle": chunks[:2] + chunks[3:],
+        "swap": [chunks[1], chunks[0], *chunks[2:]],
+        "splice": [chunks[0], other[head + step:head + 2 * step], *chunks[2:]],
+        "duplicate": [chunks[0], *chunks],
+        "header-only": [],
+    }[attack]
+    _replace_payload(run, "a.ckpt", data[:head] + b"".join(forged))
+    with pytest.raises(CorruptCheckpointError):
+        manager.load("a.ckpt")
