@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from backends import backend  # noqa: F401
+
 from lightning_ckpt import (
     CheckpointManager,
     CheckpointWarning,
@@ -607,3 +609,15 @@ def test_a_junk_shard_behind_a_rehashed_manifest_is_corrupt_in_the_cli(tmp_path:
     for argv in (["inspect", mgr.url_of("s.ckpt")], ["export", mgr.url_of("s.ckpt"), "-o", str(tmp_path / "w.st")]):
         code, out, err = cli(capsys, *argv)
         assert code == 1 and "Traceback" not in out + err and "unexpected" not in err, (argv, out, err)
+
+
+def test_an_empty_manifest_is_skipped_on_every_backend(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url + "/run", options)
+    mgr.save({"w": torch.zeros(2)}, "a.ckpt", global_step=1)
+    mgr.save({"w": torch.zeros(2)}, "b.ckpt", global_step=2)
+    mgr.storage.write_bytes(manifest_name("b.ckpt"), b"")  # a ranged read of it is "not satisfiable" remotely
+    with pytest.warns(CheckpointWarning, match="b.ckpt"):
+        assert mgr.latest().name == "a.ckpt"
+    with pytest.raises(CorruptCheckpointError):
+        mgr.read_manifest("b.ckpt")
