@@ -1341,6 +1341,10 @@ class CheckpointCallback(ModelCheckpoint):
             self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader") or None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.exact_resume and state_dict.get("rng") is None:
+            rank_zero_warn("lightning-ckpt: the checkpoint holds no random streams (saved with exact_resume=False "
+                           "or by another callback): the resumed run will not be bit-identical to an "
+                           "uninterrupted one", category=CheckpointWarning)
         if self.exact_resume and state_dict.get("rng") is not None:
             per_rank = state_dict.get("rng_per_rank")
             generators = state_dict.get("generators_per_rank")

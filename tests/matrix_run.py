@@ -7,8 +7,10 @@ whose items also draw from Python's and NumPy's generators, and CheckpointCallba
 trigger under test. ``config``:
 
     trigger:   epoch | epoch_noval | val_every_2 | val_half | val_steps | steps | time | preempt
-    loader:    shuffle | generator | workers | persistent | iterable | iterable_stateful | distributed
+    loader:    shuffle | generator | workers | persistent | iterable | iterable_stateful | torchdata |
+               distributed
     interval:  "epoch" | "step" (the scheduler's), accumulate: 1 | 2, epochs: max_epochs
+    reload: reload_dataloaders_every_n_epochs, limit_train_batches: as the Trainer's
     save_on_train_epoch_end: the callback's argument, noval: no validation, sanity: num_sanity_val_steps, max_steps: train by steps, not epochs
     dirpath, out, ckpt_path (resume from it), preempt_at (global step to send SIGTERM at)
 
@@ -141,6 +143,10 @@ def loaders(config: dict[str, Any]) -> tuple[Any, DataLoader | None]:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         return StatefulDataLoader(StatefulStream(), batch_size=BATCH), val
+    if kind == "torchdata":  # the user's own StatefulDataLoader (torchdata's samplers)
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(Noisy(), batch_size=BATCH, shuffle=True), val
     kw: dict[str, Any] = {}
     if kind == "generator":
         kw["generator"] = torch.Generator().manual_seed(7)
@@ -182,6 +188,10 @@ def trainer_and_callback(config: dict[str, Any]) -> tuple[pl.Trainer, Checkpoint
     devices: Any = 1
     if config.get("loader") == "distributed":
         strategy, devices = "ddp", 2
+    if config.get("reload"):
+        tr_kw["reload_dataloaders_every_n_epochs"] = config["reload"]
+    if config.get("limit_train_batches"):
+        tr_kw["limit_train_batches"] = config["limit_train_batches"]
     if config.get("max_steps"):
         tr_kw["max_steps"] = config["max_steps"]
     trainer = pl.Trainer(max_epochs=config.get("epochs", 4), callbacks=[*callbacks, cb], logger=False,

@@ -94,7 +94,8 @@ def check_cell(run: Runner, tmp: Path, config: dict[str, Any]) -> list[str]:
     most = config.pop("resumes", 1)
     assert run({**config, "dirpath": str(tmp / "full"), "out": str(tmp / "full.pt")}) == 0
     full = load(tmp / "full.pt")
-    assert full["step"] == EPOCHS * STEPS_PER_EPOCH // config.get("accumulate", 1)
+    batches = config.get("limit_train_batches", STEPS_PER_EPOCH)
+    assert full["step"] == (config.get("max_steps") or config["epochs"] * batches // config.get("accumulate", 1))
     points = resume_points(tmp / "full", full["step"], most)
     assert points, "the uninterrupted run left no checkpoint to resume from"
     for name in points:
@@ -112,32 +113,38 @@ CELLS: dict[str, dict[str, Any]] = {
     "epoch-end-no-validation": {"trigger": "epoch_noval", "interval": "step"},
     "check-val-every-2-epochs": {"trigger": "val_every_2"},
     "val-check-interval-half": {"trigger": "val_half", "interval": "step"},
-    "val-check-every-4-batches-across-epochs": {"trigger": "val_steps", "resumes": 2},
-    "saved-at-validation-end": {"trigger": "epoch", "save_on_train_epoch_end": False},
     "every-n-train-steps": {"trigger": "steps", "every": 4, "resumes": 2},
-    "every-n-train-steps-at-epoch-ends": {"trigger": "steps", "every": 6, "interval": "step"},
     "every-n-train-steps-at-epoch-ends-no-validation": {"trigger": "steps", "every": 6, "noval": True},
     "train-time-interval": {"trigger": "time", "every": 5},
     "epoch-end-training-by-max-steps": {"trigger": "epoch", "max_steps": EPOCHS * STEPS_PER_EPOCH, "epochs": -1},
-    "no-sanity-check": {"trigger": "epoch", "sanity": 0},
     # loaders
     "explicit-generator-epoch": {"trigger": "epoch", "loader": "generator"},
     "explicit-generator-steps": {"trigger": "steps", "every": 5, "loader": "generator"},
     "two-workers-epoch": {"trigger": "epoch", "loader": "workers"},
     "two-workers-steps": {"trigger": "steps", "every": 5, "loader": "workers", "interval": "step"},
     "iterable-without-length-epoch": {"trigger": "epoch", "loader": "iterable"},
-    "iterable-without-length-no-validation": {"trigger": "epoch_noval", "loader": "iterable"},
-    "iterable-with-state-epoch": {"trigger": "epoch", "loader": "iterable_stateful"},
     "persistent-workers-mid-epoch": {"trigger": "steps", "every": 5, "loader": "persistent"},
     # models: gradient accumulation (3 optimizer steps an epoch)
     "accumulate-2-epoch": {"trigger": "epoch", "accumulate": 2, "interval": "step"},
     "accumulate-2-steps": {"trigger": "steps", "every": 2, "accumulate": 2, "resumes": 2},
 }
+#: more schedules and loaders, with ``-m slow``
+MORE_CELLS: dict[str, dict[str, Any]] = {
+    "every-n-train-steps-at-epoch-ends": {"trigger": "steps", "every": 6, "interval": "step"},
+    "val-check-every-4-batches-across-epochs": {"trigger": "val_steps", "resumes": 2},
+    "saved-at-validation-end": {"trigger": "epoch", "save_on_train_epoch_end": False},
+    "no-sanity-check": {"trigger": "epoch", "sanity": 0},
+    "reload-dataloaders-every-epoch": {"trigger": "epoch", "reload": 1},
+    "limit-train-batches-steps": {"trigger": "steps", "every": 5, "limit_train_batches": 4, "resumes": 2},
+    "torchdata-loader-epoch": {"trigger": "epoch", "loader": "torchdata"},
+    "iterable-without-length-no-validation": {"trigger": "epoch_noval", "loader": "iterable"},
+    "iterable-with-state-epoch": {"trigger": "epoch", "loader": "iterable_stateful"},
+}
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("cell", [*CELLS, *(pytest.param(c, marks=pytest.mark.slow) for c in MORE_CELLS)])
 def test_resume_is_bit_identical(runner: Runner, tmp_path: Path, cell: str) -> None:
-    check_cell(runner, tmp_path, CELLS[cell])
+    check_cell(runner, tmp_path, CELLS.get(cell) or MORE_CELLS[cell])
 
 
 @pytest.mark.parametrize(("at", "noval"), [(8, False), (6, False), (12, True), (3, True)],
@@ -253,3 +260,15 @@ def test_a_loader_generator_the_resumed_run_lacks_warns(tmp_path: Path) -> None:
     plain = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
     with pytest.warns(CheckpointWarning, match="holds 1 train loader generator"):
         trainer([CheckpointCallback(dirpath=str(tmp_path))], max_epochs=2).fit(TinyModel(), plain, ckpt_path="last")
+
+
+def test_resuming_a_checkpoint_without_random_streams_says_it_is_not_exact(tmp_path: Path) -> None:
+    from helpers import TinyModel, data, fit, trainer
+
+    from lightning_ckpt import CheckpointCallback, CheckpointWarning
+
+    fit(CheckpointCallback(dirpath=str(tmp_path), exact_resume=False), max_epochs=1)
+    train, val = data()
+    with pytest.warns(CheckpointWarning, match="holds no random streams"):
+        trainer([CheckpointCallback(dirpath=str(tmp_path))], max_epochs=2).fit(TinyModel(), train, val,
+                                                                              ckpt_path="last")

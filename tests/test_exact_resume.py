@@ -39,6 +39,7 @@ def assert_identical(a: dict, b: dict) -> None:
             assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
 
 
+@pytest.mark.slow  # tests/test_exact_matrix.py covers these points (and more) in the default run
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_bit_identical(tmp_path: Path, workers: int) -> None:
     full = run(tmp_path / "full", TOTAL, workers, tmp_path / "full.pt")
