@@ -480,7 +480,7 @@ class Storage:
             if counted is not None and progress is not None:
                 progress(counted.size, counted.size)
             return
-        if self._s3:
+        if self._s3 or self._azure:
             with self._open_s3(name, path, progress) as f:
                 yield f
             return
@@ -562,7 +562,8 @@ class Storage:
     @contextlib.contextmanager
     def _open_s3(self, name: str, path: str, progress: Progress | None) -> Iterator[IO[bytes]]:
         url = self.url_of(name)
-        upload = _S3Upload(self.fs, path, self.retry, lambda exc, what: self.translate(exc, what, url), progress)
+        kind = _AzureUpload if self._azure else _S3Upload
+        upload = kind(self.fs, path, self.retry, lambda exc, what: self.translate(exc, what, url), progress)
         try:
             yield upload  # type: ignore[misc]
             upload.close()
@@ -860,6 +861,8 @@ class _S3Upload:
     Content smaller than one part is sent with a single ``PutObject``.
     """
 
+    _max_part = S3_MAX_PART
+
     def __init__(
         self,
         fs: Any,
@@ -876,7 +879,7 @@ class _S3Upload:
         self._progress = progress
         self._max_buffers = max(1, in_flight)
         self._part = 1
-        self._cap = part_size(1)
+        self._cap = min(part_size(1), self._max_part)
         self._buf = bytearray()  # grows as written: a small object never costs a whole part
         self._fill = 0
         self._free: list[bytearray] = []
@@ -990,7 +993,7 @@ class _S3Upload:
         if self._part > S3_MAX_PARTS:  # only reachable past ~8 TiB; the next write raises
             self._buf, self._fill = bytearray(), 0
             return
-        self._cap = part_size(self._part)
+        self._cap = min(part_size(self._part), self._max_part)
         self._buf, self._fill = self._next_buffer(self._cap), 0
 
     def _next_buffer(self, size: int) -> bytearray:
@@ -1030,6 +1033,70 @@ class _S3Upload:
             done, _ = concurrent.futures.wait(list(self._pending), return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 self._collect(future)
+
+
+class _AzureUpload(_S3Upload):
+    """The S3 writer's parallel, bounded-memory upload, on Azure Blob's block API.
+
+    A part is a staged block (``Put Block``, several at once), completing is ``Put Block List``
+    (the moment the blob appears), a small object is one ``Put Blob``, and aborting deletes the
+    blob if it was never committed (a committed blob of that name keeps its content; its staged
+    blocks go with the next commit). Blocks are at most 4000 MiB, Azure's limit.
+    """
+
+    def __init__(self, fs: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fs, path, *args, **kwargs)
+        container, key, _ = fs.split_path(path)
+        self._blob = fs.service_client.get_container_client(container).get_blob_client(key)
+        self._path = path
+        self._prefix = uuid.uuid4().hex[:16]  # block ids: same length, unique to this upload
+
+    _max_part = 4000 * 2**20  # the largest block Azure accepts
+
+    def _block_id(self, number: int) -> str:
+        import base64
+
+        return base64.b64encode(f"{self._prefix}-{number:08d}".encode()).decode()
+
+    async def _retrying(self, method: str, **kwargs: Any) -> Any:
+        body = kwargs.pop("Body", None)
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                return await self._azure(method, body, **kwargs)
+            except Exception as exc:
+                if attempt >= self._retry.attempts or not is_transient(exc):
+                    raise
+                await asyncio.sleep(self._retry.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _azure(self, method: str, body: memoryview | None, **kwargs: Any) -> Any:
+        if method == "put_object":
+            assert body is not None
+            return await self._blob.upload_blob(_BufferReader(body), length=len(body), overwrite=True)
+        if method == "create_multipart_upload":
+            return {"UploadId": self._prefix}
+        if method == "upload_part":
+            assert body is not None
+            block = self._block_id(kwargs["PartNumber"])
+            await self._blob.stage_block(block, _BufferReader(body), length=len(body))
+            return {"ETag": block}
+        if method == "complete_multipart_upload":
+            from azure.storage.blob import BlobBlock
+
+            parts = kwargs["MultipartUpload"]["Parts"]
+            return await self._blob.commit_block_list([BlobBlock(block_id=p["ETag"]) for p in parts])
+        if method == "abort_multipart_upload":
+            from azure.core.exceptions import ResourceNotFoundError
+
+            try:
+                await self._blob.get_blob_properties()
+                return None  # committed (an older version): keep it
+            except ResourceNotFoundError:
+                pass
+            with contextlib.suppress(ResourceNotFoundError):
+                await self._blob.delete_blob()
+            return None
+        raise ValueError(f"no Azure equivalent of {method}")  # pragma: no cover
 
 
 class _BufferReader(io.RawIOBase):
