@@ -17,9 +17,9 @@ and Azure too, through gcsfs's and adlfs's async clients), and
 bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
 Transfers report their progress to an optional ``progress(done, total)`` callback.
 
-GCS and Azure Blob write through gcsfs's resumable upload (chunks of :data:`GCS_CHUNK`) and
-adlfs's staged blocks (8 MiB), one at a time (nothing is visible before the upload completes, so a failed rewrite keeps the committed
-object). Their SDKs' refusals (HTTP 401/403, also when adlfs wraps them in ``RuntimeError``) are
+GCS writes through gcsfs's resumable upload (chunks of :data:`GCS_CHUNK`, one at a time), Azure
+Blob through the S3 writer on the block API (blocks staged four at a time, committed at the end).
+Nothing is visible before an upload completes, so a failed rewrite keeps the committed object. Their SDKs' refusals (HTTP 401/403, also when adlfs wraps them in ``RuntimeError``) are
 :class:`~lightning_ckpt.errors.StoragePermissionError`; Azure's server-side copies are waited
 for, and a never-committed Azure blob left by a failed or killed writer is deleted.
 """
