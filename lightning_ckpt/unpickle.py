@@ -106,6 +106,7 @@ def _check_storage_data(metadata: Any, where: str, files: Any) -> None:
         for value in (offset, length):
             if type(value) is not int or not 0 <= value < 1 << 62:
                 raise CorruptCheckpointError(f"{where} has a shard offset or length of {value!r}")
+    _check_tensor_sizes(metadata, where, files)
     # where each item goes in the state dict: keys and list indices (a huge index would pad a list)
     planner_data = getattr(metadata, "planner_data", None)
     if planner_data is not None:
@@ -115,6 +116,41 @@ def _check_storage_data(metadata: Any, where: str, files: Any) -> None:
             if not isinstance(keys, (tuple, list)) or not all(
                     isinstance(k, str) or (type(k) is int and 0 <= k < 1 << 20) for k in keys):
                 raise CorruptCheckpointError(f"{where} has a junk state-dict layout")
+
+
+def _check_tensor_sizes(metadata: Any, where: str, files: Any) -> None:
+    """Every tensor is covered by its chunks, and together they fit in the checkpoint's files: a
+    forged index claiming a 100 GiB tensor would otherwise be allocated (and exported) whole."""
+    import math
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        raise CorruptCheckpointError(f"{where} has no index of its items")
+    total = 0
+    for fqn, md in entries.items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        try:
+            size = tuple(md.size)
+            itemsize = md.properties.dtype.itemsize
+            chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+            ok = all(type(n) is int and n >= 0 for n in size) and all(
+                len(o) == len(z) == len(size) and all(type(a) is int and type(b) is int and a >= 0 and b >= 0
+                                                      and a + b <= n for a, b, n in zip(o, z, size))
+                for o, z in chunks)
+        except (AttributeError, TypeError) as exc:
+            raise CorruptCheckpointError(f"{where} has a junk entry for {fqn!r}: {exc}") from None
+        numel = math.prod(size)
+        if not ok or sum(math.prod(z) for _, z in chunks) != numel:
+            raise CorruptCheckpointError(f"{where}: the chunks of {fqn!r} do not cover its size {list(size)}")
+        total += numel * itemsize
+    if files is not None:
+        stored = sum(int(info["size"]) for info in files.values())
+        if total > stored:
+            raise CorruptCheckpointError(
+                f"{where} claims {total} bytes of tensors, more than the {stored} bytes of its files")
 
 
 def dcp_reader(target: str, options: dict[str, Any], files: Any = None) -> Any:

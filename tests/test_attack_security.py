@@ -178,3 +178,25 @@ def test_a_tampered_encrypted_payload_never_loads(tmp_path: Path, attack: str) -
     _replace_payload(run, "a.ckpt", data[:head] + b"".join(forged))
     with pytest.raises(CorruptCheckpointError):
         manager.load("a.ckpt")
+
+
+@pytest.mark.parametrize("claim", ["huge", "uncovered"])
+def test_a_dcp_index_claiming_a_tensor_bigger_than_its_files_is_corrupt(armed: tuple[Path, Path], claim: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A forged 64 GiB tensor would be allocated, and exported, whole."""
+    run, _ = armed
+    meta_file = run / NAME / ".metadata"
+    with open(meta_file, "rb") as f:
+        metadata = load_dcp_metadata(f, "test")
+    md = metadata.state_dict_metadata["state_dict.w"]
+    n = 1 << 34 if claim == "huge" else 4
+    md.size = torch.Size([n])
+    if claim == "huge":
+        md.chunks[0].sizes = torch.Size([n])
+    meta_file.write_bytes(pickle.dumps(metadata))
+    _rehash(run)
+    with pytest.raises(CorruptCheckpointError, match="bytes of its files" if claim == "huge" else "do not cover"):
+        consolidate(CheckpointManager(str(run)), NAME)
+    out = run.parent / "out.pt"
+    assert main(["export", str(run / NAME), "--output", str(out)]) == 1
+    assert "Traceback" not in "".join(capsys.readouterr()) and not out.exists()
