@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from weakref import proxy
 
 import lightning.pytorch as pl
@@ -39,6 +39,7 @@ from lightning_ckpt.errors import (
     ConfigurationError,
     IncompatibleCheckpointError,
     MonitorNotFoundError,
+    RanksDisagreeError,
 )
 from lightning_ckpt.integrity import Manifest, manifest_name, metrics_to_floats
 from lightning_ckpt.io import (
@@ -167,6 +168,11 @@ class CheckpointCallback(ModelCheckpoint):
     it for the last checkpoint; it does not run ModelCheckpoint's constructor or saving code.
     """
 
+    #: With several processes, how long a rank waits for the others where they exchange what a
+    #: save decision depends on; a rank that does not come by then fails the run with
+    #: :class:`~lightning_ckpt.errors.RanksDisagreeError` instead of leaving the others hanging.
+    decision_timeout: timedelta = timedelta(minutes=5)
+
     def __init__(
         self,
         dirpath: str | os.PathLike[str] | None = None,
@@ -251,12 +257,16 @@ class CheckpointCallback(ModelCheckpoint):
             raise ConfigurationError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
         self.async_save = bool(async_save)
         self.when_busy = when_busy
-        self._pending: list[tuple[Manifest, PendingSave | ShardedPendingSave | None]] = []
+        self._pending: list[_InFlight] = []
+        self._last_copied: str | None = None  # the save whose background copy to last.ckpt succeeded
+        self._last_waiting: tuple[str, str] | None = None  # (last's name, the save it waits for)
+        self._decision_group: tuple[Any, Any] | None = None  # (the world group it belongs to, the group)
         self.failed_saves = 0
         if preemption is not None and not isinstance(preemption, (bool, Preemption)):
             raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
         self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
         self._latch: SignalLatch | None = None
+        self._exiting = False  # a preemption exit is under way
         self._full_save_seconds: float | None = None
         self._last_full_size = 0
         self._rng_to_restore: dict[str, Any] | None = None
@@ -384,6 +394,12 @@ class CheckpointCallback(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _mute_last_hint(False)
+        if stage == TrainerFn.FITTING.value:
+            self._install_signals(trainer)
+        if distributed.active():
+            world = torch.distributed.group.WORLD
+            if self._decision_group is None or self._decision_group[0] is not world:
+                self._decision_group = (world, distributed.decision_group(self.decision_timeout))
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
@@ -424,6 +440,8 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         """Lightning's hook for ``ckpt_path="last"``: the newest checkpoint that verifies."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._install_signals(trainer)  # verifying a large checkpoint takes a while
         if self.dirpath is None:
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
@@ -529,11 +547,7 @@ class CheckpointCallback(ModelCheckpoint):
         return self.manager.best(self.monitor, self.mode, owner=self.owner, keep=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.preemption is not None and self._latch is None:
-            self._latch = SignalLatch(self.preemption.signal_numbers)
-            if not self._latch.install():
-                warnings.warn("preemption signals can only be caught on the main thread; not installed",
-                              CheckpointWarning, stacklevel=2)
+        self._exit_before_training(trainer)
         io = trainer.strategy._checkpoint_io
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         self.resumed_from = loaded
@@ -765,20 +779,20 @@ class CheckpointCallback(ModelCheckpoint):
 
         As Lightning, a run that never saved anything still ends with ``last.ckpt`` when asked for.
         """
-        self._release_signals()
         if self.save_last and not self._last_checkpoint_saved:
             self._save_last(trainer, self._candidates(trainer))
-        self._settle(trainer, wait=True, final=True)
+        self._settle(trainer, wait=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Abandon background saves (nothing half-written becomes visible); with ``save_on_exception``
         save the state as Lightning does; never mask the error."""
-        self._release_signals()
+        if not self._exiting:  # a preemption exit keeps its handlers: a second signal changes nothing
+            self._release_signals(trainer)
         io = trainer.strategy._checkpoint_io
         if self._pending and isinstance(io, ManagedCheckpointIO):
             io.abandon()
-        self._pending = []
-        if self.dirpath is None or not self._should_save_on_exception(trainer):
+        self._pending, self._last_waiting = [], None
+        if self.dirpath is None or self._exiting or not self._should_save_on_exception(trainer):
             return
         candidates = self._candidates(trainer)
         try:
@@ -795,19 +809,110 @@ class CheckpointCallback(ModelCheckpoint):
                            f"saved checkpoint to {self.manager.url_of(name)}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release_signals()
+        latch, policy = self._latch, self.preemption
+        if latch is not None and policy is not None and latch.triggered and not self._exiting:
+            # the signal came after the last safe point (during the final save, or Lightning's own
+            # teardown): every checkpoint of the run is committed, and the exit says preempted
+            signame = signal.Signals(latch.received).name if latch.received else "a signal"
+            rank_zero_info(f"lightning-ckpt: {signame} received while the run ended; its checkpoints are committed")
+            self._exit(trainer, policy)
+        self._release_signals(trainer)
 
-    def _release_signals(self) -> None:
-        if self._latch is not None:
-            self._latch.uninstall()
-            self._latch = None
+    # -- signals ------------------------------------------------------------------------------
+
+    def _install_signals(self, trainer: pl.Trainer) -> None:
+        """Catch the preemption signals from now until the end of ``fit`` (idempotent).
+
+        Lightning installs its own SIGTERM handler when training starts, which would record the
+        signal and end the run at its next check with ``SystemExit`` -- status 0, no checkpoint.
+        It keeps calling the handler it found (ours), so its own notifier is turned off instead.
+        """
+        if self.preemption is None:
+            return
+        if self._latch is None:
+            self._latch = SignalLatch(self.preemption.signal_numbers)
+            self._exiting = False
+            if not self._latch.install():
+                self._latch = None
+                warnings.warn("preemption signals can only be caught on the main thread; not installed",
+                              CheckpointWarning, stacklevel=2)
+                return
+        connector = getattr(trainer, "_signal_connector", None)
+        if signal.SIGTERM in self.preemption.signal_numbers and hasattr(connector, "_sigterm_notifier_fn"):
+            connector._sigterm_notifier_fn = _lightning_sigterm_ignored  # type: ignore[union-attr]
+
+    def _release_signals(self, trainer: pl.Trainer | None = None) -> None:
+        latch, self._latch = self._latch, None
+        if latch is None:
+            return
+        connector = getattr(trainer, "_signal_connector", None)
+        originals = getattr(connector, "_original_handlers", None)
+        if isinstance(originals, dict):
+            # Lightning restores, at its teardown, the handlers it found when training started
+            # (ours): have it restore the ones we found instead
+            for sig, previous in latch.previous_handlers.items():
+                if sig in originals:
+                    originals[sig] = previous
+        latch.uninstall()
+        if connector is not None and "_sigterm_notifier_fn" in vars(connector):
+            del connector._sigterm_notifier_fn
+
+    def _exit(self, trainer: pl.Trainer, policy: Preemption) -> None:
+        """End the process with the preemption status, which a repeated signal can no longer change.
+
+        The signals are ignored from here to the process's end: a Python handler would not do, as
+        the interpreter restores the default action (death by the signal, status 143) while it
+        shuts down -- though never for an ignored signal. Lightning's teardown is told the same.
+        """
+        if policy.requeue and trainer.is_global_zero:
+            rank_zero_info(f"lightning-ckpt: {requeue_slurm_job()}")
+        self._exiting = True
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        for sig in policy.signal_numbers:
+            signal.signal(sig, signal.SIG_IGN)
+            if isinstance(originals, dict) and sig in originals:
+                originals[sig] = signal.SIG_IGN
+        raise SystemExit(policy.exit_code)
+
+    def _exit_before_training(self, trainer: pl.Trainer) -> None:
+        """A signal while the checkpoint loaded or the sanity check ran: exit at once, saving nothing.
+
+        No training step ran yet, so there is nothing new to keep: the checkpoint the run resumed
+        from (or none, for a fresh run) is where the rerun starts again.
+        """
+        latch, policy = self._latch, self.preemption
+        if latch is None or policy is None or self._exiting:
+            return
+        if not bool(trainer.strategy.reduce_boolean_decision(latch.triggered, all=False)):
+            return
+        signame = signal.Signals(latch.received).name if latch.received else "a peer rank's signal"
+        rank_zero_info(f"lightning-ckpt: {signame} received before the first training step (while loading or in "
+                       "the sanity check): nothing new to save; the rerun starts from "
+                       f"{self._resume_source(trainer)}")
+        self._exit(trainer, policy)
+
+    @staticmethod
+    def _resume_source(trainer: pl.Trainer) -> str:
+        io = trainer.strategy._checkpoint_io
+        loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
+        return loaded or (trainer.ckpt_path or "scratch (no checkpoint was loaded)")
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_before_training(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking:  # a sanity check can take long: do not wait for its end
+            self._exit_before_training(trainer)
 
     # -- preemption -----------------------------------------------------------------------
 
     def _maybe_preempt(self, trainer: pl.Trainer) -> None:
         """At a safe point after a termination signal: save what fits, requeue, exit."""
         latch, policy = self._latch, self.preemption
-        if latch is None or policy is None:
+        if latch is None or policy is None or self._exiting:
             return
         received = bool(trainer.strategy.reduce_boolean_decision(latch.triggered, all=False))
         if not received:
@@ -836,18 +941,49 @@ class CheckpointCallback(ModelCheckpoint):
         self._write(trainer, manager.url_of(name), plan.kind == "weights", {SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
         self._save_succeeded(trainer, name, must_succeed=True)
         rank_zero_info(f"lightning-ckpt: preemption checkpoint committed: {manager.url_of(name)}")
-        if policy.requeue and trainer.is_global_zero:
-            rank_zero_info(f"lightning-ckpt: {requeue_slurm_job()}")
-        self._release_signals()
-        raise SystemExit(policy.exit_code)
+        self._exit(trainer, policy)
 
     # -- saving -----------------------------------------------------------------------------
 
     def _candidates(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The metrics a save decision is made with: rank 0's, on every rank (a collective)."""
         metrics: dict[str, float] = metrics_to_floats(trainer.callback_metrics)
         metrics["epoch"] = trainer.current_epoch  # ints, so "{epoch}" formats as epoch=3
         metrics["step"] = trainer.global_step
-        return metrics
+        if self._decision_group is None or not distributed.active():
+            return metrics
+        return self._agreed(trainer, metrics)
+
+    def _agreed(self, trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, float]:
+        """Rank 0's metrics on every rank, after checking that every rank sees the monitored value.
+
+        Whether to save, under which name and what to delete are then the same decision on every
+        rank, whatever each logged; but ranking by a value only rank 0 sees would quietly rank by a
+        part of the data, so a monitored value that differs between ranks fails the run on every
+        rank at once. The exchange is bounded by :attr:`decision_timeout`: a rank that never
+        comes fails it too, rather than leaving the others waiting forever.
+        """
+        monitor = self.monitor
+        mine = metrics.get(monitor) if monitor is not None else None
+        where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        try:
+            every = distributed.all_gather((mine, metrics), group=self._decision_group[1] if self._decision_group else None)
+        except RuntimeError as exc:  # gloo's timeout (DistBackendError is a RuntimeError too)
+            about = f" (monitor={monitor!r})" if monitor is not None else ""
+            raise RanksDisagreeError(
+                f"CheckpointCallback{about}: rank {trainer.global_rank} waited {self.decision_timeout} {where} for "
+                "the other ranks to decide on a save, and not all came: the ranks disagree on whether to save "
+                f"(a rank skipped the save hook, or saves there on its own). {exc}"
+            ) from exc
+        values = [value for value, _ in every]
+        if monitor is not None and not _same_everywhere(values):
+            seen = ", ".join(f"rank {r}: {'not logged' if v is None else f'{v:.6g}'}" for r, v in enumerate(values))
+            raise RanksDisagreeError(
+                f"CheckpointCallback(monitor={monitor!r}): the ranks see different values of {monitor!r} {where} "
+                f"({seen}). Checkpoints must be ranked by one value on every rank: log it reduced over the ranks, "
+                f"self.log({monitor!r}, value, sync_dist=True) (not rank_zero_only=True)."
+            )
+        return every[0][1]
 
     def _save_topk(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
         if self.save_top_k == 0:
@@ -867,6 +1003,12 @@ class CheckpointCallback(ModelCheckpoint):
             current = candidates[self.monitor]
             assert isinstance(self.retention, (KeepTopK, KeepAll))
             if isinstance(self.retention, KeepTopK):
+                if not self.retention.admits(current, self._records) and self.retention.admits(
+                    current, self._committed()
+                ):
+                    # only saves still persisting rank above it, and one may yet fail: know before judging
+                    self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer)
+                                 or is_sharded(trainer.strategy))
                 if not self.retention.admits(current, self._records):
                     if self.verbose:
                         rank_zero_info(f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: "
@@ -925,11 +1067,17 @@ class CheckpointCallback(ModelCheckpoint):
             source = split_url(self._last_checkpoint_saved)[1]
             if source == name:
                 return  # last.ckpt itself was the newest save: it is current
-            pending = self.async_save and any(r.name == source for r, _ in self._pending)
-            if not pending and not self._copy_last(trainer, source, name, link=True):
+            if self.async_save and self._persisting(source):
+                self._last_waiting = (name, source)  # copied in the background once it commits
+                return
+            if not self._copy_last(trainer, source, name, link=True):
                 return
         elif same_step and twin is not None and self.async_save:
-            pass  # the copy runs in the background right after that save commits (_copy_to_last)
+            # the copy runs in the background right after that save commits (_copy_to_last);
+            # last_model_path names it once it is done (_settle)
+            if self._persisting(twin):
+                self._last_waiting = (name, twin)
+                return
         elif same_step and twin is not None:
             # the same state was just committed under another name: copy it (True: a hard link on a
             # local disk; "copy": an independent file; a server-side copy on object stores) instead
@@ -943,6 +1091,16 @@ class CheckpointCallback(ModelCheckpoint):
             self.last_model_path = previous
             if saved is None:
                 return
+            if self._persisting(name):
+                self._last_waiting = (name, name)  # last_model_path names it once it committed (_settle)
+                return
+        self._set_last(trainer, name)
+
+    def _persisting(self, name: str) -> bool:
+        """Whether ``name`` is a background save that has not committed yet (as far as we know)."""
+        return any(entry.record.name == name for entry in self._pending)
+
+    def _set_last(self, trainer: pl.Trainer, name: str) -> None:
         previous, self.last_model_path = self.last_model_path, self.manager.url_of(name)
         if previous and previous != self.last_model_path and trainer.is_global_zero:
             self._drop_previous_last(previous)
@@ -1000,6 +1158,9 @@ class CheckpointCallback(ModelCheckpoint):
             except CheckpointError as exc:  # the checkpoint itself committed: report, don't fail it
                 warnings.warn(f"could not refresh {manager.url_of(last)}: {exc}",
                               CheckpointWarning, stacklevel=1)
+            else:
+                self._last_copied = name  # read by _settle once this save is waited for
+
 
         return copy
 
@@ -1068,7 +1229,8 @@ class CheckpointCallback(ModelCheckpoint):
         skipped = bool(trainer.strategy.broadcast(trainer.is_global_zero and io.last_pending is None))
         if skipped:  # when_busy="skip" and the previous save still persists (the saver warned)
             return None
-        self._pending.append((record, io.last_pending if trainer.is_global_zero else None))
+        self._pending.append(_InFlight(record, io.last_pending if trainer.is_global_zero else None,
+                                       _is_final_save(trainer)))
         return record
 
     def _write(self, trainer: pl.Trainer, url: str, weights_only: bool, options: dict[str, Any]) -> None:
@@ -1128,19 +1290,22 @@ class CheckpointCallback(ModelCheckpoint):
                 rank_zero_warn(f"lightning-ckpt: a run resumed from this checkpoint will not be bit-identical to "
                                f"an uninterrupted one: {text}", category=CheckpointWarning)
 
-    def _settle(self, trainer: pl.Trainer, wait: bool, final: bool = False) -> None:
+    def _settle(self, trainer: pl.Trainer, wait: bool) -> None:
         """Account for background saves that finished: retention, metrics, failures (all ranks agree).
 
         Retention of a background save runs here, after it committed -- never before, so a save
-        that fails can never have cost an older checkpoint.
+        that fails can never have cost an older checkpoint; and only here do ``best_model_path``,
+        ``best_k_models`` and ``last_model_path`` learn of it. A failure is judged as the same save
+        would have been synchronously: the run's final save (or any, with ``fail_on_save_error``)
+        fails the run, an earlier one warns.
         """
         if not self._pending:
             return
-        outcome: tuple[list[str], list[tuple[str, str]]] | None = None
+        outcome: tuple[list[str], list[tuple[str, str]], bool] | None = None
         errors: dict[str, CheckpointError] = {}
         if trainer.is_global_zero:
             settled, failed = [], []
-            for record, pending in self._pending:
+            for record, pending, _ in self._pending:
                 if pending is None or (not wait and not pending.done()):
                     continue
                 try:
@@ -1152,14 +1317,20 @@ class CheckpointCallback(ModelCheckpoint):
                     settled.append(record.name)
                     if result is not None:
                         self._log_save_metrics(trainer, result, pending.stall_seconds, record.global_step)
-            outcome = (settled, failed)
-        settled, failed = trainer.strategy.broadcast(outcome) or ([], [])
+            outcome = (settled, failed, self._last_copied in settled)
+        settled, failed, last_copied = trainer.strategy.broadcast(outcome) or ([], [], False)
         done = set(settled) | {name for name, _ in failed}
-        self._pending = [(r, p) for r, p in self._pending if r.name not in done]
+        final = {entry.record.name for entry in self._pending if entry.final}
+        self._pending = [entry for entry in self._pending if entry.record.name not in done]
+        if self._last_waiting is not None and self._last_waiting[1] in done:
+            name, source = self._last_waiting
+            self._last_waiting = None
+            if source in settled and (source == name or last_copied):
+                self._set_last(trainer, name)
         for name, message in failed:
             self._records = [r for r in self._records if r.name != name]
             self.failed_saves += 1
-            if self.fail_on_save_error or final:
+            if self.fail_on_save_error or name in final:
                 raise errors.get(name) or CheckpointError(f"saving {name} failed on rank 0: {message}")
             rank_zero_warn(f"lightning-ckpt: saving {self.manager.url_of(name)} FAILED in the background "
                            f"({message}); older checkpoints are intact and the next save will try again",
@@ -1228,7 +1399,7 @@ class CheckpointCallback(ModelCheckpoint):
         return trainer.strategy.broadcast(name)
 
     def _taken(self, name: str) -> bool:
-        if name == LAST_NAME + EXTENSION or any(r.name == name for r, _ in self._pending):
+        if name == LAST_NAME + EXTENSION or any(e.record.name == name for e in self._pending):
             return True
         return self.manager.storage.exists(name) or self.manager.storage.exists(manifest_name(name))
 
@@ -1245,7 +1416,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _prune(self, trainer: pl.Trainer) -> None:
         # only committed checkpoints compete: one still persisting may yet fail
-        persisting = {r.name for r, _ in self._pending}
+        persisting = {entry.record.name for entry in self._pending}
         if self._provisional is not None:
             persisting.add(self._provisional.name)  # being written right now
         committed = [r for r in self._records if r.name not in persisting]
@@ -1266,13 +1437,20 @@ class CheckpointCallback(ModelCheckpoint):
                                   stacklevel=2)
         self._records = [r for r in self._records if r.name not in doomed]
 
+    def _committed(self) -> list[Manifest]:
+        """Our checkpoints that committed (a background save still persisting may yet fail)."""
+        persisting = {entry.record.name for entry in self._pending}
+        return [r for r in self._records if r.name not in persisting]
+
     def _refresh_bookkeeping(self) -> None:
         """best / top-k / k-th as Lightning's ModelCheckpoint reports them, from our records.
 
         While a save is in progress (``_provisional``) it counts already, and what retention will
         drop once it commits no longer does -- the state Lightning writes into that checkpoint.
+        Otherwise only committed checkpoints count: ``best_model_path``, ``best_k_models`` never name
+        a background save still persisting (it may yet fail).
         """
-        records = self._records
+        records = self._records if self._provisional is not None else self._committed()
         if self._provisional is not None:
             records = [r for r in records if r.name != self._provisional.name] + [self._provisional]
             keep = KeepUnion((self.retention,)).keep(records) | self._protected | {self._provisional.name}
@@ -1312,6 +1490,7 @@ class CheckpointCallback(ModelCheckpoint):
             "kth_best_model_path": self.kth_best_model_path,
             "kth_value": self.kth_value,
             "last_model_path": self.last_model_path,
+            "world_size": distributed.world_size(),
             **(self._rng_state() if self.exact_resume else {}),
         }
 
@@ -1333,12 +1512,40 @@ class CheckpointCallback(ModelCheckpoint):
             state["generators"] = generators
             state["generators_per_rank"] = per_rank
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """Keep the train loaders' saved positions: a mid-epoch resume may have to load them again."""
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """At another world size, drop the train loader's position (it belongs to another sharding).
+
+        Each rank's share of an epoch depends on the number of ranks (``DistributedSampler``), so a
+        position inside an epoch cannot carry over exactly: the interrupted epoch's data starts over
+        on the new ranks, with a warning. Steps already taken stay taken (``global_step`` goes on).
+        At the same world size the positions are kept: a mid-epoch resume may have to load them again.
+        """
+        self._adapt_to_world_size(trainer, checkpoint)
         if self.exact_resume:
             fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
             self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader") or None
+
+    def _adapt_to_world_size(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+        saved = _saved_world_size(checkpoint.get("callbacks"))
+        now = trainer.world_size
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        loop_state = fit_loop.get("state_dict") or {}
+        if saved is None or saved == now or not loop_state.get("combined_loader"):
+            return
+        loop_state["combined_loader"] = []
+        progress = fit_loop.get("epoch_loop.batch_progress") or {}
+        done = int((progress.get("current") or {}).get("ready", 0))
+        if done and not progress.get("is_last_batch", False):
+            message = (
+                f"lightning-ckpt: the checkpoint was written by {saved} process(es), resumed on {now}, in the middle "
+                f"of epoch {checkpoint.get('epoch')} ({done} batches per rank done): a position in the data cannot "
+                "carry over to another number of ranks (each rank's share of the epoch differs), so this epoch's "
+                f"data starts over on the new ranks; its first {done} steps are not undone (global_step goes on from "
+                f"{checkpoint.get('global_step')}) and the run is not bit-identical to an uninterrupted one. Resume "
+                "at the same world size, or from an epoch-end checkpoint, to continue exactly."
+            )
+            rank_zero_info(message)  # the log line, whatever the warning filters
+            rank_zero_warn(message, category=CheckpointWarning)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.exact_resume and state_dict.get("rng") is None:
@@ -1422,6 +1629,47 @@ def _mute_last_hint(mute: bool) -> None:
         warnings.filterwarnings("ignore", message=_LAST_HINT)
     else:
         warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def _saved_world_size(callback_states: Any) -> int | None:
+    """The number of processes that wrote a checkpoint, from our callback's state (None: unknown)."""
+    for state in (callback_states or {}).values():
+        if not (isinstance(state, dict) and "best_k_models" in state and "dirpath" in state):
+            continue
+        if isinstance(state.get("world_size"), int):
+            return int(state["world_size"])
+        if "rng" in state:  # written before world_size was stored: one RNG state per rank, or None alone
+            per_rank = state.get("rng_per_rank")
+            return len(per_rank) if isinstance(per_rank, list) else 1
+    return None
+
+
+class _InFlight(NamedTuple):
+    """A background save not yet accounted for: its record, rank 0's handle, whether it was the run's last."""
+
+    record: Manifest
+    handle: PendingSave | ShardedPendingSave | None
+    final: bool
+
+
+def _same_everywhere(values: list[float | None]) -> bool:
+    """Whether every rank has the same value (NaN equals NaN; float noise of an all-reduce is tolerated)."""
+    first = values[0]
+    for value in values[1:]:
+        if first is None or value is None:
+            if first is not value:
+                return False
+        elif not (math.isclose(first, value, rel_tol=1e-6, abs_tol=1e-12) or (math.isnan(first) and math.isnan(value))):
+            return False
+    return True
+
+
+def _lightning_sigterm_ignored(signum: int, frame: Any) -> None:
+    """Stands in for Lightning's SIGTERM notifier while the callback handles preemption.
+
+    Lightning's would mark the run to stop at its next check (exiting with status 0 and no
+    checkpoint), forward the signal to the other ranks, and run a collective inside the handler.
+    """
 
 
 def _is_final_save(trainer: pl.Trainer) -> bool:

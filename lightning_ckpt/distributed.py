@@ -19,6 +19,7 @@ __all__ = [
     "background_group",
     "barrier",
     "broadcast",
+    "decision_group",
     "rank",
     "release_background_group",
     "world_size",
@@ -42,13 +43,26 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (of ``group``, default all)."""
     if not active():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def decision_group(timeout: timedelta) -> Any:
+    """A new CPU (gloo) group of every rank whose collectives give up after ``timeout``.
+
+    For the exchanges that guard a decision every rank must share: a rank that never arrives makes
+    the others fail with gloo's timeout error (a ``RuntimeError``) instead of waiting for the
+    training group's own timeout (30 minutes in Lightning). Creating it is a collective: every
+    rank must ask at the same point. ``None`` in one process.
+    """
+    if not active():
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

@@ -15,6 +15,7 @@ subclass also derives from the builtin a caller would naturally catch, so
     │   ├── KeyMissingError                             encrypted or signed with a key that is not configured
     │   └── DeviceUnavailableError                      its tensors (or map_location) name a device this machine lacks
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
+    ├── RanksDisagreeError          (RuntimeError)      processes disagree on a save decision
     └── StorageError                (OSError)           the storage failed (after retries)
         ├── StoragePermissionError  (PermissionError)   credentials / permissions
         ├── BucketNotFoundError                         the URL's bucket/container does not exist
@@ -51,6 +52,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "KeyMissingError",
     "MonitorNotFoundError",
+    "RanksDisagreeError",
     "ShardedCheckpointError",
     "StorageError",
     "StoragePermissionError",
@@ -127,6 +129,11 @@ class MonitorNotFoundError(CheckpointError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class RanksDisagreeError(CheckpointError, RuntimeError):
+    """The processes of a multi-process run disagree on a save decision: a monitored value that
+    differs between ranks (logged without ``sync_dist=True``), or a rank that never reached it."""
 
 
 class StorageError(CheckpointError, OSError):

@@ -90,12 +90,18 @@ class SignalLatch:
             self._previous[sig] = signal.signal(sig, self._handle)
         return True
 
+    @property
+    def previous_handlers(self) -> dict[int, Any]:
+        """The handlers that were in place before :meth:`install`, by signal number."""
+        return dict(self._previous)
+
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # only the first signal counts: a repeated one (schedulers often send two) changes nothing
         if self.received is None:
             self.received, self.received_at = signum, time.monotonic()
 

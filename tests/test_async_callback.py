@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from faulty_fs import Fault, FaultPlan, register
-from helpers import fit
+from helpers import TinyModel, data, fit, trainer
 
 from lightning_ckpt import CheckpointCallback, CheckpointWarning, ConfigurationError, StorageError
 
@@ -118,3 +118,60 @@ def test_an_exception_abandons_the_save_in_flight(faulty) -> None:  # noqa: ANN0
 def test_bad_busy_policy() -> None:
     with pytest.raises(ConfigurationError, match="when_busy"):
         CheckpointCallback(dirpath="memory://x", async_save=True, when_busy="queue")
+
+
+class Scored(TinyModel):
+    """Logs ``score`` = ``scores[epoch]`` at every validation."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        super().validation_step(batch, batch_idx)
+        self.log("score", float(self.scores[self.current_epoch]))
+
+
+def fit_scored(cb: CheckpointCallback, scores: list[float], extra: list | None = None) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    t = trainer([cb, *(extra or [])], max_epochs=len(scores))
+    t.fit(Scored(scores), *data())
+    return t
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_save_never_counts_as_the_best(faulty, async_save: bool) -> None:  # noqa: ANN001
+    url, options, plan = faulty
+    plan.add(Fault(op="write", path="*epoch=1-step=16.ckpt", exc=OSError(errno.EIO, "disk on fire")))
+    cb = CheckpointCallback(dirpath=url, storage_options=options, monitor="score", mode="min", save_top_k=1,
+                            async_save=async_save)
+    with pytest.warns(CheckpointWarning, match="epoch=1-step=16.ckpt FAILED"):
+        t = fit_scored(cb, [3, 1, 2])  # epoch 1 (the best) fails: epoch 2 beats what committed
+    assert t.global_step == 24 and cb.failed_saves == 1
+    assert [m.name for m in cb.manager.manifests()] == ["epoch=2-step=24.ckpt"]
+    assert cb.best_model_path == cb.manager.url_of("epoch=2-step=24.ckpt") and float(cb.best_model_score) == 2
+    assert list(cb.best_k_models) == [cb.best_model_path]
+
+
+def test_best_and_last_never_name_a_save_still_persisting(faulty) -> None:  # noqa: ANN001
+    url, options, plan = faulty
+    gate = plan.add(Fault(op="close", kind="hang", path="*epoch=1-step=16.ckpt", timeout=60))
+    seen = []
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            if trainer.global_step == 18:  # epoch 1's save (the best so far) still persists
+                committed = {cb.manager.url_of(m.name) for m in cb.manager.manifests()}
+                seen.append((cb.best_model_path, set(cb.best_k_models), cb.last_model_path, committed))
+                gate.release.set()
+
+    cb = CheckpointCallback(dirpath=url, storage_options=options, monitor="score", mode="min", save_top_k=2,
+                            save_last=True, async_save=True)
+    fit_scored(cb, [3, 1, 2], extra=[Look()])
+    ((best, top, last, committed),) = seen
+    assert best == cb.manager.url_of("epoch=0-step=8.ckpt") and top == {best}
+    assert last == cb.manager.url_of("last.ckpt") and last in committed
+    # once it committed, it counts
+    assert cb.best_model_path == cb.manager.url_of("epoch=1-step=16.ckpt")
+    assert set(cb.best_k_models) == {cb.manager.url_of(n) for n in ("epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt")}
+    assert cb.manager.load("last.ckpt")["global_step"] == 24

@@ -150,6 +150,88 @@ def test_ddp_a_rank_that_dies_ends_the_run_and_the_last_checkpoint_resumes(tmp_p
     assert resumed[0]["resumed_from"].endswith("epoch=0-step=4.ckpt")
 
 
+def test_ddp_a_monitor_the_ranks_disagree_on_fails_on_every_rank_instead_of_hanging(tmp_path: Path) -> None:
+    # val_loss logged without sync_dist=True (a common mistake): each rank sees its own half of the
+    # validation data, so each would rank the checkpoints differently -- this used to hang
+    proc, reports = run(tmp_path, "a", timeout=150, strategy="ddp", sync_dist=False,
+                        dirpath=str(tmp_path / "ck"), callback=TOPK)
+    assert reports and reports[0]["rank"] == 0, proc.stderr[-3000:]  # the others may be killed first
+    for report in reports:
+        error = report["error"]
+        assert error.startswith("RanksDisagreeError") and "'val_loss'" in error and "sync_dist=True" in error, error
+        assert "rank 0: " in error and "rank 1: " in error, error
+    assert committed(tmp_path / "ck") == []  # nothing was ranked by one rank's share of the data
+
+
+NO_SHOW = """
+import sys, time
+from datetime import timedelta
+from types import SimpleNamespace
+import torch.distributed as dist
+from lightning_ckpt import CheckpointCallback, RanksDisagreeError
+from lightning_ckpt import distributed
+
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+cb = CheckpointCallback(dirpath="memory://no-show", monitor="val_loss")
+cb.decision_timeout = timedelta(seconds=2)
+cb._decision_group = (dist.group.WORLD, distributed.decision_group(cb.decision_timeout))
+trainer = SimpleNamespace(current_epoch=0, global_step=4, global_rank=rank, callback_metrics={"val_loss": 1.0})
+if rank == 1:  # never comes to the decision
+    time.sleep(20)
+    sys.exit(0)
+try:
+    cb._candidates(trainer)
+except RanksDisagreeError as exc:
+    print("RAISED", exc)
+    sys.stdout.flush()
+    import os
+    os._exit(0)
+print("NO ERROR")
+"""
+
+
+def test_a_rank_that_never_comes_to_a_save_decision_fails_it_within_the_timeout(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "no_show.py"
+    script.write_text(NO_SHOW)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for rank in (0, 1)]
+    try:
+        out, _ = procs[0].communicate(timeout=120)  # the decision gives up after 2 s; rank 1 sleeps 20 s
+        assert procs[1].poll() is None, "rank 0 should have given up while rank 1 still stayed away"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert "RAISED" in out and "waited 0:00:02" in out and "monitor='val_loss'" in out, out[-3000:]
+
+
+def test_ddp_resumes_a_mid_epoch_checkpoint_at_another_world_size_both_ways(tmp_path: Path) -> None:
+    # 64 samples in batches of 4: 16 batches an epoch on one process, 8 on each of two
+    every6 = {"save_top_k": -1, "every_n_train_steps": 6}
+    ok(*run(tmp_path, "one", devices=1, strategy="auto", max_steps=6, dirpath=str(tmp_path / "ck"),
+            callback=every6), devices=1)
+    proc, reports = run(tmp_path, "two", max_steps=12, ckpt_path="last", dirpath=str(tmp_path / "ck"), callback=every6)
+    two = ok(proc, reports)
+    assert [r["resumed_from"].rsplit("/", 1)[1] for r in two] == ["epoch=0-step=6.ckpt"] * 2
+    assert [r["global_step"] for r in two] == [12, 12]
+    assert "written by 1 process(es), resumed on 2" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    agree(two, "state_sha")
+    # and back: the 2-process checkpoint at step 12 (mid-epoch there too) on one process
+    proc, reports = run(tmp_path, "back", devices=1, strategy="auto", max_steps=16, ckpt_path="last",
+                        dirpath=str(tmp_path / "ck"), callback=every6)
+    back = ok(proc, reports, devices=1)
+    assert back[0]["resumed_from"].endswith("step=12.ckpt") and back[0]["global_step"] == 16
+    assert "written by 2 process(es), resumed on 1" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+
+
 # -- FSDP2 (ModelParallelStrategy): sharded checkpoints ---------------------------------------
 
 

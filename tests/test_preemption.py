@@ -19,22 +19,35 @@ RUN = str(Path(__file__).with_name("preempt_run.py"))
 
 
 def start(tmp: Path, options: dict, env: dict | None = None, ckpt: str | None = None,
-          epochs: int = 60) -> subprocess.Popen:
+          epochs: int = 60, run: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, RUN, str(tmp / "ckpts"), str(epochs), str(tmp / "ready"), str(tmp / "out.json"),
-            json.dumps(options)] + ([ckpt] if ckpt else [])
+            json.dumps(options), ckpt or "", json.dumps(run or {})]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
-def signal_when_ready(proc: subprocess.Popen, tmp: Path, sig: int) -> str:
+def signal_when_ready(proc: subprocess.Popen, tmp: Path, sig: int, again_after: tuple[float, ...] = ()) -> str:
     deadline = time.monotonic() + 120
     while not (tmp / "ready").exists():
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "the training run never got ready"
         time.sleep(0.1)
     proc.send_signal(sig)
+    for pause in again_after:  # schedulers and impatient users signal more than once
+        time.sleep(pause)
+        if proc.poll() is None:
+            proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     return out
+
+
+def finish(tmp: Path, **kwargs: object) -> dict:
+    """Run to the end without signals; what the run wrote to out.json."""
+    (tmp / "out.json").unlink(missing_ok=True)
+    proc = start(tmp, {}, **kwargs)  # type: ignore[arg-type]
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((tmp / "out.json").read_text())
 
 
 def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path: Path) -> None:
@@ -84,6 +97,47 @@ def test_no_time_left_keeps_weights_and_last_skips_them(tmp_path: Path) -> None:
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out[-3000:]
     assert json.loads((tmp_path / "out.json").read_text())["start_step"] == full[-1].global_step
+
+
+def test_repeated_signals_do_not_change_the_outcome(tmp_path: Path) -> None:
+    proc = start(tmp_path, {"grace_seconds": 60})
+    log = signal_when_ready(proc, tmp_path, signal.SIGTERM, again_after=(0.3, 0.3, 0.3))
+    assert proc.returncode == 75, log[-3000:]
+    CheckpointManager(str(tmp_path / "ckpts")).verify("preempted.ckpt")
+
+
+def test_sigterm_in_the_sanity_check_exits_75_and_saves_nothing(tmp_path: Path) -> None:
+    proc = start(tmp_path, {}, run={"ready": "sanity", "sanity_steps": 4})
+    log = signal_when_ready(proc, tmp_path, signal.SIGTERM, again_after=(0.3,))
+    assert proc.returncode == 75, log[-3000:]  # never 0: the scheduler must rerun it
+    assert "before the first training step" in log and "starts from scratch" in log
+    assert CheckpointManager(str(tmp_path / "ckpts")).manifests() == []
+
+
+def test_sigterm_while_the_checkpoint_loads_exits_75_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    finish(tmp_path, epochs=1)
+    manager = CheckpointManager(str(tmp_path / "ckpts"))
+    before = [m.name for m in manager.manifests()]
+    assert before == ["epoch=0-step=16.ckpt"]
+    proc = start(tmp_path, {}, ckpt="last", epochs=2, run={"ready": "load", "load_seconds": 3})
+    log = signal_when_ready(proc, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 75, log[-3000:]
+    assert "before the first training step" in log and "epoch=0-step=16.ckpt" in log
+    assert [m.name for m in manager.manifests()] == before  # nothing new: no step ran
+    assert finish(tmp_path, ckpt="last", epochs=2)["start_step"] == 16
+
+
+def test_sigterm_at_a_step_where_validation_is_due_continues_exactly(tmp_path: Path) -> None:
+    # validation runs every 4 steps and draws random numbers (as augmentations do): the
+    # preemption checkpoint must be taken after it, or the rerun (which skips it) would differ
+    run = {"val_check_interval": 4, "shuffle": True, "val_draws": True}
+    uninterrupted = finish(tmp_path / "full", epochs=2, run=run)
+    proc = start(tmp_path, {}, epochs=2, run={**run, "signal_at_step": 12, "ready": "never"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert CheckpointManager(str(tmp_path / "ckpts")).read_manifest("preempted.ckpt").global_step == 12
+    resumed = finish(tmp_path, ckpt="last", epochs=2, run=run)
+    assert resumed["start_step"] == 12 and resumed["sha"] == uninterrupted["sha"]
 
 
 def test_plan_save_prefers_the_most_complete_save_that_fits() -> None:
