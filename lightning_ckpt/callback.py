@@ -904,7 +904,9 @@ class CheckpointCallback(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking:  # a sanity check can take long: do not wait for its end
+        # a sanity check can take long: do not wait for its end -- with one process only, since with
+        # several the ranks' numbers of validation batches need not match (the decision is a collective)
+        if trainer.sanity_checking and trainer.world_size == 1:
             self._exit_before_training(trainer)
 
     # -- preemption -----------------------------------------------------------------------
@@ -1634,7 +1636,7 @@ def _mute_last_hint(mute: bool) -> None:
 def _saved_world_size(callback_states: Any) -> int | None:
     """The number of processes that wrote a checkpoint, from our callback's state (None: unknown)."""
     for state in (callback_states or {}).values():
-        if not (isinstance(state, dict) and "best_k_models" in state and "dirpath" in state):
+        if not (isinstance(state, dict) and "best_k_models" in state):  # ours (ModelCheckpoint's has no rng)
             continue
         if isinstance(state.get("world_size"), int):
             return int(state["world_size"])
