@@ -114,6 +114,7 @@ def test_sigterm_in_the_sanity_check_exits_75_and_saves_nothing(tmp_path: Path) 
     assert CheckpointManager(str(tmp_path / "ckpts")).manifests() == []
 
 
+@pytest.mark.slow  # three training processes, about a minute
 def test_sigterm_while_the_checkpoint_loads_exits_75_and_the_rerun_resumes_it(tmp_path: Path) -> None:
     finish(tmp_path, epochs=1)
     manager = CheckpointManager(str(tmp_path / "ckpts"))
@@ -127,6 +128,7 @@ def test_sigterm_while_the_checkpoint_loads_exits_75_and_the_rerun_resumes_it(tm
     assert finish(tmp_path, ckpt="last", epochs=2)["start_step"] == 16
 
 
+@pytest.mark.slow  # three training processes, about a minute
 def test_sigterm_at_a_step_where_validation_is_due_continues_exactly(tmp_path: Path) -> None:
     # validation runs every 4 steps and draws random numbers (as augmentations do): the
     # preemption checkpoint must be taken after it, or the rerun (which skips it) would differ
