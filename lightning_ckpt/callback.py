@@ -1127,13 +1127,15 @@ class CheckpointCallback(ModelCheckpoint):
         name = base + EXTENSION
         if not self._enable_version_counter:
             return name
-        mine = split_url(self.last_model_path)[1] if self.last_model_path else None
-        return self._versioned(trainer, base, lambda n: n != mine and self._last_taken(n))
+        mine = {split_url(self.last_model_path)[1] if self.last_model_path else None,
+                # ours too while a background save of it has not committed yet
+                self._last_waiting[0] if self._last_waiting else None}
+        return self._versioned(trainer, base, lambda n: n not in mine and self._last_taken(n))
 
     def _last_taken(self, name: str) -> bool:
         """As Lightning: a file ``name`` exists (another callback's, or another run's that this one
         did not resume) -- never replaced: ours takes ``last-v1.ckpt``."""
-        return self.manager.storage.exists(name) or any(r.name == name for r, _ in self._pending)
+        return self.manager.storage.exists(name) or self._persisting(name)
 
     def _drop_previous_last(self, previous: str) -> None:
         """A templated ``CHECKPOINT_NAME_LAST`` made a new last file: delete our previous one."""

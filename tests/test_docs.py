@@ -95,6 +95,8 @@ def all_blocks() -> list[Block]:
 
 _MASKS = [
     (re.compile(r"\b\d+ (s|min|h|d) ago\b"), "AGE"),
+    # sizes: a few bytes more in the checkpoint turn "25.7 KiB" into "26 KiB" (no decimals then)
+    (re.compile(r"\b\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)\b"), "SIZE"),
     (re.compile(r"\b\d+(\.\d+)+(\+[\w.]+)?\b"), "V"),  # versions (2.13.0+cpu) and, alike, decimals
     (re.compile(r"\b[0-9a-f]{8,}\b"), "HEX"),  # sha256, key ids, timestamps: lengths are stable
     (re.compile(r"[-+]?\d[\d,]*(\.\d+)?([eE][-+]?\d+)?"), "N"),
