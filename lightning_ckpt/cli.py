@@ -169,6 +169,12 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     elif isinstance(obj, (list, tuple)):
         items = enumerate(obj)
     else:
+        if _is_tensor(obj) and obj.layout != sys.modules["torch"].strided:
+            # sparse or quantized: no dense size to show or bytes to export (and densifying a forged
+            # one could allocate any amount): one error line, not torch's dispatcher dump
+            raise IncompatibleCheckpointError(
+                f"{prefix} is a {str(obj.layout).removeprefix('torch.')} tensor; inspect, diff and export "
+                "handle dense (strided) tensors only")
         return {prefix: obj}
     out: dict[str, Any] = {}
     for key, value in items:

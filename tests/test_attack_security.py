@@ -200,3 +200,19 @@ def test_a_dcp_index_claiming_a_tensor_bigger_than_its_files_is_corrupt(armed: t
     out = run.parent / "out.pt"
     assert main(["export", str(run / NAME), "--output", str(out)]) == 1
     assert "Traceback" not in "".join(capsys.readouterr()) and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "diff"])
+def test_the_cli_on_a_sparse_tensor_says_one_line(tmp_path: Path, command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """weights-only loading accepts sparse tensors; inspect/export/diff printed torch's dispatcher dump."""
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"state_dict": {"w": torch.ones(2).to_sparse()}}, "s.ckpt", epoch=0, global_step=1)
+    manager.save({"state_dict": {"w": torch.ones(2)}}, "d.ckpt", epoch=0, global_step=1)
+    url = str(tmp_path / "s.ckpt")
+    argv = {"inspect": [url], "export": [url, "--output", str(tmp_path / "o.safetensors")],
+            "diff": [url, str(tmp_path / "d.ckpt")]}[command]
+    assert main([command, *argv]) == 1
+    out, err = capsys.readouterr()
+    assert "sparse" in out + err and "unexpected" not in out + err
+    assert len(err.strip().splitlines()) <= 1
