@@ -184,3 +184,29 @@ def test_preemption_argument_is_validated() -> None:
     with pytest.raises(ConfigurationError):
         CheckpointCallback(dirpath="memory://p", preemption="yes")  # type: ignore[arg-type]
     assert CheckpointCallback(dirpath="memory://p", preemption=True).preemption == Preemption()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["ends", "raises"])
+def test_the_handlers_before_fit_are_back_after_it(tmp_path: Path, fails: bool) -> None:
+    import lightning.pytorch as pl
+    from helpers import fit
+
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):  # noqa: ANN001, ANN002
+            if fails and trainer.global_step == 3:
+                raise RuntimeError("boom")
+
+    def mine(signum, frame):  # noqa: ANN001
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        cb = CheckpointCallback(dirpath=str(tmp_path), preemption=True)
+        if fails:
+            with pytest.raises(RuntimeError, match="boom"):
+                fit(cb, max_epochs=1, extra_callbacks=[Boom()])
+        else:
+            fit(cb, max_epochs=1)
+        assert signal.getsignal(signal.SIGTERM) is mine  # neither ours nor Lightning's left behind
+    finally:
+        signal.signal(signal.SIGTERM, before)
