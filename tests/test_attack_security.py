@@ -216,3 +216,19 @@ def test_the_cli_on_a_sparse_tensor_says_one_line(tmp_path: Path, command: str,
     out, err = capsys.readouterr()
     assert "sparse" in out + err and "unexpected" not in out + err
     assert len(err.strip().splitlines()) <= 1
+
+
+def test_a_signed_manifest_copied_to_another_name_does_not_validate_it(tmp_path: Path) -> None:
+    """Name swap: the signature covers the name, so x's manifest and payload copied over y are refused."""
+    from lightning_ckpt.security import Signer
+
+    manager = CheckpointManager(str(tmp_path), signer=Signer(bytes(32)))
+    manager.save({"w": torch.zeros(2)}, "old.ckpt", epoch=0, global_step=1)
+    manager.save({"w": torch.ones(2)}, "new.ckpt", epoch=1, global_step=2)
+    shutil.copy(tmp_path / "old.ckpt", tmp_path / "new.ckpt")
+    shutil.copy(tmp_path / manifest_name("old.ckpt"), tmp_path / manifest_name("new.ckpt"))
+    with pytest.raises(CorruptCheckpointError, match="describes 'old.ckpt'"):
+        manager.load("new.ckpt")
+    with pytest.warns(Warning, match="new.ckpt"):
+        latest = manager.latest()
+    assert latest is not None and latest.name == "old.ckpt"
