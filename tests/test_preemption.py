@@ -50,6 +50,7 @@ def finish(tmp: Path, **kwargs: object) -> dict:
     return json.loads((tmp / "out.json").read_text())
 
 
+@pytest.mark.slow  # a training process signalled, then a rerun
 def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path: Path) -> None:
     proc = start(tmp_path, {"grace_seconds": 60})
     log = signal_when_ready(proc, tmp_path, signal.SIGTERM)
@@ -70,6 +71,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path: Path) -> None:
     assert steps["end_step"] == 3 * 16
 
 
+@pytest.mark.slow  # a training process signalled, then a rerun
 def test_sigusr1_requeues_under_slurm(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -84,6 +86,7 @@ def test_sigusr1_requeues_under_slurm(tmp_path: Path) -> None:
     assert "requeued SLURM job 4242" in log
 
 
+@pytest.mark.slow  # a training process signalled, then a rerun
 def test_no_time_left_keeps_weights_and_last_skips_them(tmp_path: Path) -> None:
     proc = start(tmp_path, {"grace_seconds": 0, "safety_margin": 0})
     log = signal_when_ready(proc, tmp_path, signal.SIGTERM)
