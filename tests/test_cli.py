@@ -316,6 +316,13 @@ def _junk_pickle(path: Any) -> None:
     path.write_bytes(pickle.dumps({"not": "a checkpoint"}, protocol=4))
 
 
+def _plain_zip(path: Any) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a zip, but no torch checkpoint")
+
+
 def _truncated_zip(path: Any) -> None:
     torch.save(lightning_dict(0, 8), path)
     path.write_bytes(path.read_bytes()[:3000])
@@ -327,9 +334,10 @@ def _truncated_zip(path: Any) -> None:
         (lambda p: p.write_text("notes from a colleague, not a checkpoint\n"), "not a torch checkpoint (neither a zip"),
         (lambda p: p.write_bytes(bytes(range(256)) * 20), "not a torch checkpoint (neither a zip"),
         (_junk_pickle, "a plain pickle, not a torch checkpoint"),
+        (_plain_zip, "a zip archive, but not a readable torch checkpoint"),
         (_truncated_zip, "a zip archive cut short"),
     ],
-    ids=["text", "binary", "pickle", "truncated-zip"],
+    ids=["text", "binary", "pickle", "zip", "truncated-zip"],
 )
 def test_inspect_of_a_file_that_is_no_checkpoint_says_what_it_is(
     capsys: pytest.CaptureFixture[str], tmp_path: Any, make: Any, what: str
