@@ -305,6 +305,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.current_score: torch.Tensor | None = None
         self.kth_value = torch.tensor(math.inf if mode == "min" else -math.inf)
         self.resumed_from: str | None = None
+        self._loaded_epoch: int | None = None  # the resumed checkpoint's epoch, for the resume log line
         self._protected: set[str] = set()
         self._records: list[Manifest] = []
         self._last_global_step_saved = 0
@@ -557,8 +558,11 @@ class CheckpointCallback(ModelCheckpoint):
             return
         self._last_global_step_saved = trainer.global_step
         if trainer.ckpt_path is not None:
-            rank_zero_info(f"lightning-ckpt: resuming from {loaded} (epoch {trainer.current_epoch}, "
-                           f"step {trainer.global_step})")
+            # the checkpoint's own epoch (as `lightning-ckpt ls` and its name show it), then where
+            # training goes on: after an epoch-end save that is the next epoch
+            saved = f"epoch {self._loaded_epoch}, " if isinstance(self._loaded_epoch, int) else ""
+            rank_zero_info(f"lightning-ckpt: resuming from {loaded} ({saved}step {trainer.global_step}); "
+                           f"training continues in epoch {trainer.current_epoch}")
         directory, name = split_url(loaded)
         if Storage(directory, self.storage_options).url == self.dirpath:
             # resuming this callback's own run: continue its bookkeeping from what storage holds,
@@ -1524,6 +1528,7 @@ class CheckpointCallback(ModelCheckpoint):
         on the new ranks, with a warning. Steps already taken stay taken (``global_step`` goes on).
         At the same world size the positions are kept: a mid-epoch resume may have to load them again.
         """
+        self._loaded_epoch = checkpoint.get("epoch")
         self._adapt_to_world_size(trainer, checkpoint)
         if self.exact_resume:
             fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})

@@ -347,6 +347,16 @@ def test_resuming_from_best_says_so(tmp_path, caplog) -> None:
     assert f"lightning-ckpt: resuming from {cb.best_model_path}" in caplog.text
 
 
+def test_the_resume_line_names_the_checkpoints_epoch_and_where_training_continues(tmp_path, caplog) -> None:
+    # the epoch-end checkpoint of epoch 1 (`ls` and its name say epoch 1); training goes on in epoch 2
+    cb = CheckpointCallback(dirpath=str(tmp_path), save_last=True)
+    first, _ = fit(cb, max_epochs=2)
+    with caplog.at_level(logging.INFO):
+        fit(CheckpointCallback(dirpath=str(tmp_path), save_last=True), max_epochs=3, ckpt_path="last")
+    assert (f"lightning-ckpt: resuming from {cb.last_model_path} (epoch 1, step {first.global_step}); "
+            "training continues in epoch 2") in caplog.text
+
+
 def test_best_prefers_the_named_twin_over_last(tmp_path) -> None:
     cb = CheckpointCallback(dirpath=str(tmp_path), monitor="val_loss", save_last=True)
     fit(cb, max_epochs=1)
