@@ -272,6 +272,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._rng_to_restore: dict[str, Any] | None = None
         self._generators_to_restore: list[torch.Tensor] | None = None
         self._inexact_warned: set[str] = set()
+        self._deferred_validation_save = False  # a validation-end save due after the optimizer step
         self._loader_states: list[dict[str, Any]] | None = None
         self._deferred_step: int | None = None
         self._save_on_train_epoch_end = save_on_train_epoch_end
@@ -709,6 +710,9 @@ class CheckpointCallback(ModelCheckpoint):
         if self.exact_resume and _accumulating(trainer):
             # the gradients accumulated so far are in no checkpoint: save (or stop) after the step
             return
+        if self._deferred_validation_save:  # a validation ended inside this accumulation window
+            self._deferred_validation_save = False
+            self._save_on_validation(trainer)
         # Lightning skips a validation that was due at the restart point, so a checkpoint taken
         # now would resume without the random draws (and metrics) of that validation; and after an
         # epoch's last batch it resumes into the next epoch with a loader iterator made before the
@@ -752,6 +756,9 @@ class CheckpointCallback(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred_step is not None:
             self._save_step(trainer)
+        if self._deferred_validation_save:
+            self._deferred_validation_save = False
+            self._save_on_validation(trainer)
         if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
             self._save_on_epoch(trainer)
         self._maybe_preempt(trainer)
@@ -759,14 +766,24 @@ class CheckpointCallback(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred_step is not None and not trainer.sanity_checking:
             self._save_step(trainer)
+        if (self.exact_resume and not trainer.sanity_checking and _accumulating(trainer)
+                and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            # a validation inside a gradient-accumulation window: the gradients accumulated so far
+            # are in no checkpoint, so take this save right after the window's optimizer step
+            self._deferred_validation_save = True
+            return
+        self._save_on_validation(trainer)
+        if not trainer.sanity_checking:
+            self._maybe_preempt(trainer)
+
+    def _save_on_validation(self, trainer: pl.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
             if self._defer_save_until_validation:
                 self._defer_save_until_validation = False
                 self._save_step(trainer)
             else:
                 self._save_on_epoch(trainer)
-        if not trainer.sanity_checking:
-            self._maybe_preempt(trainer)
 
     def _save_on_epoch(self, trainer: pl.Trainer) -> None:
         candidates = self._candidates(trainer)
