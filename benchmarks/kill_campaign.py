@@ -11,14 +11,15 @@ temporary file + fsync + rename; S3: a single or multipart upload).
 
 After every kill the directory is inspected to say where the kill landed:
 
-- ``between_saves``: no ``.pending`` marker, no temporary file;
+- ``between_saves``: no ``.pending`` marker of a save, no temporary file;
 - ``save_started``: only the marker (on S3 also: the upload is still in flight, invisible);
 - ``inside_payload_write``: a temporary file, or a partial payload beside the marker;
 - ``inside_commit``: the payload is complete and the manifest is missing, partial, or written
   but the marker not yet removed.
 
 and checked: every committed (visible) checkpoint verifies; nothing committed before is gone
-(``lost``); the next attempt resumes from the newest committed step (read from its output; on S3
+(``lost``: a checkpoint seen committed after an earlier kill that no longer verifies, or a name --
+``last.ckpt`` is re-saved at every step -- that went back to an older version or vanished); the next attempt resumes from the newest committed step (read from its output; on S3
 a manifest PUT already on the wire may still complete after the kill: ``late_commits``) and,
 when it starts training, the leftovers of the interrupted save are gone (cleanup at start). A
 round ends when an attempt finishes by itself; its final model and optimizer state must equal
@@ -52,8 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_ckpt import CheckpointManager, CheckpointWarning
 from lightning_ckpt.integrity import MANIFEST_SUFFIX
-from lightning_ckpt.manager import PENDING_SUFFIX
-from lightning_ckpt.storage import TEMP_MARK
+from lightning_ckpt import layout
 
 LANDINGS = ("between_saves", "save_started", "inside_payload_write", "inside_commit")
 
@@ -115,8 +115,8 @@ def inspect(manager: CheckpointManager) -> dict[str, Any]:
     """Where a kill landed, the committed checkpoints (all verified) and the leftovers."""
     storage = manager.storage
     files = {f.name for f in storage.list()}
-    pending = sorted(f[: -len(PENDING_SUFFIX)] for f in files if f.endswith(PENDING_SUFFIX))
-    temps = sorted(f for f in files if TEMP_MARK in f)
+    markers = sorted(f for f in files if layout.marker_of(f) is not None)
+    temps = sorted(f for f in files if layout.is_temp(f))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointWarning)
         committed = manager.manifests()
@@ -129,32 +129,33 @@ def inspect(manager: CheckpointManager) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - recorded, reported as a failure
             failed.append(f"{m.name}: {exc}")
     landing = "between_saves"
-    for name in pending:
-        if manifest_ok(manager, name, files):
-            landing = "inside_commit"  # committed; the marker was not yet removed
-        elif name in files and loads(storage.read_bytes(name)):
+    for fname in markers:
+        marker = layout.Marker.parse(fname, storage.read_bytes(fname))
+        physical = marker.physical or marker.name
+        if marker.op == "delete":
+            continue
+        if manifest_token(manager, marker.name, files) == marker.token:
+            landing = "inside_commit"  # committed; the old version not yet retired or the marker not removed
+        elif physical in files and loads(storage.read_bytes(physical)):
             landing = "inside_commit"  # payload complete, manifest missing or partial
-        elif name in files or any(t.startswith(f".{name}{TEMP_MARK}") for t in temps):
+        elif physical in files or any(t.endswith("." + physical) for t in temps):
             landing = "inside_payload_write"
         else:
             landing = "save_started"
-    if not pending and temps:
+    if not markers and temps:
         landing = "inside_payload_write"
-    uncommitted = [n for n in pending if n in files and n not in verified]
-    leftovers = [f + PENDING_SUFFIX for f in pending] + temps + uncommitted + [
-        n + MANIFEST_SUFFIX for n in pending if n + MANIFEST_SUFFIX in files and n not in verified]
+    leftovers = manager.scan().leftovers  # the writer is dead: exactly what cleanup() removes
     return {"landing": landing, "verified": verified, "failed": failed, "leftovers": sorted(set(leftovers)),
             "bad_manifests": bad_manifests}
 
 
-def manifest_ok(manager: CheckpointManager, name: str, files: set[str]) -> bool:
+def manifest_token(manager: CheckpointManager, name: str, files: set[str]) -> str | None:
     if name + MANIFEST_SUFFIX not in files:
-        return False
+        return None
     try:
-        manager.read_manifest(name)
+        return manager.read_manifest(name).token
     except Exception:  # noqa: BLE001
-        return False
-    return True
+        return None
 
 
 def identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -231,7 +232,9 @@ def campaign(kills: int, backend: str, steps: int, seed: int, slow: float, pad_m
                 stats["verify_failures"] += len(state["failed"])
                 stats["problems"] += [f"round {round_no}: {f}" for f in state["failed"]]
                 stats["partial_manifests_seen"] += state["bad_manifests"]
-                lost = [n for n in seen if n not in state["verified"]]
+                # lost: a checkpoint seen committed that no longer loads, or a name that went back to
+                # an older version (the previous version of a replaced name counts until replaced)
+                lost = [n for n in seen if n not in state["verified"] or state["verified"][n] < seen[n]]
                 stats["checkpoints_lost"] += len(lost)
                 stats["problems"] += [f"round {round_no}: lost {n}" for n in lost]
                 seen.update(state["verified"])

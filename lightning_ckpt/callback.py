@@ -35,6 +35,7 @@ from lightning_ckpt import distributed
 from lightning_ckpt.async_saver import PendingSave
 from lightning_ckpt.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     CheckpointWarning,
     ConfigurationError,
     IncompatibleCheckpointError,
@@ -42,6 +43,7 @@ from lightning_ckpt.errors import (
     RanksDisagreeError,
 )
 from lightning_ckpt.integrity import Manifest, manifest_name, metrics_to_floats
+from lightning_ckpt.layout import History
 from lightning_ckpt.io import (
     BACKGROUND,
     DEFER_ERRORS,
@@ -317,6 +319,9 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_checked: float | None = None
         self._defer_save_until_validation = False
         self._migrated: dict[str, Any] | None = None
+        #: this fit's training history (a fresh run, continuing what it resumed from)
+        self.history: History = History.new()
+        self._versioned_names: set[str] = set()  # names already reported as taken (warned once)
 
     # -- identity -------------------------------------------------------------------------
 
@@ -410,7 +415,10 @@ class CheckpointCallback(ModelCheckpoint):
             attach_sharded(trainer.strategy, io)
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
+        if stage == TrainerFn.FITTING.value:
+            self.history, self._versioned_names = History.new(), set()
         if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
+            self.manager.storage.check_directory()
             removed = self.manager.cleanup()
             if removed:
                 rank_zero_info(f"lightning-ckpt: removed leftovers of interrupted saves: {', '.join(removed)}")
@@ -468,6 +476,7 @@ class CheckpointCallback(ModelCheckpoint):
                 return {stock if not self.storage_options else io.resume_pointer(stock)}
             earlier = self._earlier_version_checkpoint(trainer)
             if earlier is None:
+                self._refuse_unverified_only()
                 rank_zero_info(f"lightning-ckpt: no committed checkpoint in {self.dirpath} yet; starting fresh")
                 # Lightning follows with "HINT: Set ModelCheckpoint(..., save_last=True)", which does not
                 # apply to this callback: silence exactly that warning until setup() (the next hook)
@@ -535,6 +544,17 @@ class CheckpointCallback(ModelCheckpoint):
         fs = self.manager.storage.fs
         return max((self.manager.url_of(n) for n in names), key=lambda url: fs.modified(url))
 
+    def _refuse_unverified_only(self) -> None:
+        """``"last"`` in a directory holding only checkpoints without manifests (and no stock
+        ``last.ckpt``): not "empty" -- fail rather than start fresh and later write beside them."""
+        unmanaged = self.manager.scan().unmanaged
+        if unmanaged:
+            raise CheckpointNotFoundError(
+                f'ckpt_path="last": {self.dirpath} holds {len(unmanaged)} checkpoint(s) without a lightning-ckpt '
+                f"manifest ({', '.join(unmanaged[:3])}{', ...' if len(unmanaged) > 3 else ''}) and no last.ckpt; "
+                "pass ckpt_path=<one of them> to resume from it unverified"
+            )
+
     @property
     def _has_fallback(self) -> bool:
         return self.preemption is not None and self.preemption.fallback_dirpath is not None
@@ -556,7 +576,9 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_saved = self._clock()
         self._protected = set()
         if loaded is None:
+            self._warn_if_not_empty(trainer)
             return
+        self.history = self._continue_history(trainer, loaded)
         self._last_global_step_saved = trainer.global_step
         if trainer.ckpt_path is not None:
             # the checkpoint's own epoch (as `lightning-ckpt ls` and its name show it), then where
@@ -603,6 +625,34 @@ class CheckpointCallback(ModelCheckpoint):
                               f"{len(live)}: their random streams start afresh, so the resumed run is not "
                               "bit-identical to an uninterrupted one", CheckpointWarning, stacklevel=2)
         _recreate_iterator_at_epoch_start(trainer)
+
+    def _continue_history(self, trainer: pl.Trainer, loaded: str) -> History:
+        """This run continues the history of the checkpoint it resumed from (rank 0 reads, all agree)."""
+        lineage = None
+        if trainer.is_global_zero:
+            io = trainer.strategy._checkpoint_io
+            try:
+                manager, name = io.manager_for(loaded) if isinstance(io, ManagedCheckpointIO) else (None, "")
+                manifest = manager.read_manifest(name) if manager is not None else None
+            except CheckpointError:
+                manifest = None  # a plain Lightning file, loaded unverified: no history recorded
+            lineage = History(self.history.run).resumed_from(manifest).lineage if manifest is not None else ()
+        lineage = trainer.strategy.broadcast(lineage)
+        return History(self.history.run, tuple(tuple(e) for e in lineage or ()))  # type: ignore[misc]
+
+    def _warn_if_not_empty(self, trainer: pl.Trainer) -> None:
+        """A fresh run into a directory holding another run's checkpoints: say so (they are kept)."""
+        if not trainer.is_global_zero:
+            return
+        found = self.manager.scan()
+        others = [m.name for m in found.committed] + found.unmanaged
+        if others:
+            rank_zero_warn(
+                f"lightning-ckpt: {self.dirpath} is not empty ({len(others)} checkpoint(s) of another run, e.g. "
+                f"{others[-1]}) and this run did not resume from it: they are kept, and where a name repeats this "
+                "run saves under -vN",
+                category=CheckpointWarning,
+            )
 
     def _check_loaders_resumable(self, trainer: pl.Trainer) -> None:
         loader = trainer.fit_loop._combined_loader
@@ -1046,8 +1096,9 @@ class CheckpointCallback(ModelCheckpoint):
         if replaceable in self._protected:
             replaceable = None  # the checkpoint this run resumed from is never replaced, even by name
         shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
-        name = self._unique_name(trainer, candidates, replaceable)
-        chain = self._copy_to_last(name, self._last_name(trainer, candidates)) if self.async_save and self.save_last \
+        name = self._free_name(trainer, self._unique_name(trainer, candidates, replaceable), self.owner)
+        chain = self._copy_to_last(name, self._free_name(trainer, self._last_name(trainer, candidates), self._last_owner)) \
+            if self.async_save and self.save_last \
             else None
         # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
         before = (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
@@ -1082,7 +1133,7 @@ class CheckpointCallback(ModelCheckpoint):
     def _save_last(self, trainer: pl.Trainer, candidates: dict[str, float]) -> None:
         if not self.save_last:
             return
-        name = self._last_name(trainer, candidates)
+        name = self._free_name(trainer, self._last_name(trainer, candidates), self._last_owner)
         twin = self._last_saved_name[1] if self._last_saved_name else None
         same_step = bool(self._last_saved_name and self._last_saved_name[0] == trainer.global_step)
         if self.save_last == "link" and self.save_top_k != 0 and self._last_checkpoint_saved:
@@ -1132,7 +1183,7 @@ class CheckpointCallback(ModelCheckpoint):
         error = None
         if trainer.is_global_zero:
             try:
-                self.manager.copy(source, name, link=link, owner=self._last_owner)
+                self.manager.copy(source, name, link=link, owner=self._last_owner, history=self.history)
             except CheckpointError as exc:
                 error = exc
         io = trainer.strategy._checkpoint_io
@@ -1175,11 +1226,11 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _copy_to_last(self, name: str, last: str) -> Callable[[SaveResult], None]:
         """A background step after ``name`` commits: make ``last.ckpt`` a copy of it."""
-        manager, owner, link = self.manager, self._last_owner, self.save_last != "copy"
+        manager, owner, link, history = self.manager, self._last_owner, self.save_last != "copy", self.history
 
         def copy(result: SaveResult) -> None:
             try:
-                manager.copy(name, last, link=link, owner=owner)
+                manager.copy(name, last, link=link, owner=owner, history=history)
             except CheckpointError as exc:  # the checkpoint itself committed: report, don't fail it
                 warnings.warn(f"could not refresh {manager.url_of(last)}: {exc}",
                               CheckpointWarning, stacklevel=1)
@@ -1231,6 +1282,7 @@ class CheckpointCallback(ModelCheckpoint):
             "mode": self.mode if self.monitor is not None else None,
             "owner": owner,
             "weights_only": self.save_weights_only,
+            "history": self.history,
         }
         background = self.async_save and not sync
         extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
@@ -1438,6 +1490,16 @@ class CheckpointCallback(ModelCheckpoint):
             return is_last_copy(self.manager.read_manifest(name))
         except CheckpointError:
             return True
+
+    def _free_name(self, trainer: pl.Trainer, name: str, owner: str) -> str:
+        """``name``, or ``name-vN`` where ``name`` holds a file this save may not replace (rank 0 decides)."""
+        free = self.manager.free_name(name, owner, self.history) if trainer.is_global_zero else None
+        free = trainer.strategy.broadcast(free) or name
+        if free != name and name not in self._versioned_names:
+            self._versioned_names.add(name)
+            rank_zero_warn(f"lightning-ckpt: {self.manager.url_of(name)} holds a checkpoint of another run or callback "
+                           f"(or a file we did not write), which is kept; saving as {free}", category=CheckpointWarning)
+        return free
 
     def _prune(self, trainer: pl.Trainer) -> None:
         # only committed checkpoints compete: one still persisting may yet fail

@@ -49,7 +49,8 @@ from lightning_ckpt.errors import (
     KeyMissingError,
     UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import PENDING_SUFFIX, Manifest, manifest_name
+from lightning_ckpt.integrity import Manifest, manifest_name
+from lightning_ckpt.layout import check_name
 from lightning_ckpt.policies import MODES, KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy, is_last_copy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import Storage, split_url
@@ -442,7 +443,7 @@ def _manifest_or_none(manager: CheckpointManager, name: str) -> Manifest | None:
     try:
         return manager.read_manifest(name)
     except UncommittedCheckpointError:
-        if manager.storage.exists(name + PENDING_SUFFIX):
+        if manager.is_pending(name):
             raise
         return None
 
@@ -659,10 +660,13 @@ def _file_target(url: str, args: argparse.Namespace) -> tuple[CheckpointManager,
     except ConfigurationError:
         return None  # "s3://bucket/" and the like: only a directory makes sense
     exists = manager.storage.exists
-    traces = (manifest_name(name), name + PENDING_SUFFIX)
-    if not name.endswith(".ckpt") and not any(exists(n) for n in traces):
+
+    def traced() -> bool:
+        return exists(manifest_name(name)) or manager.is_pending(name)
+
+    if not name.endswith(".ckpt") and not traced():
         return None  # checked first: exists() of a directory is an error, not False
-    if not any(exists(n) for n in (*traces, name)):  # the traces first: exists() of a directory raises
+    if not traced() and not exists(name):  # the traces first: exists() of a directory raises
         raise CheckpointNotFoundError(f"no checkpoint at {manager.url_of(name)}")
     return manager, name
 
@@ -893,6 +897,7 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     tensors = _for_export(weights, dtype)
     out_dir, out_name = split_url(args.output)
     target = Storage(out_dir, _storage_options(args))
+    _refuse_committed_output(target, out_name)
     if args.format == "torch":
         with target.open_write(out_name) as f:
             torch.save(tensors, f)
@@ -902,6 +907,18 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(Text(f"wrote {target.url_of(out_name)}: {len(tensors)} tensors, {human_size(size)} of weights"
                    f" ({args.format}{', ' + args.dtype if args.dtype else ''})"))
     return EXIT_OK
+
+
+def _refuse_committed_output(target: Storage, out_name: str) -> None:
+    """Never let ``-o`` overwrite a committed checkpoint, its manifest or any file of our protocol."""
+    try:
+        check_name(out_name)
+    except ConfigurationError:
+        raise UsageError(f"refusing to write {target.url_of(out_name)}: the name is one of lightning-ckpt's own "
+                         "files (a manifest, a marker or a checkpoint version)") from None
+    if target.exists(manifest_name(out_name)):
+        raise UsageError(f"refusing to write {target.url_of(out_name)}: it is a committed checkpoint "
+                         f"({manifest_name(out_name)} is beside it); choose another output path")
 
 
 def _for_export(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ subclass also derives from the builtin a caller would naturally catch, so
     │   ├── KeyMissingError                             encrypted or signed with a key that is not configured
     │   └── DeviceUnavailableError                      its tensors (or map_location) name a device this machine lacks
     ├── MonitorNotFoundError        (KeyError)          the monitored metric was never logged
+    ├── NameTakenError              (FileExistsError)   the name holds a file we may not replace
     ├── RanksDisagreeError          (RuntimeError)      processes disagree on a save decision
     └── StorageError                (OSError)           the storage failed (after retries)
         ├── StoragePermissionError  (PermissionError)   credentials / permissions
@@ -52,6 +53,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "KeyMissingError",
     "MonitorNotFoundError",
+    "NameTakenError",
     "RanksDisagreeError",
     "ShardedCheckpointError",
     "StorageError",
@@ -134,6 +136,11 @@ class MonitorNotFoundError(CheckpointError, KeyError):
 class RanksDisagreeError(CheckpointError, RuntimeError):
     """The processes of a multi-process run disagree on a save decision: a monitored value that
     differs between ranks (logged without ``sync_dist=True``), or a rank that never reached it."""
+
+
+class NameTakenError(CheckpointError, FileExistsError):
+    """The name holds a file this save may not replace: one we did not write, or a checkpoint
+    committed by another callback or by another training history (save under ``-vN`` instead)."""
 
 
 class StorageError(CheckpointError, OSError):

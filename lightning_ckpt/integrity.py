@@ -86,6 +86,15 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: for a sharded checkpoint (a directory): relative path -> {"size": ..., "sha256": ...}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the file holding the payload when it is not ``name`` itself: a re-save is written under a
+    #: fresh name (``NAME~lckpt-<token>``) so the previous version stays whole until this commits
+    payload: str | None = None
+    #: the save that wrote this manifest (so a writer can check that the commit it reads is its own)
+    token: str | None = None
+    #: the training run that wrote it, and the checkpoints its state descends from as
+    #: ``[run, global_step]`` pairs: a save never replaces a checkpoint of another history
+    run: str | None = None
+    lineage: list[list[Any]] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = 1
 
@@ -204,6 +213,10 @@ class Manifest:
             versions=dict(versions_),
             extra=extra,
             files=files,
+            payload=_payload(raw.get("payload"), name),
+            token=_text(raw.get("token"), "token"),
+            run=_text(raw.get("run"), "run"),
+            lineage=_lineage(raw.get("lineage", [])),
             format=FORMAT,
             format_version=version,
         )
@@ -342,6 +355,36 @@ def _encryption(info: Any) -> None:
     if not (isinstance(info, dict) and isinstance(info.get("alg"), str) and isinstance(info.get("key_id"), str)
             and _is_int(info.get("chunk")) and 1 <= info["chunk"] <= 2**30):
         raise _Invalid("extra.encryption must be {alg, key_id, chunk}")
+
+
+def _payload(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not _payload_of(value, name):
+        raise _Invalid(f"payload {_short(value)} is not a version of {_short(name)} in its directory")
+    return str(value)
+
+
+def _lineage(value: Any) -> list[list[Any]]:
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise _Invalid("lineage must be a list of [run, step] pairs")
+    out: list[list[Any]] = []
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or isinstance(entry[0], str))
+                and _is_int(entry[1]) and entry[1] >= 0):
+            raise _Invalid(f"lineage entry {_short(entry)} is not a [run, step] pair")
+        out.append([entry[0], int(entry[1])])
+    return out
+
+
+def _payload_of(payload: Any, name: str) -> bool:
+    """Whether ``payload`` names a physical version of ``name`` in the same directory."""
+    return (
+        isinstance(payload, str)
+        and "/" not in payload
+        and "\\" not in payload
+        and (payload == name or (payload.startswith(name + "~lckpt-") and len(payload) == len(name) + 23))
+    )
 
 
 def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -140,6 +140,9 @@ class ManagedCheckpointIO(CheckpointIO):
         defer = bool(meta.pop(DEFER_ERRORS, False))
         background = meta.pop(BACKGROUND, None)
         on_done = meta.pop(ON_DONE, None)
+        history = meta.pop("history", None)
+        if history is not None:  # a directory is replaced in place: the history is recorded, not checked
+            meta.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
         manager, name = self.manager_for(str(path))
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})

@@ -46,6 +46,7 @@ from lightning_ckpt.errors import (
     DeviceUnavailableError,
     IncompatibleCheckpointError,
     KeyMissingError,
+    NameTakenError,
     ShardedCheckpointError,
     StorageError,
     TamperedCheckpointError,
@@ -64,7 +65,9 @@ from lightning_ckpt.integrity import (
 )
 from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy, best_of
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import TEMP_MARK, Progress, RetryPolicy, Storage, open_regular, split_url
+from lightning_ckpt import layout
+from lightning_ckpt.layout import History
+from lightning_ckpt.storage import Progress, RetryPolicy, Storage, open_regular, split_url
 from lightning_ckpt.unpickle import refused_global
 
 if TYPE_CHECKING:
@@ -112,6 +115,10 @@ class DirectoryScan:
     #: (name, key seen) for damaged ones refused only for want of a configured key: signed with
     #: another key (its id), ``"unsigned"`` under a signer, ``"unencrypted"`` under an encryptor
     unverifiable: list[tuple[str, str]] = field(default_factory=list)
+    #: markers and files of saves whose writer is still alive (never removed)
+    in_progress: list[str] = field(default_factory=list)
+    #: files that abandoned saves were writing: on S3 their unfinished uploads are aborted by cleanup
+    abandoned_writes: list[str] = field(default_factory=list)
     #: how many files the directory holds
     files: int = 0
 
@@ -131,6 +138,8 @@ class CheckpointManager:
         spool_dir: a local directory for the temporary files that remote checkpoints are
             downloaded into while loading (default: the system's temporary directory). Needs
             free space for the largest checkpoint loaded.
+        stale_after: seconds after which :meth:`cleanup` treats the unfinished save of a writer on
+            *another host* as abandoned (a writer on this host is checked directly).
     """
 
     def __init__(
@@ -143,6 +152,7 @@ class CheckpointManager:
         signer: Signer | None = None,
         encryptor: Encryptor | None = None,
         spool_dir: str | None = None,
+        stale_after: float = layout.STALE_AFTER,
     ) -> None:
         if spool_dir is not None and not os.path.isdir(spool_dir):
             raise ConfigurationError(f"spool_dir={spool_dir!r} is not an existing directory")
@@ -150,10 +160,12 @@ class CheckpointManager:
         self.signer = signer
         self.encryptor = encryptor
         self.spool_dir = spool_dir
+        self.stale_after = stale_after
         #: ``(verb, name) -> progress`` for transfers nobody passed a ``progress`` to (the callback
         #: and the command line set it to draw a bar on a terminal); closed when the transfer ends
         self.transfer_progress: Callable[[str, str], Progress | None] | None = None
         self._verified: dict[str, tuple[Manifest, _Source]] = {}
+        self._held: dict[str, str] = {}  # sharded saves in flight: name -> marker token
 
     @property
     def url(self) -> str:
@@ -184,88 +196,322 @@ class CheckpointManager:
         extra: Mapping[str, Any] | None = None,
         write: Callable[[Any], None] | None = None,
         progress: Progress | None = None,
+        history: History | None = None,
     ) -> SaveResult:
         """Serialize ``state`` to ``name`` and commit it; return its manifest.
 
         ``write(stream)`` may replace the default ``torch.save(state, stream)`` (the async saver
         streams from its own buffers). On any failure nothing new becomes visible and older
-        checkpoints are untouched; an existing committed ``name`` is replaced.
-        ``progress(bytes_written, None)`` is called as blocks reach the storage.
+        checkpoints are untouched. An existing committed ``name`` of the same ``owner`` (and, with
+        ``history``, of the same training history) is replaced, and stays loadable until the new
+        version is committed; any other file at ``name`` raises :class:`NameTakenError` (see
+        :meth:`free_name`). ``progress(bytes_written, None)`` is called as blocks reach the storage.
         """
+        layout.check_name(name)
         start = time.perf_counter()
         # fields no reader would accept are refused before anything is touched
         self._check_manifest(Manifest(name=name, size=0, sha256="0" * 64, epoch=epoch, global_step=global_step,
                                       metrics=dict(metrics or {}), monitor=monitor, mode=mode, owner=owner,
                                       weights_only=weights_only, extra=dict(extra or {})))
-        self._begin(name)
-        try:
-            with self._progress("saving", name, progress) as bar, self.storage.open_write(name, progress=bar) as f:
-                latch = _ErrorLatch(f)
-                writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
-                stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
-                try:
-                    if write is None:
-                        import torch
+        token = layout.new_token()
+        with layout.in_flight(token):
+            current, old = self._claim(name, owner, history)
+            physical = self._begin_save(name, token, current, old)
+            committed = False
+            try:
+                with self._progress("saving", name, progress) as bar, self.storage.open_write(physical, progress=bar) as f:
+                    latch = _ErrorLatch(f)
+                    writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
+                    stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
+                    try:
+                        if write is None:
+                            import torch
 
-                        torch.save(dict(state), stream)
-                    else:
-                        write(stream)
-                    if self.encryptor is not None:
-                        stream.close()
-                except Exception:
-                    # torch.save's zip writer answers a failed write with its own RuntimeError
-                    # ("unexpected pos ...") on the way out; the storage's error is the real one
-                    if latch.error is not None:
-                        raise latch.error
-                    raise
-            extra = dict(extra or {})
-            if self.encryptor is not None:
-                extra["encryption"] = self.encryptor.describe()
-            manifest = Manifest(
-                name=name,
-                size=writer.size,
-                sha256=writer.sha256,
-                epoch=epoch,
-                global_step=global_step,
-                metrics=dict(metrics or {}),
-                monitor=monitor,
-                mode=mode,
-                owner=owner,
-                weights_only=weights_only,
-                versions=versions(),
-                extra=extra,
-            )
-            self._write_manifest(manifest)
-        except BaseException:
-            self._abandon(name)
-            raise
-        self._end(name)
+                            torch.save(dict(state), stream)
+                        else:
+                            write(stream)
+                        if self.encryptor is not None:
+                            stream.close()
+                    except Exception:
+                        # torch.save's zip writer answers a failed write with its own RuntimeError
+                        # ("unexpected pos ...") on the way out; the storage's error is the real one
+                        if latch.error is not None:
+                            raise latch.error
+                        raise
+                extra = dict(extra or {})
+                if self.encryptor is not None:
+                    extra["encryption"] = self.encryptor.describe()
+                manifest = Manifest(
+                    name=name,
+                    size=writer.size,
+                    sha256=writer.sha256,
+                    epoch=epoch,
+                    global_step=global_step,
+                    metrics=dict(metrics or {}),
+                    monitor=monitor,
+                    mode=mode,
+                    owner=owner,
+                    weights_only=weights_only,
+                    versions=versions(),
+                    extra=extra,
+                    payload=None if physical == name else physical,
+                    token=token,
+                    run=history.run if history is not None else None,
+                    lineage=[[r, s] for r, s in history.lineage] if history is not None else [],
+                )
+                committed = self._write_commit(manifest)
+                self._check_commit(manifest, current)
+            except BaseException:
+                if not committed:
+                    self._abandon(name, token, physical)
+                raise
+            self._retire(manifest, old, current is not None)
         return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
 
-    def copy(self, src: str, dst: str, link: bool = True, **changes: Any) -> SaveResult:
+    def free_name(self, name: str, owner: str | None = None, history: History | None = None) -> str:
+        """``name``, or the first ``name-vN`` that a save by ``owner`` in ``history`` may write.
+
+        A name is free when nothing is there, or when it holds a committed checkpoint this save may
+        replace (same owner, same history). A file we did not write, another callback's checkpoint
+        or another history's is never replaced: the save goes to ``-v1``, ``-v2``, ... instead.
+        """
+        layout.check_name(name)
+        candidate, version = name, 0
+        while True:
+            try:
+                self._claim(candidate, owner, history)
+                return candidate
+            except NameTakenError:
+                version += 1
+                candidate = layout.versioned_name(name, version)
+
+    def _claim(self, name: str, owner: str | None, history: History | None) -> tuple[bytes | None, str | None]:
+        """What a save of ``name`` replaces: (the committed manifest's bytes, its payload file).
+
+        The payload file is ``""`` when another live writer is writing ``name`` itself (nothing to
+        retire, and the save must go to a fresh name). Raises :class:`NameTakenError` where the
+        save may not write ``name`` at all.
+        """
+        where = self.url_of(name)
+        try:
+            data = self.storage.read_bytes(manifest_name(name))
+        except CheckpointNotFoundError:
+            data = None
+        if data is None:
+            if self.storage.exists(name):
+                writer = self._ours_uncommitted(name)
+                if writer is None:
+                    raise NameTakenError(
+                        f"{where} exists and has no lightning-ckpt manifest (a file we did not write, e.g. "
+                        "Lightning's ModelCheckpoint's): refusing to overwrite it"
+                    )
+                if writer == "live":
+                    return None, ""  # another writer is writing NAME itself: a fresh name, and NAME is not ours to retire
+                return None, name  # a leftover of an interrupted save of ours: replaced, then removed
+            return None, None
+        try:
+            existing = self._parse_manifest(data, name)
+        except CheckpointError as exc:
+            raise NameTakenError(f"{where} has a manifest that does not read ({exc}): refusing to replace it") from exc
+        if existing.sharded:
+            raise NameTakenError(f"{where} is a sharded checkpoint; a single-file save may not replace it")
+        why = layout.may_replace(existing, owner, history)
+        if why is not None:
+            raise NameTakenError(f"{where} is committed and may not be replaced by this save: {why}")
+        return data, self._payload_name(existing)
+
+    def _ours_uncommitted(self, name: str) -> str | None:
+        """Whether the manifest-less file at ``name`` is ours: ``"live"`` (a writer is at it),
+        ``"abandoned"`` (a leftover of an interrupted save), or None (not ours)."""
+        found = None
+        for fname in self._marker_files(name):
+            marker = layout.Marker.parse(fname, self._read_or_none(fname))
+            if marker.physical in (None, name):
+                if not marker.abandoned(self.stale_after):
+                    return "live"
+                found = "abandoned"
+        return found
+
+    def _marker_files(self, name: str) -> list[str]:
+        files = [f.name for f in self.storage.list()]
+        return [f for f in files if (layout.marker_of(f) or ("", None))[0] == name]
+
+    def _read_or_none(self, fname: str) -> bytes | None:
+        try:
+            return self.storage.read_bytes(fname)
+        except CheckpointNotFoundError:
+            return None
+
+    def _begin_save(self, name: str, token: str, current: bytes | None, old: str | None) -> str:
+        """Write the save's marker and choose the file its payload goes to.
+
+        A name that is free is written directly, unless another writer's marker for it shows up
+        once ours is written (two writers that both list after writing their markers cannot both
+        miss each other): then, as for every re-save, a fresh name of our own, so two writers
+        never write the same file.
+        """
+        fresh = layout.physical_name(name, token)
+        if current is not None or old is not None:
+            self._mark(layout.Marker.mine(name, token, "save", fresh, old or None))
+            return fresh
+        self._mark(layout.Marker.mine(name, token, "save", name, old))
+        if self._others_writing(name, token):
+            self._mark(layout.Marker.mine(name, token, "save", fresh, old))
+            return fresh
+        return name
+
+    def _others_writing(self, name: str, token: str) -> bool:
+        return any(layout.marker_of(f) != (name, token) for f in self._marker_files(name))
+
+    def _mark(self, marker: layout.Marker) -> None:
+        assert marker.token is not None
+        self.storage.write_bytes(layout.marker_name(marker.name, marker.token), marker.to_json())
+
+    def _write_commit(self, manifest: Manifest) -> bool:
+        """Write the manifest; True once it is written. A failed write whose effect is unknown
+        (a lost response) is settled by reading back: if the manifest there is ours, it committed."""
+        try:
+            self._write_manifest(manifest)
+        except BaseException:
+            if not self._is_mine(manifest):
+                raise
+        self._forget(manifest.name)
+        return True
+
+    def _check_commit(self, manifest: Manifest, previous: bytes | None) -> None:
+        """Check that the committed payload is whole; a save whose payload vanished or shrank
+        (another process removed it, the storage lost data) is never reported as a success, and
+        the previous manifest is put back (its payload has not been touched yet).
+
+        If the check itself cannot be done, the error is raised and the commit stands: the
+        marker stays, so :meth:`cleanup` later removes whichever version is not referenced.
+        """
+        name = manifest.name
+        physical = manifest.payload or name
+        try:
+            size: int | None = self.storage.info(physical).size
+        except CheckpointNotFoundError:
+            size = None
+        if size == manifest.size:
+            return
+        if previous is not None:
+            self.storage.write_bytes(manifest_name(name), previous)
+        else:
+            self.storage.delete(manifest_name(name))
+        assert manifest.token is not None
+        self._abandon(name, manifest.token, physical)
+        raise StorageError(
+            errno.EIO,
+            f"the payload of {self.url_of(name)} is {'missing' if size is None else f'{size} bytes'} after "
+            f"its commit, {manifest.size} bytes were written (the storage lost data, or another process "
+            "removed or overwrote it); the save did not commit",
+        )
+
+    def _is_mine(self, manifest: Manifest) -> bool:
+        try:
+            current = self._parse_manifest(self.storage.read_bytes(manifest_name(manifest.name)), manifest.name)
+        except CheckpointError:
+            return False
+        return current.token == manifest.token
+
+    def _retire(self, manifest: Manifest, old: str | None, replaced: bool) -> None:
+        """After a commit: remove the replaced payload, give a fresh payload its plain name, drop
+        the marker. A failure here leaves the marker, so cleanup() finishes the job.
+
+        The plain name keeps the directory readable by stock tools (``torch.load(".../last.ckpt")``):
+        on a local disk one rename retires the old payload and moves the new one; on object stores
+        a server-side copy overwrites it, the manifest is rewritten, then the fresh name goes.
+        Readers in between follow the manifest, falling back to the plain name once the fresh one
+        is gone; either way the bytes are checked against the manifest.
+        """
+        name, token = manifest.name, manifest.token
+        physical = manifest.payload or name
+        old = old or None
+        assert token is not None
+        try:
+            # the plain name is ours to overwrite when it held the replaced version (or a stale one
+            # next to a committed version), or is free; and only while no other writer of this name
+            # is at work and the commit there is still ours
+            settle = (
+                physical != name
+                and (old == name or replaced or not self.storage.exists(name))
+                and not self._others_writing(name, token)
+                and self._is_mine(manifest)
+            )
+            if old is not None and old != physical and not (settle and old == name):
+                self.storage.delete(old)
+            if settle:
+                if self.storage.is_local:
+                    self.storage.rename(physical, name)
+                else:
+                    self.storage.copy(physical, name)
+                self._write_manifest(Manifest(**{**manifest.__dict__, "payload": None}))
+                self.storage.delete(physical)
+            self.storage.delete(layout.marker_name(name, token))
+        except CheckpointError as exc:
+            log.warning("%s committed, but tidying up after it failed (%s); cleanup() will finish", self.url_of(name), exc)
+        self._forget(name)
+
+    def _payload_name(self, manifest: Manifest) -> str:
+        """The file that holds ``manifest``'s payload (its fresh name, or the plain name once settled)."""
+        if manifest.payload is None or manifest.payload == manifest.name:
+            return manifest.name
+        if not self.storage.exists(manifest.payload):
+            return manifest.name  # moved to its plain name, the manifest not yet rewritten
+        return manifest.payload
+
+    def copy(self, src: str, dst: str, link: bool = True, *, history: History | None = None,
+             **changes: Any) -> SaveResult:
         """Commit ``dst`` as a copy of committed ``src`` (e.g. ``last.ckpt``); server-side on stores.
 
         On a local disk ``link=True`` hard-links (the same bytes under two names), ``link=False``
         writes an independent copy.
         """
+        layout.check_name(dst)
         start = time.perf_counter()
         manifest = self.read_manifest(src)
-        self._begin(dst)
-        try:
+        token = layout.new_token()
+        with layout.in_flight(token):
+            current, old = self._claim(dst, changes.get("owner", manifest.owner), history)
             if manifest.sharded:
-                self.storage.delete_tree(dst)
-                source, target = self.storage.child(src), self.storage.child(dst)
-                for path in manifest.files:
-                    source.copy_to(path, target)
-            else:
-                self.storage.copy(src, dst, link=link)
+                return self._copy_sharded(src, dst, manifest, history, changes, start)
+            physical = self._begin_save(dst, token, current, old)
+            committed = False
+            try:
+                self.storage.copy(self._payload_name(manifest), physical, link=link)
+                fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time(),
+                          "payload": None if physical == dst else physical, "token": token}
+                if history is not None:
+                    fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
+                copied = Manifest(**fields)
+                committed = self._write_commit(copied)
+                self._check_commit(copied, current)
+            except BaseException:
+                if not committed:
+                    self._abandon(dst, token, physical)
+                raise
+            self._retire(copied, old, current is not None)
+        return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
+
+    def _copy_sharded(self, src: str, dst: str, manifest: Manifest, history: History | None,
+                      changes: dict[str, Any], start: float) -> SaveResult:
+        # a sharded checkpoint is a directory: still replaced in place (the old copy is decommitted first)
+        self._begin_sharded(dst)
+        try:
+            self.storage.delete_tree(dst)
+            source, target = self.storage.child(src), self.storage.child(dst)
+            for path in manifest.files:
+                source.copy_to(path, target)
             fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
+            if history is not None:
+                fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
             copied = Manifest(**fields)
             self._write_manifest(copied)
         except BaseException:
-            self._abandon(dst)
+            self.abandon_directory(dst)
             raise
-        self._end(dst)
+        self.storage.delete(dst + PENDING_SUFFIX)
+        self._release(dst)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
 
     def _check_manifest(self, manifest: Manifest) -> None:
@@ -311,30 +557,21 @@ class CheckpointManager:
             )
         return data
 
-    def _begin(self, name: str) -> None:
-        marker = json.dumps({"name": name, "started": time.time()}).encode()
-        self.storage.write_bytes(name + PENDING_SUFFIX, marker)
-        # replacing a committed checkpoint: decommit it first so no reader pairs the old
-        # manifest with a new, partly written payload
-        self.storage.delete(manifest_name(name))
-        self._forget(name)
-
     def _forget(self, name: str) -> None:
         kept = self._verified.pop(name, None)
         if kept is not None:
             kept[1].close()
 
-    def _end(self, name: str) -> None:
-        self.storage.delete(name + PENDING_SUFFIX)
-
-    def _abandon(self, name: str) -> None:
-        """Best-effort removal of a failed save; what cannot be removed now, cleanup() will."""
-        for leftover in (manifest_name(name), name, name + PENDING_SUFFIX):
-            try:
-                self.storage.delete(leftover)
-            except CheckpointError as exc:
-                log.warning("could not remove %s after a failed save (%s); cleanup will retry", leftover, exc)
-                return
+    def _abandon(self, name: str, token: str, physical: str) -> None:
+        """Best-effort removal of a failed save's own files (never the committed version it was to
+        replace); what cannot be removed now, cleanup() will."""
+        try:
+            if physical != name or not self.storage.exists(manifest_name(name)):
+                self.storage.delete(physical)
+            self.storage.delete(layout.marker_name(name, token))
+        except CheckpointError as exc:
+            log.warning("could not remove the files of a failed save of %s (%s); cleanup will retry",
+                        self.url_of(name), exc)
 
     # -- listing ----------------------------------------------------------------------------
 
@@ -351,9 +588,10 @@ class CheckpointManager:
     def scan(self) -> DirectoryScan:
         """One listing of the directory, sorted into committed, damaged, orphaned, leftover and foreign files.
 
-        Reads every manifest, never a payload, and changes nothing.
+        Reads every manifest and marker, never a payload, and changes nothing.
         """
-        files = {f.name for f in self.storage.list()}
+        listing = {f.name: f for f in self.storage.list()}
+        files = set(listing)
         found = DirectoryScan(files=len(files))
         subdirs: set[str] | None = None
 
@@ -363,19 +601,24 @@ class CheckpointManager:
                 subdirs = set(self.storage.dirs())
             return name in subdirs
 
+        markers: list[tuple[bool, layout.Marker]] = []
         for fname in sorted(files):
-            if TEMP_MARK in fname:
-                found.leftovers.append(fname)
-            elif fname.endswith(PENDING_SUFFIX):
-                found.leftovers.append(fname)
-                name = fname[: -len(PENDING_SUFFIX)]
-                if name in files and manifest_name(name) not in files:
-                    found.leftovers.append(name)
-                elif manifest_name(name) not in files and is_dir(name):
-                    found.leftovers.append(name + "/")
+            if layout.is_temp(fname):
+                if layout.temp_abandoned(fname, listing[fname].mtime, self.stale_after):
+                    found.leftovers.append(fname)
+                else:
+                    found.in_progress.append(fname)
+            elif layout.marker_of(fname) is not None:
+                marker = layout.Marker.parse(fname, self._read_or_none(fname))
+                if marker.abandoned(self.stale_after):
+                    markers.append((layout.marker_of(fname)[1] is None, marker))  # type: ignore[index]
+                    found.leftovers.append(fname)
+                else:
+                    found.in_progress.append(fname)
+                    found.in_progress.extend(p for p in (marker.physical,) if p and p in files)
             elif fname.endswith(MANIFEST_SUFFIX):
                 name = fname[: -len(MANIFEST_SUFFIX)]
-                if name not in files and not is_dir(name):
+                if name not in files and not any(layout.logical_name(f) == name for f in files) and not is_dir(name):
                     found.orphaned.append(name)
                     continue
                 try:
@@ -390,24 +633,58 @@ class CheckpointManager:
                 if manifest.name != name:
                     found.damaged.append((name, f"its manifest describes {manifest.name!r}"))
                     continue
-                if manifest.sharded != (name not in files):
+                held = manifest.payload if manifest.payload in files else name
+                if manifest.sharded == (name in files) or (not manifest.sharded and held not in files and is_dir(name)):
                     found.damaged.append((name, "its manifest describes a " + (
                         "directory of shards, but it is a file" if manifest.sharded else
                         "single file, but it is a directory")))
                     continue
+                if not manifest.sharded and held not in files:
+                    found.orphaned.append(name)
+                    continue
                 found.committed.append(manifest)
-        claimed = {*found.leftovers, *found.orphaned, *(m.name for m in found.committed), *(n for n, _ in found.damaged)}
+        referenced = {m.payload if m.payload in files else m.name for m in found.committed}
+        damaged = {n for n, _ in found.damaged}
+        for plain, marker in markers:
+            found.abandoned_writes.append(marker.name if plain else (marker.physical or marker.name))
+            if plain:  # a NAME.pending marker (older versions, sharded saves): NAME itself was written
+                if marker.name in files and manifest_name(marker.name) not in files:
+                    found.leftovers.append(marker.name)
+                elif manifest_name(marker.name) not in files and is_dir(marker.name):
+                    found.leftovers.append(marker.name + "/")
+                if marker.name in damaged:
+                    found.leftovers.append(manifest_name(marker.name))
+                continue
+            if marker.name in damaged and marker.op == "save":
+                # a commit cut short on a filesystem without atomic writes: the marker proves the
+                # half-written manifest is ours
+                found.leftovers.append(manifest_name(marker.name))
+                referenced.discard(marker.name)
+            for path in (marker.physical, marker.old):
+                if path and path in files and path not in referenced:
+                    found.leftovers.append(path)
+        in_progress = set(found.in_progress)
+        for fname in files:
+            # a version of ours (by its reserved name) that no manifest and no live save holds:
+            # superseded by a concurrent writer's commit
+            if layout.logical_name(fname) is not None and fname not in referenced and fname not in in_progress:
+                found.leftovers.append(fname)
+        found.leftovers = sorted(set(found.leftovers))
+        claimed = {*found.leftovers, *in_progress, *found.orphaned, *(m.name for m in found.committed), *damaged}
         found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
-        found.leftovers.sort()
         found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
         return found
+
+    def is_pending(self, name: str) -> bool:
+        """Whether a save (or delete) of ``name`` by us was begun and has not finished (or was interrupted)."""
+        return self.storage.exists(name + PENDING_SUFFIX) or bool(self._marker_files(name))
 
     def read_manifest(self, name: str) -> Manifest:
         """The manifest of committed ``name``; raises if absent or uncommitted."""
         try:
             data = self._read_manifest_bytes(name)
         except CheckpointNotFoundError:
-            if self.storage.exists(name + PENDING_SUFFIX):
+            if self.is_pending(name):
                 raise UncommittedCheckpointError(
                     f"{self.url_of(name)} was never committed (an interrupted or failed save)"
                 ) from None
@@ -463,9 +740,10 @@ class CheckpointManager:
         url = self.url_of(name)
         digest = hashlib.sha256()
         limit = None if manifest is None else manifest.size
+        physical = name if manifest is None else self._payload_name(manifest)
         if self.storage.is_local:
             try:
-                source = self._open_local(name)
+                source = self._open_local(name, physical)
             except StorageError as exc:
                 if manifest is not None and isinstance(exc.__cause__, IsADirectoryError):
                     raise CorruptCheckpointError(f"{url} is a directory, but its manifest describes a file") from None
@@ -493,7 +771,7 @@ class CheckpointManager:
                 digest = hashlib.sha256()
 
             try:
-                n = self.storage.stream(name, sink, limit=limit, restart=restart, progress=progress)
+                n = self.storage.stream(physical, sink, limit=limit, restart=restart, progress=progress)
                 spool.flush()
             except BaseException:
                 source.close()
@@ -513,8 +791,8 @@ class CheckpointManager:
                 raise
         return source
 
-    def _open_local(self, name: str) -> _Source:
-        path = self.storage.path(name)
+    def _open_local(self, name: str, physical: str) -> _Source:
+        path = self.storage.path(physical)
         try:
             f = open_regular(path)  # a FIFO or device named like a checkpoint is refused, never read
         except CorruptCheckpointError:
@@ -594,7 +872,7 @@ class CheckpointManager:
             try:
                 manifest = self.read_manifest(name)
             except UncommittedCheckpointError:
-                if self.storage.exists(name + PENDING_SUFFIX) or not verify:
+                if self.is_pending(name) or not verify:
                     raise
                 if self.signer is not None:
                     raise TamperedCheckpointError(
@@ -734,13 +1012,22 @@ class CheckpointManager:
     def delete(self, name: str) -> None:
         """Delete committed checkpoint ``name`` (marker, manifest, payload, marker)."""
         manifest = self.read_manifest(name)  # only ever delete what we committed
-        self.storage.write_bytes(name + PENDING_SUFFIX, b'{"deleting": true}')
-        self.storage.delete(manifest_name(name))
         if manifest.sharded:
+            self.storage.write_bytes(name + PENDING_SUFFIX, self._sharded_marker(name, "delete"))
+            self.storage.delete(manifest_name(name))
             self.storage.delete_tree(name)
-        else:
-            self.storage.delete(name)
-        self.storage.delete(name + PENDING_SUFFIX)
+            self.storage.delete(name + PENDING_SUFFIX)
+            self._forget(name)
+            return
+        token = layout.new_token()
+        with layout.in_flight(token):
+            physical = manifest.payload or name
+            self._mark(layout.Marker.mine(name, token, "delete", physical, name if physical != name else None))
+            self.storage.delete(manifest_name(name))
+            self.storage.delete(physical)
+            if physical != name:
+                self.storage.delete(name)  # moved to its plain name, the manifest not yet rewritten
+            self.storage.delete(layout.marker_name(name, token))
         self._forget(name)
 
     def prune(
@@ -768,37 +1055,23 @@ class CheckpointManager:
     def cleanup(self) -> list[str]:
         """Remove leftovers of interrupted saves and deletes; return what was removed.
 
-        Only files provably ours are touched: payloads whose ``.pending`` marker exists without
-        a manifest, the markers themselves, temporary files carrying our mark, and on S3 the
-        unfinished multipart uploads of those pending names (a writer killed mid-upload leaves
-        its parts stored, invisible and billed); they are listed as ``"NAME (unfinished upload)"``.
+        Only files provably ours *and* abandoned are touched (see :mod:`lightning_ckpt.layout`):
+        the files of a save whose marker's writer is gone (this process with the save no longer in
+        flight, a dead process on this host, or a marker older than ``stale_after`` from another
+        host), the markers themselves, temporary files of such writers, versions of ours that no
+        manifest holds, and on S3 the unfinished multipart uploads of those saves; they are listed
+        as ``"NAME (unfinished upload)"``. A live writer's files are never removed.
         """
-        files = {f.name for f in self.storage.list()}
+        found = self.scan()
         removed: list[str] = []
-        pending = [f[: -len(PENDING_SUFFIX)] for f in files if f.endswith(PENDING_SUFFIX)]
-        for name in self.storage.abort_incomplete_uploads(pending):
+        for name in self.storage.abort_incomplete_uploads(sorted(set(found.abandoned_writes))):
             removed.append(f"{name} (unfinished upload)")
-        for fname in sorted(files):
-            if TEMP_MARK in fname:
+        # markers last: until the files they prove ours are gone, they must stay
+        for fname in sorted(found.leftovers, key=lambda f: layout.marker_of(f) is not None):
+            if fname.endswith("/"):
+                self.storage.delete_tree(fname[:-1])  # the shards of an interrupted sharded save
+            else:
                 self.storage.delete(fname)
-                removed.append(fname)
-                continue
-            if not fname.endswith(PENDING_SUFFIX):
-                continue
-            name = fname[: -len(PENDING_SUFFIX)]
-            if manifest_name(name) in files and not self._manifest_parses(name):
-                # a commit cut short on a filesystem without atomic writes (sftp, a faulty://
-                # view, ...): the marker proves the half-written manifest and its payload are ours
-                self.storage.delete(manifest_name(name))
-                removed.append(manifest_name(name))
-                files.discard(manifest_name(name))
-            if manifest_name(name) not in files and name in files:
-                self.storage.delete(name)
-                removed.append(name)
-            elif manifest_name(name) not in files and name in self.storage.dirs():
-                self.storage.delete_tree(name)  # the shards of an interrupted sharded save
-                removed.append(name + "/")
-            self.storage.delete(fname)
             removed.append(fname)
         return removed
 
@@ -810,14 +1083,34 @@ class CheckpointManager:
         Until :meth:`commit` writes its manifest nothing lists, resumes from or prunes it, and
         :meth:`cleanup` removes it after a crash.
         """
-        self._begin(name)
+        layout.check_name(name)
+        self._begin_sharded(name)
         self.storage.delete_tree(name)
         return self.storage.child(name)
+
+    def _sharded_marker(self, name: str, op: str) -> bytes:
+        token = layout.new_token()
+        layout.hold(token)
+        self._held[name] = token
+        return layout.Marker.mine(name, token, op, name).to_json()
+
+    def _begin_sharded(self, name: str) -> None:
+        # a directory cannot be written under a fresh name and renamed on object stores: a sharded
+        # checkpoint is still replaced in place (decommitted first)
+        self.storage.write_bytes(name + PENDING_SUFFIX, self._sharded_marker(name, "save"))
+        self.storage.delete(manifest_name(name))
+        self._forget(name)
+
+    def _release(self, name: str) -> None:
+        token = self._held.pop(name, None)
+        if token is not None:
+            layout.release(token)
 
     def commit(self, manifest: Manifest) -> None:
         """Commit a checkpoint whose files are all durable: write its manifest, drop the marker."""
         self._write_manifest(manifest)
-        self._end(manifest.name)
+        self.storage.delete(manifest.name + PENDING_SUFFIX)
+        self._release(manifest.name)
 
     def abandon_directory(self, name: str) -> None:
         """Best-effort removal of a failed sharded save (what stays, :meth:`cleanup` removes)."""
@@ -827,6 +1120,8 @@ class CheckpointManager:
             self.storage.delete(name + PENDING_SUFFIX)
         except CheckpointError as exc:
             log.warning("could not remove %s after a failed save (%s); cleanup will retry", name, exc)
+        finally:
+            self._release(name)
 
     def is_directory(self, name: str) -> bool:
         """Whether ``name`` is a directory here (a sharded checkpoint, committed or not)."""
@@ -858,15 +1153,6 @@ class CheckpointManager:
                 )
             if sha != expected["sha256"]:
                 raise CorruptCheckpointError(f"{where} does not match the sha256 in its manifest (damaged)")
-
-    def _manifest_parses(self, name: str) -> bool:
-        try:
-            Manifest.from_json(self._read_manifest_bytes(name), self.url_of(name))
-        except CorruptCheckpointError:
-            return False
-        except (CheckpointNotFoundError, IncompatibleCheckpointError):
-            return True  # gone since the listing, or a newer format: not ours to judge
-        return True
 
 
 class _ErrorLatch:

@@ -47,6 +47,7 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lightning_ckpt import layout
 from lightning_ckpt.errors import (
     BucketNotFoundError,
     CheckpointError,
@@ -66,8 +67,9 @@ Progress = Callable[[int, "int | None"], None]
 
 log = logging.getLogger("lightning_ckpt")
 
-#: Every temporary file this package creates contains this mark, so leftovers are provably ours.
-TEMP_MARK = ".lckpt-tmp-"
+#: Every temporary file this package creates contains this mark (and its writer), so leftovers
+#: are provably ours; checkpoint names may not contain it (:func:`lightning_ckpt.layout.check_name`).
+TEMP_MARK = layout.TEMP_MARK
 
 _CHUNK = 8 * 2**20
 #: chunk of a GCS resumable upload: each is one request, sent one after the other, so larger
@@ -160,6 +162,8 @@ class FileInfo:
 
     name: str
     size: int
+    #: modification time where the backend reports one cheaply (local disks), else None
+    mtime: float | None = None
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -275,6 +279,19 @@ class Storage:
         err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
         return StorageError(err, message)
 
+    def check_directory(self) -> None:
+        """Raise :class:`ConfigurationError` if this directory's path is a regular file."""
+
+        def op() -> bool:
+            self.fs.invalidate_cache(self.root)
+            try:
+                return self.fs.info(self.root).get("type") == "file"
+            except FileNotFoundError:
+                return False
+
+        if self.root and self._call("stat", None, op):
+            raise ConfigurationError(f"the checkpoint directory {self.url} is a file, not a directory")
+
     # -- reading ----------------------------------------------------------------------------
 
     def exists(self, name: str) -> bool:
@@ -317,7 +334,9 @@ class Storage:
                 if entry.get("type") == "directory":
                     continue
                 name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-                out.append(FileInfo(name=name, size=int(entry.get("size") or 0)))
+                mtime = entry.get("mtime") if self.is_local else None
+                out.append(FileInfo(name=name, size=int(entry.get("size") or 0),
+                                    mtime=float(mtime) if isinstance(mtime, (int, float)) else None))
             return out
 
         return self._call("list", None, op)
@@ -575,35 +594,75 @@ class Storage:
 
     @contextlib.contextmanager
     def _open_local(self, name: str, path: str) -> Iterator[IO[bytes]]:
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            tmp = os.path.join(self.root, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
-            f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
-        except Exception as exc:
-            raise self.translate(exc, "open for writing", self.url_of(name)) from exc
-        try:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, path)
-            _fsync_dir(self.root)
-        except BaseException as exc:
-            f.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-                raise self.translate(exc, "write", self.url_of(name)) from exc
-            raise
+        temp = layout.temp_name(name)
+        with layout.in_flight(temp):
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                tmp = os.path.join(self.root, temp)
+                f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
+            except Exception as exc:
+                raise self.translate(exc, "open for writing", self.url_of(name)) from exc
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, path)
+                _fsync_dir(self.root)
+            except BaseException as exc:
+                # closing flushes what is buffered: on a full disk that fails too, and the
+                # temporary file must still go
+                with contextlib.suppress(OSError):
+                    f.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                    raise self.translate(exc, "write", self.url_of(name)) from exc
+                raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a small file atomically (retried as a whole on transient failures)."""
 
-        def op() -> None:
-            with self.open_write(name) as f:
-                f.write(data)
+        if self.is_local or self._s3:
 
-        self._call("write", name, op)
+            def op() -> None:
+                with self.open_write(name) as f:
+                    f.write(data)
+
+            self._call("write", name, op)
+            return
+        # other stores: a streamed upload may be visible half-written where the backend writes in
+        # place (a local target behind a wrapper); a temporary name then a move keeps the old file
+        # whole until the new one is complete wherever the backend's move is atomic
+        temp = layout.temp_name(name)
+
+        def moved() -> None:
+            tmp = self.path(temp)
+            try:
+                with self.open_write(temp) as f:
+                    f.write(data)
+                self.fs.mv(tmp, self.path(name))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(tmp)
+                raise
+            finally:
+                self.fs.invalidate_cache(self.root)
+
+        with layout.in_flight(temp):
+            self._call("write", name, moved)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` onto ``dst`` atomically (local disks only: one ``rename``)."""
+        if not self.is_local:
+            raise ConfigurationError(f"{self.url} cannot rename atomically")
+        src_path, dst_path = self.path(src), self.path(dst)
+
+        def op() -> None:
+            os.replace(src_path, dst_path)
+            _fsync_dir(self.root)
+
+        self._call("rename to", dst, op)
 
     def copy(self, src: str, dst: str, link: bool = True) -> None:
         """Make ``dst`` a complete copy of ``src`` (server-side where the backend can).
@@ -615,7 +674,7 @@ class Storage:
         if self.is_local:
 
             def local_op() -> None:
-                tmp = os.path.join(self.root, f".{dst}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+                tmp = os.path.join(self.root, layout.temp_name(dst))
                 try:
                     if not link:
                         raise OSError("an independent copy was asked for")

@@ -84,7 +84,7 @@ def main() -> None:
     train = DataLoader(NoisyData(), batch_size=8, shuffle=True)
     val = DataLoader(NoisyData(16), batch_size=8)
     cb = CheckpointCallback(dirpath=url, storage_options=options or None, every_n_train_steps=1, save_top_k=-1,
-                            filename="{step}")
+                            filename="{step}", save_last=True)  # last.ckpt: a name replaced at every step
     handshake = Handshake(cb)
     trainer = pl.Trainer(max_steps=args.max_steps, val_check_interval=5, num_sanity_val_steps=0, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",

@@ -269,7 +269,7 @@ def test_leftovers_of_an_interrupted_save_are_cleaned_at_setup(tmp_path) -> None
     mgr = CheckpointManager(str(tmp_path))
     (tmp_path / "epoch=9-step=99.ckpt").write_bytes(b"half")
     (tmp_path / "epoch=9-step=99.ckpt.pending").write_bytes(b"{}")
-    (tmp_path / ".x.ckpt.lckpt-tmp-abc").write_bytes(b"tmp")
+    (tmp_path / ".x.ckpt.lckpt-tmp-0123456789ab").write_bytes(b"tmp")  # an older version's temporary file
     cb = CheckpointCallback(dirpath=str(tmp_path))
     fit(cb, max_epochs=1)
     assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=8.ckpt", "epoch=0-step=8.ckpt.manifest.json"]

@@ -22,6 +22,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.errors import ShardedCheckpointError
 from lightning_ckpt.integrity import SHARDED_FORMAT_VERSION, manifest_name
+from lightning_ckpt.layout import Marker, release
 from lightning_ckpt.manager import PENDING_SUFFIX
 from lightning_ckpt.security import Encryptor
 from lightning_ckpt.sharded import META_FILE, ShardedCheckpointer, consolidate
@@ -113,6 +114,9 @@ def test_an_interrupted_sharded_save_is_invisible_and_cleaned_up(backend) -> Non
     directory = mgr.begin_directory("torn.ckpt")
     directory.write_bytes("__0_0.distcp", b"half")
     assert [m.name for m in mgr.manifests()] == ["good.ckpt"]
+    assert mgr.cleanup() == []  # its writer (this process) is still saving: never touched
+    marker = Marker.parse("torn.ckpt" + PENDING_SUFFIX, mgr.storage.read_bytes("torn.ckpt" + PENDING_SUFFIX))
+    release(marker.token)  # ... until the writer dies
     removed = mgr.cleanup()
     assert "torn.ckpt/" in removed and "torn.ckpt" + PENDING_SUFFIX in removed
     assert mgr.storage.dirs() == ["good.ckpt"]
