@@ -1097,9 +1097,10 @@ class CheckpointCallback(ModelCheckpoint):
             replaceable = None  # the checkpoint this run resumed from is never replaced, even by name
         shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
         name = self._free_name(trainer, self._unique_name(trainer, candidates, replaceable), self.owner)
-        chain = self._copy_to_last(name, self._free_name(trainer, self._last_name(trainer, candidates), self._last_owner)) \
-            if self.async_save and self.save_last \
-            else None
+        chain = None
+        if self.async_save and self.save_last:
+            last = self._free_name(trainer, self._last_name(trainer, candidates), self._last_owner)
+            chain = self._copy_to_last(name, last)
         # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
         before = (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
                   self.kth_value, self.current_score)
@@ -1215,7 +1216,9 @@ class CheckpointCallback(ModelCheckpoint):
         if Storage(directory, self.storage_options).url != self.dirpath:
             return
         try:
-            if self.manager.read_manifest(name).owner == self._last_owner:
+            manifest = self.manager.read_manifest(name)
+            # only our own history's: a last.ckpt of the run this one forked from stays
+            if manifest.owner == self._last_owner and self.history.contains(manifest):
                 self.manager.delete(name)
         except CheckpointError:
             pass  # not ours, or already gone: never touched

@@ -754,7 +754,7 @@ class CheckpointManager:
                 source.close()
                 raise
         else:
-            source = self._spool(name, manifest)
+            source = self._spool(name, manifest, physical)
             spool = source.file
 
             def sink(block: memoryview) -> None:
@@ -808,11 +808,11 @@ class CheckpointManager:
             raise self.storage.translate(exc, "read", self.url_of(name)) from exc
         return _Source(file=f, path=path, stamp=_stamp(st))
 
-    def _spool(self, name: str, manifest: Manifest | None) -> _Source:
+    def _spool(self, name: str, manifest: Manifest | None, physical: str) -> _Source:
         where = self.spool_dir or tempfile.gettempdir()
         if manifest is not None:
             try:
-                stored = self.storage.info(name).size
+                stored = self.storage.info(physical).size
             except StorageError as exc:
                 if isinstance(exc.__cause__, IsADirectoryError):
                     raise CorruptCheckpointError(f"{self.url_of(name)} is a directory, not a checkpoint file") from None

@@ -87,8 +87,8 @@ def test_a_fault_at_any_step_of_a_resave_leaves_old_or_new(faulty, op: str) -> N
     while True:  # a fault at the 1st, 2nd, ... matching call, until a save runs past them all
         nth += 1
         plan.clear()
-        fault = plan.add(Fault(op=op, nth=nth, exc=OSError(errno.EIO, "injected")))
         before = loads_as(mgr, "last.ckpt")
+        fault = plan.add(Fault(op=op, nth=nth, exc=OSError(errno.EIO, "injected")))
         try:
             mgr.save(state(100 + nth), "last.ckpt", global_step=100 + nth)
             saved = True
