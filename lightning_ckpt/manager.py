@@ -444,6 +444,9 @@ class CheckpointManager:
                 if self.storage.is_local:
                     self.storage.rename(physical, name)
                 else:
+                    # never copied into the old file in place: where a backend writes into an existing
+                    # file, that file may be a hard link shared with another checkpoint (save_last=True)
+                    self.storage.delete(name)
                     self.storage.copy(physical, name)
                 self._write_manifest(Manifest(**{**manifest.__dict__, "payload": None}))
                 self.storage.delete(physical)

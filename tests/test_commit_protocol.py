@@ -316,3 +316,17 @@ def test_export_refuses_to_overwrite_a_committed_file(tmp_path: Path, target: st
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     mgr.verify("last.ckpt")
     assert main(["export", str(tmp_path / "last.ckpt"), "--output", str(tmp_path / "w.safetensors")]) == 0
+
+
+def test_a_resave_through_a_generic_filesystem_never_writes_into_a_hard_linked_file(tmp_path: Path) -> None:
+    """last.ckpt hard-linked to epoch=...ckpt (save_last=True on a local disk), then re-saved through
+    a filesystem that copies into existing files in place: the other name must keep its bytes."""
+    register()
+    local = CheckpointManager(str(tmp_path))
+    local.save(state(6), "step=6.ckpt", global_step=6)
+    local.copy("step=6.ckpt", "last.ckpt", link=True)
+    assert os.stat(tmp_path / "step=6.ckpt").st_ino == os.stat(tmp_path / "last.ckpt").st_ino
+    generic = CheckpointManager(f"faulty://{tmp_path}", {"target_protocol": "file", "plan": FaultPlan()})
+    generic.save(state(7), "last.ckpt", global_step=7)
+    assert loads_as(local, "last.ckpt") == 7
+    assert loads_as(local, "step=6.ckpt") == 6
