@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from lightning_ckpt.errors import ConfigurationError
+from lightning_ckpt.layout import RESERVED_MARK, check_name
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -37,9 +38,13 @@ def validate_template(template: str) -> None:
     if "/" in _KEY.sub("", template):
         raise ConfigurationError(f"filename={template!r} must not contain '/': checkpoints live in dirpath")
     try:
-        format_checkpoint_name(template, {})
+        name = format_checkpoint_name(template, {})
     except (ValueError, IndexError, KeyError) as exc:
         raise ConfigurationError(f"filename={template!r} is not a valid template: {exc}") from exc
+    if RESERVED_MARK in template:
+        raise ConfigurationError(f"filename={template!r} contains {RESERVED_MARK!r}, reserved for lightning-ckpt's "
+                                 "own temporary files and versions")
+    check_name(name)
 
 
 def format_checkpoint_name(

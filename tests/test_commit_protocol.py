@@ -330,3 +330,11 @@ def test_a_resave_through_a_generic_filesystem_never_writes_into_a_hard_linked_f
     generic.save(state(7), "last.ckpt", global_step=7)
     assert loads_as(local, "last.ckpt") == 7
     assert loads_as(local, "step=6.ckpt") == 6
+
+
+@pytest.mark.parametrize("template", ["run~lckpt-{epoch}", "x~lckpt-tmp-{step}"])
+def test_a_filename_template_that_could_produce_our_names_is_refused_at_construction(template: str) -> None:
+    from lightning_ckpt import CheckpointCallback
+
+    with pytest.raises(ConfigurationError, match="reserved"):
+        CheckpointCallback(filename=template)
