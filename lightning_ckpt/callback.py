@@ -416,7 +416,9 @@ class CheckpointCallback(ModelCheckpoint):
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
         if stage == TrainerFn.FITTING.value:
-            self.history, self._versioned_names = History.new(), set()
+            if trainer.global_step == 0:  # a second fit() on the same trainer continues its state: same history
+                self.history = History.new()
+            self._versioned_names = set()
         if stage == TrainerFn.FITTING.value and trainer.is_global_zero:
             self.manager.storage.check_directory()
             removed = self.manager.cleanup()
@@ -1184,7 +1186,7 @@ class CheckpointCallback(ModelCheckpoint):
         error = None
         if trainer.is_global_zero:
             try:
-                self.manager.copy(source, name, link=link, owner=self._last_owner, history=self.history)
+                self.manager.copy(source, name, link=link, owner=self._last_owner, history=self._guard)
             except CheckpointError as exc:
                 error = exc
         io = trainer.strategy._checkpoint_io
@@ -1229,7 +1231,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _copy_to_last(self, name: str, last: str) -> Callable[[SaveResult], None]:
         """A background step after ``name`` commits: make ``last.ckpt`` a copy of it."""
-        manager, owner, link, history = self.manager, self._last_owner, self.save_last != "copy", self.history
+        manager, owner, link, history = self.manager, self._last_owner, self.save_last != "copy", self._guard
 
         def copy(result: SaveResult) -> None:
             try:
@@ -1285,7 +1287,7 @@ class CheckpointCallback(ModelCheckpoint):
             "mode": self.mode if self.monitor is not None else None,
             "owner": owner,
             "weights_only": self.save_weights_only,
-            "history": self.history,
+            "history": self._guard,
         }
         background = self.async_save and not sync
         extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
@@ -1494,9 +1496,16 @@ class CheckpointCallback(ModelCheckpoint):
         except CheckpointError:
             return True
 
+    @property
+    def _guard(self) -> History | None:
+        """The history saves are checked against; with ``enable_version_counter=False`` none: as
+        Lightning, the user asked for names to be reused, so this callback's own checkpoints of an
+        earlier run are replaced (never a file we did not write, nor another callback's)."""
+        return self.history if self._enable_version_counter else None
+
     def _free_name(self, trainer: pl.Trainer, name: str, owner: str) -> str:
         """``name``, or ``name-vN`` where ``name`` holds a file this save may not replace (rank 0 decides)."""
-        free = self.manager.free_name(name, owner, self.history) if trainer.is_global_zero else None
+        free = self.manager.free_name(name, owner, self._guard) if trainer.is_global_zero else None
         free = trainer.strategy.broadcast(free) or name
         if free != name and name not in self._versioned_names:
             self._versioned_names.add(name)

@@ -637,7 +637,7 @@ class CheckpointManager:
                     found.damaged.append((name, f"its manifest describes {manifest.name!r}"))
                     continue
                 held = manifest.payload if manifest.payload in files else name
-                if manifest.sharded == (name in files) or (not manifest.sharded and held not in files and is_dir(name)):
+                if (manifest.sharded and name in files) or (not manifest.sharded and held not in files and is_dir(name)):
                     found.damaged.append((name, "its manifest describes a " + (
                         "directory of shards, but it is a file" if manifest.sharded else
                         "single file, but it is a directory")))

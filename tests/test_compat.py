@@ -298,6 +298,10 @@ def test_a_model_checkpoint_run_continues_under_ours(tmp_path) -> None:
     with pytest.warns(UserWarning, match="not verified"):  # nothing committed: stock's last.ckpt
         t, _ = fit(ours, max_epochs=5, ckpt_path="last")
     assert t.global_step == 40 and ours.resumed_from == str(d / "last.ckpt")
+    # a file we did not write is never overwritten (issue 14): ours is last-v1.ckpt, stock's stays
+    assert (d / "last.ckpt").read_bytes() == (backup / "last.ckpt").read_bytes()
+    os.replace(d / "last-v1.ckpt", d / "last.ckpt")
+    ours.last_model_path = str(d / "last.ckpt")
     got = seen(ours, str(d))
     # stock deletes its files that leave the top k; ours leaves them (unverified, not written by us)
     left_in_place = set(got["files"]) - set(expected["files"])
