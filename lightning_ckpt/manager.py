@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -887,7 +888,7 @@ class CheckpointManager:
                 warnings.warn(
                     f"{self.url_of(name)} has no lightning-ckpt manifest; loading it unverified",
                     CheckpointWarning,
-                    stacklevel=2,
+                    stacklevel=_outside_package_stacklevel(),
                 )
                 with self._progress("loading", name, progress) as bar:
                     source = self._fetch(name, None, bar)
@@ -1198,6 +1199,19 @@ class _Source:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()
+
+
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first caller outside lightning_ckpt.
+
+    ``load_checkpoint`` and the ``CheckpointIO`` call ``load`` from inside the package: a fixed
+    ``stacklevel=2`` would name a line of ours instead of the user's (or Lightning's) call.
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1  # the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:

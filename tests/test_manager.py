@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -298,3 +299,17 @@ def test_encrypted_checkpoints_load_on_every_backend(backend) -> None:  # noqa: 
     mgr.save(big, "a.ckpt", global_step=1)
     assert torch.equal(mgr.load("a.ckpt")["w"], big["w"])
     assert torch.equal(load_checkpoint(f"{url}/a.ckpt", options, encryptor=mgr.encryptor)["w"], big["w"])
+
+
+def test_the_unverified_load_warning_names_the_callers_line(tmp_path) -> None:
+    # load_checkpoint calls manager.load inside the package: the warning must point at this file
+    # (where the user called), not at a line of lightning_ckpt
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.ckpt")
+    for load in (lambda: load_checkpoint(str(tmp_path / "plain.ckpt")),
+                 lambda: CheckpointManager(str(tmp_path)).load("plain.ckpt")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(load()["w"], torch.ones(2))
+        [w] = [w for w in caught if issubclass(w.category, CheckpointWarning)]
+        assert "loading it unverified" in str(w.message)
+        assert w.filename == __file__
