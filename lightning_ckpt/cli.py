@@ -904,7 +904,7 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         _write_safetensors(target, out_name, tensors, _export_metadata(payload, manifest, manager.url_of(name)))
     size = sum(t.nbytes for t in tensors.values())
-    out.print(Text(f"wrote {target.url_of(out_name)}: {len(tensors)} tensors, {human_size(size)} of weights"
+    out.print(Text(f"wrote {target.url_of(out_name)}: {len(tensors)} tensor{'s' if len(tensors) != 1 else ''}, {human_size(size)} of weights"
                    f" ({args.format}{', ' + args.dtype if args.dtype else ''})"))
     return EXIT_OK
 

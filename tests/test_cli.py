@@ -566,6 +566,13 @@ def test_export_to_a_url_and_plain_state_dict(capsys: pytest.CaptureFixture[str]
     assert set(tensors) == {"w", "b"} and tensors["w"].dtype == torch.float16
 
 
+def test_export_of_one_tensor_says_one_tensor(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    CheckpointManager(str(tmp_path)).save({"state_dict": {"w": torch.ones(3)}}, "one.ckpt")
+    code, out, err = cli(capsys, "export", str(tmp_path / "one.ckpt"), "-o", str(tmp_path / "w.safetensors"))
+    assert code == 0, err
+    assert ": 1 tensor, 12 B of weights" in out
+
+
 def test_export_torch_format(capsys: pytest.CaptureFixture[str], run: str, tmp_path: Any) -> None:
     code, _, _ = cli(capsys, "export", f"{run}/{NAMES[0]}", "--format", "torch", "-o", str(tmp_path / "w.pt"))
     assert code == 0
