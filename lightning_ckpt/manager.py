@@ -301,6 +301,8 @@ class CheckpointManager:
         if data is None:
             if self.storage.exists(name):
                 writer = self._ours_uncommitted(name)
+                if writer is None and self.storage.exists(manifest_name(name)):
+                    return self._claim(name, owner, history)  # a save of ours committed meanwhile
                 if writer is None:
                     raise NameTakenError(
                         f"{where} exists and has no lightning-ckpt manifest (a file we did not write, e.g. "
