@@ -492,6 +492,14 @@ class CheckpointCallback(ModelCheckpoint):
                 f"{earlier[0].url_of(earlier[1].name)}; set dirpath= to keep a run's checkpoints in one place"
             )
         *_, manager, latest = max(found, key=lambda f: (f[0], f[1]))
+        stock = self._stock_last(newer_than=latest.created) if manager is self.manager else None
+        if stock is not None:
+            # ModelCheckpoint continued this run after our last commit (its last-vN.ckpt is newer):
+            # resuming our older checkpoint would silently drop its epochs
+            rank_zero_warn(f"lightning-ckpt: {stock}, written without a manifest (by ModelCheckpoint?), is newer "
+                           f"than the newest committed checkpoint {latest.name}; resuming from it: it is not "
+                           "verified", category=CheckpointWarning)
+            return {stock if not self.storage_options else io.resume_pointer(stock)}
         url = manager.url_of(latest.name)
         # Lightning stats the path with a filesystem built without storage options (and a sharded
         # checkpoint is a directory, which object stores cannot stat)
@@ -537,14 +545,17 @@ class CheckpointCallback(ModelCheckpoint):
         )
         return False
 
-    def _stock_last(self) -> str | None:
-        """A ``last.ckpt`` that stock ModelCheckpoint wrote here (no manifest, not an interrupted save of ours)."""
+    def _stock_last(self, newer_than: float | None = None) -> str | None:
+        """A ``last.ckpt`` that stock ModelCheckpoint wrote here (no manifest, not an interrupted save of
+        ours): the newest one, and with ``newer_than`` (a POSIX time) only one modified after it."""
         pattern = re.compile(rf"^{re.escape(LAST_NAME)}(-(\d+))?(-v\d+)?{re.escape(EXTENSION)}$")
         names = [n for n in self.manager.scan().unmanaged if pattern.match(n)]
         if not names:
             return None
         fs = self.manager.storage.fs
-        return max((self.manager.url_of(n) for n in names), key=lambda url: fs.modified(url))
+        modified = {self.manager.url_of(n): fs.modified(self.manager.url_of(n)).timestamp() for n in names}
+        newest = max(modified, key=modified.__getitem__)
+        return newest if newer_than is None or modified[newest] > newer_than else None
 
     def _refuse_unverified_only(self) -> None:
         """``"last"`` in a directory holding only checkpoints without manifests (and no stock
