@@ -179,6 +179,9 @@ def dcp_reader(target: str, options: dict[str, Any], files: Any = None) -> Any:
                 with opened as f:
                     metadata = load_dcp_metadata(f, f"{target}/.metadata")
                 _check_storage_data(metadata, f"{target}/.metadata", files)
+                if local:  # DCP opens the shard files itself: a FIFO among them would hang it
+                    for shard in {info.relative_path for info in metadata.storage_data.values()}:
+                        open_regular(f"{str(path).rsplit('/', 1)[0]}/{shard}").close()
             except BaseException as exc:
                 if self.error is None:
                     self.error = exc

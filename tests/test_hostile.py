@@ -583,6 +583,20 @@ def test_a_fifo_as_dcp_metadata_does_not_hang_a_load(tmp_path: Path) -> None:
         ShardedCheckpointer(mgr).load("s.ckpt", model())
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.timeout(60)
+def test_a_fifo_as_a_shard_file_does_not_hang_an_unverified_consolidate(tmp_path: Path) -> None:
+    from lightning_ckpt.sharded import consolidate
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    sharded(mgr, "s.ckpt")
+    shard = next(p for p in (tmp_path / "run" / "s.ckpt").iterdir() if p.name.endswith(".distcp"))
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(CorruptCheckpointError, match="not a regular file"):
+        consolidate(mgr, "s.ckpt", verify=False)  # verification off: still never opens a FIFO
+
+
 # -- attack pass: a manifest we write is always one we read -------------------------------------------
 
 
