@@ -1516,7 +1516,8 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _free_name(self, trainer: pl.Trainer, name: str, owner: str) -> str:
         """``name``, or ``name-vN`` where ``name`` holds a file this save may not replace (rank 0 decides)."""
-        free = self.manager.free_name(name, owner, self._guard) if trainer.is_global_zero else None
+        free = (self.manager.free_name(name, owner, self._guard, sharded=is_sharded(trainer.strategy))
+                if trainer.is_global_zero else None)
         free = trainer.strategy.broadcast(free) or name
         if free != name and name not in self._versioned_names:
             self._versioned_names.add(name)

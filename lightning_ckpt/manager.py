@@ -269,8 +269,11 @@ class CheckpointManager:
             self._retire(manifest, old, current is not None)
         return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
 
-    def free_name(self, name: str, owner: str | None = None, history: History | None = None) -> str:
-        """``name``, or the first ``name-vN`` that a save by ``owner`` in ``history`` may write.
+    def free_name(self, name: str, owner: str | None = None, history: History | None = None,
+                  sharded: bool = False) -> str:
+        """``name``, or the first ``name-vN`` that a save by ``owner`` in ``history`` may write
+        (with ``sharded``, a sharded save: it may replace only a sharded checkpoint, and a
+        single-file save only a single file).
 
         A name is free when nothing is there, or when it holds a committed checkpoint this save may
         replace (same owner, same history). A file we did not write, another callback's checkpoint
@@ -280,13 +283,14 @@ class CheckpointManager:
         candidate, version = name, 0
         while True:
             try:
-                self._claim(candidate, owner, history)
+                self._claim(candidate, owner, history, sharded)
                 return candidate
             except NameTakenError:
                 version += 1
                 candidate = layout.versioned_name(name, version)
 
-    def _claim(self, name: str, owner: str | None, history: History | None) -> tuple[bytes | None, str | None]:
+    def _claim(self, name: str, owner: str | None, history: History | None,
+               sharded: bool = False) -> tuple[bytes | None, str | None]:
         """What a save of ``name`` replaces: (the committed manifest's bytes, its payload file).
 
         The payload file is ``""`` when another live writer is writing ``name`` itself (nothing to
@@ -302,7 +306,7 @@ class CheckpointManager:
             if self.storage.exists(name):
                 writer = self._ours_uncommitted(name)
                 if writer is None and self.storage.exists(manifest_name(name)):
-                    return self._claim(name, owner, history)  # a save of ours committed meanwhile
+                    return self._claim(name, owner, history, sharded)  # a save of ours committed meanwhile
                 if writer is None:
                     raise NameTakenError(
                         f"{where} exists and has no lightning-ckpt manifest (a file we did not write, e.g. "
@@ -316,8 +320,9 @@ class CheckpointManager:
             existing = self._parse_manifest(data, name)
         except CheckpointError as exc:
             raise NameTakenError(f"{where} has a manifest that does not read ({exc}): refusing to replace it") from exc
-        if existing.sharded:
-            raise NameTakenError(f"{where} is a sharded checkpoint; a single-file save may not replace it")
+        if existing.sharded != sharded:
+            kinds = ("a single-file", "a sharded") if sharded else ("a sharded", "a single-file")
+            raise NameTakenError(f"{where} is {kinds[0]} checkpoint; {kinds[1]} save may not replace it")
         why = layout.may_replace(existing, owner, history)
         if why is not None:
             raise NameTakenError(f"{where} is committed and may not be replaced by this save: {why}")
@@ -478,7 +483,7 @@ class CheckpointManager:
         manifest = self.read_manifest(src)
         token = layout.new_token()
         with layout.in_flight(token):
-            current, old = self._claim(dst, changes.get("owner", manifest.owner), history)
+            current, old = self._claim(dst, changes.get("owner", manifest.owner), history, manifest.sharded)
             if manifest.sharded:
                 return self._copy_sharded(src, dst, manifest, history, changes, start)
             physical = self._begin_save(dst, token, current, old)

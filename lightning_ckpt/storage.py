@@ -295,12 +295,19 @@ class Storage:
     # -- reading ----------------------------------------------------------------------------
 
     def exists(self, name: str) -> bool:
-        """True if ``name`` exists; False only on a real "not found", never on an outage."""
+        """True if ``name`` exists (a file, or the directory of a sharded checkpoint); False only on
+        a real "not found", never on an outage."""
+        path = self.path(name)
+
+        def op() -> bool:
+            self.fs.invalidate_cache(path)
+            self.fs.info(path)
+            return True
+
         try:
-            self.info(name)
+            return self._call("stat", name, op)
         except CheckpointNotFoundError:
             return False
-        return True
 
     def info(self, name: str) -> FileInfo:
         """Size of ``name``; raises :class:`CheckpointNotFoundError` if absent."""
