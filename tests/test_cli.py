@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load, load_file
 
 from lightning_ckpt import CheckpointManager, Storage
-from lightning_ckpt.cli import _storage_option, main
+from lightning_ckpt.cli import main
+from lightning_ckpt.cli.parser import _storage_option
 from lightning_ckpt.integrity import manifest_name
 from lightning_ckpt.security import Encryptor, Signer, key_id
 
