@@ -1,4 +1,4 @@
-"""The storage layer: the only module that talks to fsspec.
+"""The :class:`Storage` facade: one directory URL on any fsspec filesystem.
 
 A :class:`Storage` is one directory URL (a plain path, ``file://``, ``memory://``, ``s3://``,
 ``gs://``, ``az://``, ...) plus the explicit ``storage_options`` used for every call. It knows
@@ -6,42 +6,26 @@ how to write a file so that it appears whole or not at all (temporary name + fsy
 local disks; a streamed upload that only becomes an object when it completes on object stores,
 discarded on failure), how to list, read, copy and delete, and how to tell a real "not found"
 from an outage: only ``FileNotFoundError`` means absent, everything else becomes a
-:class:`~lightning_ckpt.errors.StorageError` naming the URL. Transient failures (connection
-resets, timeouts, throttling, 5xx) are retried with exponential backoff by :class:`RetryPolicy`;
-permission and "no space" errors are not.
+:class:`~lightning_ckpt.errors.StorageError` naming the URL (:mod:`.retry`).
 
-S3 gets its own transfer code on top of s3fs's client: uploads of up to four parts at once with
-part sizes that grow with the upload (:func:`part_size`), ranged downloads four at a time (GCS
-and Azure too, through gcsfs's and adlfs's async clients), and
-:meth:`Storage.abort_incomplete_uploads` for writers that were killed mid-upload. A missing
-bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
-Transfers report their progress to an optional ``progress(done, total)`` callback.
-
-GCS writes through gcsfs's resumable upload (chunks of :data:`GCS_CHUNK`, one at a time), Azure
-Blob through the S3 writer on the block API (blocks staged four at a time, committed at the end).
-Nothing is visible before an upload completes, so a failed rewrite keeps the committed object. Their SDKs' refusals (HTTP 401/403, also when adlfs wraps them in ``RuntimeError``) are
-:class:`~lightning_ckpt.errors.StoragePermissionError`; Azure's server-side copies are waited
-for, and a never-committed Azure blob left by a failed or killed writer is deleted.
+GCS writes through gcsfs's resumable upload (chunks of :data:`GCS_CHUNK`, one at a time), S3
+and Azure Blob through :mod:`.uploads`. Nothing is visible before an upload completes, so a
+failed rewrite keeps the committed object; Azure's server-side copies are waited for, and a
+never-committed Azure blob left by a failed or killed writer is deleted. A missing bucket is a
+:class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory. Must not know the
+commit protocol (the manager does) nor decide what a checkpoint should contain.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import concurrent.futures
 import contextlib
 import errno
 import hashlib
-import io
-import logging
 import os
-import random
-import stat
 import sys
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -50,133 +34,25 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_ckpt import layout
 from lightning_ckpt.errors import (
     BucketNotFoundError,
-    CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
-    CorruptCheckpointError,
     StorageError,
-    StoragePermissionError,
     UnsupportedURLError,
 )
-
-__all__ = ["TEMP_MARK", "FileInfo", "Progress", "RetryPolicy", "Storage", "part_size", "split_url"]
+from lightning_ckpt.storage import retry as _retry
+from lightning_ckpt.storage.base import CHUNK, FileInfo, Progress
+from lightning_ckpt.storage.reads import open_regular, readinto, stream_ranged
+from lightning_ckpt.storage.retry import RetryPolicy, bucket_missing, causes, missing_bucket
+from lightning_ckpt.storage.uploads import (
+    GCS_CHUNK,
+    AzureUpload,
+    CountingWriter,
+    S3Upload,
+    TranslatingWriter,
+    discard,
+)
 
 T = TypeVar("T")
-#: ``progress(bytes_done, bytes_total_or_None)``, called at block granularity during a transfer.
-Progress = Callable[[int, "int | None"], None]
-
-log = logging.getLogger("lightning_ckpt")
-
-#: Every temporary file this package creates contains this mark (and its writer), so leftovers
-#: are provably ours; checkpoint names may not contain it (:func:`lightning_ckpt.layout.check_name`).
-TEMP_MARK = layout.TEMP_MARK
-
-_CHUNK = 8 * 2**20
-#: chunk of a GCS resumable upload: each is one request, sent one after the other, so larger
-#: chunks mean fewer round trips (google-cloud-storage itself uses 100 MiB); memory ~2.5 chunks
-GCS_CHUNK = 32 * 2**20
-# S3 multipart uploads: at most 10,000 parts of 5 MiB to 5 GiB each (the last may be smaller)
-S3_MIN_PART = 5 * 2**20
-S3_MAX_PART = 5 * 2**30
-S3_MAX_PARTS = 10_000
-#: first part size of our S3 uploads, and how many parts are uploaded at once
-PART_SIZE = 16 * 2**20
-PARTS_IN_FLIGHT = 4
-#: ranged GETs of a download, PARTS_IN_FLIGHT at once
-RANGE_SIZE = 8 * 2**20
-#: the part size doubles every this many parts, so 10,000 parts reach S3's 5 TiB object limit
-PART_GROWTH_EVERY = 1000
-# how S3 (NoSuchBucket) and Azure (ContainerNotFound) word a missing bucket or container
-_NO_BUCKET = ("bucket does not exist", "container does not exist", "containernotfound")
-# HTTP statuses of a refusal: Azure's SDK and gcsfs carry them on their exceptions
-_REFUSED = {401, 403}
-_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE, errno.EBUSY}
-_TRANSIENT_WORDS = ("throttl", "slowdown", "slow down", "timeout", "timed out", "503", "500", "502", "504",
-                    "internalerror", "serviceunavailable", "connection reset", "connection aborted",
-                    # botocore's connection errors are not OSErrors and s3fs does not retry them
-                    "endpointconnectionerror", "connectionclosederror", "could not connect")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retry transient storage failures with exponential backoff and jitter.
-
-    Args:
-        attempts: total tries per operation (1 disables retrying).
-        initial_delay: seconds before the second try.
-        max_delay: cap of a single backoff sleep.
-    """
-
-    attempts: int = 5
-    initial_delay: float = 0.2
-    max_delay: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError(f"RetryPolicy(attempts={self.attempts}) must be at least 1")
-        if self.initial_delay < 0 or self.max_delay < 0:
-            raise ConfigurationError("RetryPolicy delays must not be negative")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after the ``attempt``-th failure (1-based)."""
-        base = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
-        return base * (0.5 + random.random() / 2)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying (a network blip, not a refusal or a full disk)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if _refused(exc) or _missing_bucket(exc):
-        return False
-    status = getattr(exc, "status_code", None) or getattr(exc, "code", None)  # azure-core / gcsfs HttpError
-    if isinstance(status, int) and 400 <= status < 600:
-        return status in (408, 429) or status >= 500
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return exc.errno in _TRANSIENT_ERRNOS
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in _TRANSIENT_WORDS)
-
-
-def part_size(part_number: int, base: int = PART_SIZE, grow_every: int = PART_GROWTH_EVERY) -> int:
-    """Size of part ``part_number`` (1-based) of a multipart upload.
-
-    ``base`` for the first ``grow_every`` parts, doubling every ``grow_every`` parts after that,
-    always within S3's 5 MiB .. 5 GiB. With the defaults the first 1,000 parts hold 15.6 GiB and
-    10,000 parts more than S3's 5 TiB object limit (fixed 8 MiB parts stop at 78 GiB).
-    """
-    if not 1 <= part_number <= S3_MAX_PARTS:
-        raise ValueError(f"part number {part_number} is outside 1..{S3_MAX_PARTS}")
-    if base < 1 or grow_every < 1:
-        raise ValueError("base and grow_every must be positive")
-    tier = (part_number - 1) // grow_every
-    size = base << min(tier, 62)  # past 2**62 the cap applies anyway
-    return max(S3_MIN_PART, min(S3_MAX_PART, size))
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """One entry of a directory listing (name relative to the storage root)."""
-
-    name: str
-    size: int
-    #: modification time where the backend reports one cheaply (local disks), else None
-    mtime: float | None = None
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """Split a file URL into (directory URL, file name)."""
-    url = str(url).rstrip("/")
-    head, _, name = url.rpartition("/")
-    if not name:
-        raise ConfigurationError(f"{url!r} does not name a file")
-    if not head:
-        head = "."
-    elif head.endswith((":/", ":")):  # "memory://x" -> ("memory://", "x")
-        head = url[: len(url) - len(name)]
-    return head, name
 
 
 class Storage:
@@ -236,23 +112,7 @@ class Storage:
 
     def _call(self, what: str, name: str | None, fn: Callable[[], T], retry: bool = True) -> T:
         """Run ``fn``, retrying transient failures; translate errors into our tree."""
-        target = self.url_of(name) if name else self.url
-        attempts = self.retry.attempts if retry else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                cause = exc.__cause__ if isinstance(exc, StorageError) else None
-                if attempt < attempts and cause is not None and is_transient(cause):
-                    time.sleep(self.retry.delay(attempt))  # a whole small write, retried as a unit
-                    continue
-                if isinstance(exc, CheckpointError):  # ours already (a special file, a not found, ...)
-                    raise
-                if attempt < attempts and is_transient(exc):
-                    time.sleep(self.retry.delay(attempt))
-                    continue
-                raise self.translate(exc, what, target) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return _retry.call(self.retry, what, self.url_of(name) if name else self.url, fn, retry)
 
     def _check_bucket(self, cause: BaseException) -> None:
         """After a "not found" on an object store: raise if the bucket itself is missing."""
@@ -264,20 +124,12 @@ class Storage:
         try:
             self.fs.info(bucket)
         except FileNotFoundError:
-            raise _bucket_missing(bucket, self.url) from cause
+            raise bucket_missing(bucket, self.url) from cause
 
     @staticmethod
     def translate(exc: BaseException, what: str, target: str) -> Exception:
         """Map a raw filesystem exception to the matching :class:`CheckpointError`."""
-        message = f"could not {what} {target}: {type(exc).__name__}: {exc}"
-        if _missing_bucket(exc):
-            return BucketNotFoundError(errno.ENOENT, f"could not {what} {target}: {exc} (check the bucket name)")
-        if isinstance(exc, FileNotFoundError):
-            return CheckpointNotFoundError(errno.ENOENT, f"could not {what} {target}: not found")
-        if _refused(exc):
-            return StoragePermissionError(errno.EACCES, message)
-        err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-        return StorageError(err, message)
+        return _retry.translate(exc, what, target)
 
     def check_directory(self) -> None:
         """Raise :class:`ConfigurationError` if this directory's path is a regular file."""
@@ -372,7 +224,7 @@ class Storage:
 
     def _open_read(self, path: str) -> Any:
         """``path`` open for reading in blocks; a local one only if it is a regular file."""
-        return open_regular(path) if self.is_local else self.fs.open(path, "rb", block_size=_CHUNK)
+        return open_regular(path) if self.is_local else self.fs.open(path, "rb", block_size=CHUNK)
 
     def read_into(self, name: str, buffer: memoryview, sink: Callable[[memoryview], None] | None = None) -> int:
         """Stream ``name`` into ``buffer`` chunk by chunk, calling ``sink`` on each chunk.
@@ -386,7 +238,7 @@ class Storage:
             total = 0
             with self._open_read(path) as f:
                 while total < len(buffer):
-                    n = _readinto(f, buffer[total : total + _CHUNK])
+                    n = readinto(f, buffer[total : total + CHUNK])
                     if n == 0:
                         return total
                     if sink is not None:
@@ -415,19 +267,19 @@ class Storage:
         """
         path = self.path(name)
         if self._s3 or self._atomic_uploads:  # s3fs, gcsfs, adlfs: async clients with ranged reads
-            return self._call("read", name, lambda: self._stream_ranged(path, sink, limit, progress), retry=False)
+            return self._call("read", name, lambda: stream_ranged(self.fs, path, sink, limit, progress, self.retry), retry=False)
         attempts = [0]
 
         def op() -> int:
             if attempts[0] and restart is not None:
                 restart()
             attempts[0] += 1
-            block = memoryview(bytearray(_CHUNK))
+            block = memoryview(bytearray(CHUNK))
             total = 0
             with self._open_read(path) as f:
                 while limit is None or total < limit:
-                    want = _CHUNK if limit is None else min(_CHUNK, limit - total)
-                    n = _readinto(f, block[:want])
+                    want = CHUNK if limit is None else min(CHUNK, limit - total)
+                    n = readinto(f, block[:want])
                     if n == 0:
                         return total
                     sink(block[:n])
@@ -438,52 +290,6 @@ class Storage:
 
         return self._call("read", name, op, retry=restart is not None)
 
-    def _stream_ranged(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
-                       progress: Progress | None) -> int:
-        """Ranged GETs of :data:`RANGE_SIZE`, :data:`PARTS_IN_FLIGHT` at once, handed on in order.
-
-        Each range is retried on its own on transient errors, so a blip costs one range, not a
-        restart; at most ``PARTS_IN_FLIGHT`` ranges are in memory.
-        """
-        from fsspec.asyn import sync
-
-        self.fs.invalidate_cache(path)
-        info = sync(self.fs.loop, self.fs._info, path)
-        if info.get("type") == "directory":
-            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file")
-        size = int(info.get("size") or 0)
-        end = size if limit is None else min(size, limit)
-        starts = list(range(0, end, RANGE_SIZE))
-        pending: list[concurrent.futures.Future[bytes]] = []
-
-        async def fetch(start: int) -> bytes:
-            for attempt in range(1, self.retry.attempts + 1):
-                try:
-                    data = await self.fs._cat_file(path, start=start, end=min(start + RANGE_SIZE, end))
-                    if len(data) != min(RANGE_SIZE, end - start):  # replaced by a shorter object meanwhile
-                        raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
-                    return bytes(data)
-                except Exception as exc:
-                    if attempt >= self.retry.attempts or not is_transient(exc):
-                        raise
-                    await asyncio.sleep(self.retry.delay(attempt))
-            raise AssertionError("unreachable")  # pragma: no cover
-
-        done = 0
-        try:
-            for i in range(len(starts)):
-                while len(pending) < PARTS_IN_FLIGHT and i + len(pending) < len(starts):
-                    pending.append(asyncio.run_coroutine_threadsafe(fetch(starts[i + len(pending)]), self.fs.loop))
-                data = pending.pop(0).result()
-                sink(memoryview(data))
-                done += len(data)
-                del data
-                if progress is not None:
-                    progress(done, limit)
-        finally:
-            for future in pending:
-                future.cancel()
-        return limit + 1 if limit is not None and size > limit else done
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -501,7 +307,7 @@ class Storage:
         path = self.path(name)
         if self.is_local:
             with self._open_local(name, path) as f:
-                counted = _CountingWriter(f, progress) if progress is not None else None
+                counted = CountingWriter(f, progress) if progress is not None else None
                 yield counted if counted is not None else f  # type: ignore[misc]  # a write-only stream
             if counted is not None and progress is not None:
                 progress(counted.size, counted.size)
@@ -514,16 +320,16 @@ class Storage:
         # (a typo in the URL would silently make a new one), so nothing is created there
         url = self.url_of(name)
         try:
-            f = self.fs.open(path, "wb", block_size=GCS_CHUNK if self._gcs else _CHUNK)
+            f = self.fs.open(path, "wb", block_size=GCS_CHUNK if self._gcs else CHUNK)
         except Exception as exc:
             raise self._write_error(exc, "open for writing", url) from exc
         try:
-            writer: Any = _TranslatingWriter(f, lambda exc: self._write_error(exc, "write", url))
+            writer: Any = TranslatingWriter(f, lambda exc: self._write_error(exc, "write", url))
             if progress is not None:
-                writer = _CountingWriter(writer, progress)
+                writer = CountingWriter(writer, progress)
             yield writer
         except BaseException:
-            _discard(f)
+            discard(f)
             self._remove_partial(path)
             raise
         try:
@@ -576,7 +382,7 @@ class Storage:
 
     def _write_error(self, exc: BaseException, what: str, url: str) -> Exception:
         """Translate a failed upload; a "not found" there usually means the bucket is missing."""
-        if any(isinstance(e, FileNotFoundError) for e in _causes(exc)) and not _missing_bucket(exc):
+        if any(isinstance(e, FileNotFoundError) for e in causes(exc)) and not missing_bucket(exc):
             try:
                 self._check_bucket(exc)
             except BucketNotFoundError as missing:
@@ -588,7 +394,7 @@ class Storage:
     @contextlib.contextmanager
     def _open_s3(self, name: str, path: str, progress: Progress | None) -> Iterator[IO[bytes]]:
         url = self.url_of(name)
-        kind = _AzureUpload if self._azure else _S3Upload
+        kind = AzureUpload if self._azure else S3Upload
         upload = kind(self.fs, path, self.retry, lambda exc, what: self.translate(exc, what, url), progress)
         try:
             yield upload  # type: ignore[misc]
@@ -867,9 +673,9 @@ class Storage:
 
         def op() -> tuple[int, str]:
             digest, size = hashlib.sha256(), 0
-            block = bytearray(_CHUNK)
+            block = bytearray(CHUNK)
             with self._open_read(path) as f:
-                while n := _readinto(f, memoryview(block)):
+                while n := readinto(f, memoryview(block)):
                     digest.update(memoryview(block)[:n])
                     size += n
             return size, digest.hexdigest()
@@ -894,333 +700,6 @@ class Storage:
         return url
 
 
-class _CountingWriter:
-    """Forwards writes and reports the running byte count to ``progress``."""
-
-    def __init__(self, f: Any, progress: Progress) -> None:
-        self._f = f
-        self._progress = progress
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        n = int(self._f.write(data) or 0)
-        self.size += n
-        self._progress(self.size, None)
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def writable(self) -> bool:
-        return True
-
-
-class _S3Upload:
-    """A write-only stream that uploads to S3 in parts, several at once, with bounded memory.
-
-    Writes fill a part buffer; a full buffer is handed to s3fs's event loop as an ``UploadPart``
-    request while the caller goes on filling the next one. At most :data:`PARTS_IN_FLIGHT`
-    buffers exist at any time (the one being filled included), so the extra memory is at most
-    ``PARTS_IN_FLIGHT x part_size``; a writer that gets ahead waits for the oldest part. Buffers
-    are reused. Nothing is visible until ``CompleteMultipartUpload``; :meth:`abort` cancels what
-    is in flight and aborts the upload (what cannot be aborted now, ``cleanup()`` aborts later).
-    Content smaller than one part is sent with a single ``PutObject``.
-    """
-
-    _max_part = S3_MAX_PART
-
-    def __init__(
-        self,
-        fs: Any,
-        path: str,
-        retry: RetryPolicy,
-        translate: Callable[[BaseException, str], Exception],
-        progress: Progress | None,
-        in_flight: int = PARTS_IN_FLIGHT,
-    ) -> None:
-        self._fs = fs
-        self._bucket, self._key, _ = fs.split_path(path)
-        self._retry = retry
-        self._translate = translate
-        self._progress = progress
-        self._max_buffers = max(1, in_flight)
-        self._part = 1
-        self._cap = min(part_size(1), self._max_part)
-        self._buf = bytearray()  # grows as written: a small object never costs a whole part
-        self._fill = 0
-        self._free: list[bytearray] = []
-        self._buffers = 1
-        self._upload_id: str | None = None
-        self._pending: dict[concurrent.futures.Future[str], tuple[int, bytearray]] = {}
-        self._etags: dict[int, str] = {}
-        self._done = False
-        self.size = 0
-
-    # -- the stream -------------------------------------------------------------------------
-
-    def write(self, data: Any) -> int:
-        if self._done:
-            raise ValueError("write to a closed upload")
-        view = memoryview(data).cast("B")
-        pos = 0
-        while pos < view.nbytes:
-            if self._part > S3_MAX_PARTS:
-                raise self._translate(OSError(errno.EFBIG, f"larger than {S3_MAX_PARTS} parts can hold"), "write")
-            take = min(self._cap - self._fill, view.nbytes - pos)
-            if len(self._buf) == self._fill:
-                self._buf += view[pos : pos + take]
-            else:  # a preallocated (reused) part buffer
-                self._buf[self._fill : self._fill + take] = view[pos : pos + take]
-            self._fill += take
-            pos += take
-            if self._fill == self._cap:
-                self._send_part()
-        self.size += view.nbytes
-        if self._progress is not None:
-            self._progress(self.size, None)
-        return view.nbytes
-
-    def flush(self) -> None:
-        """Parts are sent when full; nothing to do."""
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        """Send what is left and complete the upload (or put a small object whole)."""
-        if self._done:
-            return
-        if self._upload_id is None:
-            self._call("put_object", "write", Body=memoryview(self._buf)[: self._fill])
-        else:
-            if self._fill:
-                self._submit(self._part, self._buf, self._fill)
-            self._wait(until=0)
-            parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-            self._call("complete_multipart_upload", "finish writing", UploadId=self._upload_id,
-                       MultipartUpload={"Parts": parts})
-        self._done = True
-        self._buf = bytearray()
-        self._free.clear()
-        if self._progress is not None:
-            self._progress(self.size, self.size)
-
-    def abort(self) -> None:
-        """Abandon the upload: cancel parts in flight, abort it on the server. Never raises."""
-        self._done = True
-        for future in self._pending:
-            future.cancel()
-        concurrent.futures.wait(list(self._pending), timeout=60)
-        self._pending.clear()
-        self._buf = bytearray()
-        self._free.clear()
-        if self._upload_id is not None:
-            try:
-                self._call("abort_multipart_upload", "abort the upload of", UploadId=self._upload_id)
-            except Exception as exc:  # noqa: BLE001 - reported; cleanup() aborts it later
-                log.warning("%s; cleanup() will abort it", exc)
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _call(self, method: str, what: str, **kwargs: Any) -> Any:
-        """One request on s3fs's loop, retried on transient errors, errors translated."""
-        from fsspec.asyn import sync
-
-        try:
-            return sync(self._fs.loop, self._retrying, method, **kwargs)
-        except Exception as exc:
-            raise self._translate(exc, what) from exc
-
-    async def _upload_part(self, number: int, body: memoryview) -> str:
-        out = await self._retrying("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
-        return str(out["ETag"])
-
-    async def _retrying(self, method: str, **kwargs: Any) -> Any:
-        body = kwargs.pop("Body", None)
-        for attempt in range(1, self._retry.attempts + 1):
-            if body is not None:
-                # a fresh reader per attempt (rewound); aiohttp would copy a bytearray body twice.
-                # Buffers are never resized: the HTTP client may hold a view of one for a while
-                kwargs["Body"] = _BufferReader(body)
-            try:
-                return await self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
-            except Exception as exc:
-                if attempt >= self._retry.attempts or not is_transient(exc):
-                    raise
-                await asyncio.sleep(self._retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _send_part(self) -> None:
-        if self._upload_id is None:
-            self._upload_id = str(self._call("create_multipart_upload", "start writing")["UploadId"])
-        self._submit(self._part, self._buf, self._fill)
-        self._part += 1
-        self._reap()
-        if self._part > S3_MAX_PARTS:  # only reachable past ~8 TiB; the next write raises
-            self._buf, self._fill = bytearray(), 0
-            return
-        self._cap = min(part_size(self._part), self._max_part)
-        self._buf, self._fill = self._next_buffer(self._cap), 0
-
-    def _next_buffer(self, size: int) -> bytearray:
-        while True:
-            for stale in [b for b in self._free if len(b) != size]:  # parts grew: drop smaller ones
-                self._free.remove(stale)
-                self._buffers -= 1
-            if self._free:
-                return self._free.pop()
-            if self._buffers < self._max_buffers:
-                self._buffers += 1
-                return bytearray(size)
-            self._wait(until=len(self._pending) - 1)
-
-    def _submit(self, number: int, buffer: bytearray, length: int) -> None:
-        future = asyncio.run_coroutine_threadsafe(
-            self._upload_part(number, memoryview(buffer)[:length]), self._fs.loop
-        )
-        self._pending[future] = (number, buffer)
-
-    def _collect(self, future: concurrent.futures.Future[str]) -> None:
-        number, body = self._pending.pop(future)
-        try:
-            self._etags[number] = future.result()
-        except Exception as exc:
-            raise self._translate(exc, "write") from exc
-        self._free.append(body)
-
-    def _reap(self) -> None:
-        """Collect finished parts without waiting (a failure surfaces at the next write)."""
-        for future in [f for f in self._pending if f.done()]:
-            self._collect(future)
-
-    def _wait(self, until: int) -> None:
-        """Wait until at most ``until`` parts are in flight; raise the first failure."""
-        while len(self._pending) > until:
-            done, _ = concurrent.futures.wait(list(self._pending), return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                self._collect(future)
-
-
-class _AzureUpload(_S3Upload):
-    """The S3 writer's parallel, bounded-memory upload, on Azure Blob's block API.
-
-    A part is a staged block (``Put Block``, several at once), completing is ``Put Block List``
-    (the moment the blob appears), a small object is one ``Put Blob``, and aborting deletes the
-    blob if it was never committed (a committed blob of that name keeps its content; its staged
-    blocks go with the next commit). Blocks are at most 4000 MiB, Azure's limit.
-    """
-
-    def __init__(self, fs: Any, path: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(fs, path, *args, **kwargs)
-        container, key, _ = fs.split_path(path)
-        self._blob = fs.service_client.get_container_client(container).get_blob_client(key)
-        self._path = path
-        self._prefix = uuid.uuid4().hex[:16]  # block ids: same length, unique to this upload
-
-    _max_part = 4000 * 2**20  # the largest block Azure accepts
-
-    def _block_id(self, number: int) -> str:
-        import base64
-
-        return base64.b64encode(f"{self._prefix}-{number:08d}".encode()).decode()
-
-    async def _retrying(self, method: str, **kwargs: Any) -> Any:
-        body = kwargs.pop("Body", None)
-        for attempt in range(1, self._retry.attempts + 1):
-            try:
-                return await self._azure(method, body, **kwargs)
-            except Exception as exc:
-                if attempt >= self._retry.attempts or not is_transient(exc):
-                    raise
-                await asyncio.sleep(self._retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _azure(self, method: str, body: memoryview | None, **kwargs: Any) -> Any:
-        if method == "put_object":
-            assert body is not None
-            return await self._blob.upload_blob(_BufferReader(body), length=len(body), overwrite=True)
-        if method == "create_multipart_upload":
-            return {"UploadId": self._prefix}
-        if method == "upload_part":
-            assert body is not None
-            block = self._block_id(kwargs["PartNumber"])
-            await self._blob.stage_block(block, _BufferReader(body), length=len(body))
-            return {"ETag": block}
-        if method == "complete_multipart_upload":
-            from azure.storage.blob import BlobBlock
-
-            parts = kwargs["MultipartUpload"]["Parts"]
-            return await self._blob.commit_block_list([BlobBlock(block_id=p["ETag"]) for p in parts])
-        if method == "abort_multipart_upload":
-            from azure.core.exceptions import ResourceNotFoundError
-
-            try:
-                await self._blob.get_blob_properties()
-                return None  # committed (an older version): keep it
-            except ResourceNotFoundError:
-                pass
-            with contextlib.suppress(ResourceNotFoundError):
-                await self._blob.delete_blob()
-            return None
-        raise ValueError(f"no Azure equivalent of {method}")  # pragma: no cover
-
-
-class _BufferReader(io.RawIOBase):
-    """A seekable, zero-copy reader over a part buffer (the HTTP client reads it in small chunks)."""
-
-    def __init__(self, data: memoryview) -> None:
-        self._view = data
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), len(self._view) - self._pos))
-        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-
-def open_regular(path: str) -> IO[bytes]:
-    """Open local ``path`` for reading only if it is a regular file.
-
-    A FIFO, socket or device named like a checkpoint would block or never end; it is opened
-    non-blocking (so opening a FIFO cannot hang), checked on the open descriptor (so it cannot be
-    swapped in between), and refused as a :class:`CorruptCheckpointError`.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", path)
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(
-                f"{path} is not a regular file (a FIFO, socket or device?); refusing to read it"
-            )
-        if flags & getattr(os, "O_NONBLOCK", 0):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _is_s3(fs: Any) -> bool:
     # an S3FileSystem exists only once s3fs is imported: never import it (~0.5 s) to find out
     s3fs = sys.modules.get("s3fs")
@@ -1236,89 +715,6 @@ def _publishes_on_completion(fs: Any) -> bool:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-class _TranslatingWriter:
-    """Forwards writes to a remote file; the backend's own errors (botocore, aiohttp, ...) become
-    :class:`StorageError` naming the URL, so a dead server mid-upload is reported like any outage."""
-
-    def __init__(self, f: Any, translate: Callable[[BaseException], Exception]) -> None:
-        self._f = f
-        self._translate = translate
-
-    def write(self, data: Any) -> int:
-        try:
-            return int(self._f.write(data))
-        except Exception as exc:  # every backend failure is translated
-            raise self._translate(exc) from exc
-
-    def flush(self) -> None:
-        try:
-            self._f.flush()
-        except Exception as exc:
-            raise self._translate(exc) from exc
-
-    def writable(self) -> bool:
-        return True
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from (adlfs wraps Azure's errors in RuntimeError)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__
-
-
-def _missing_bucket(exc: BaseException) -> bool:
-    """Whether the store said the bucket (S3, GCS) or container (Azure) itself does not exist."""
-    for e in _causes(exc):
-        text = str(e).lower()
-        if getattr(e, "error_code", None) == "ContainerNotFound" or any(word in text for word in _NO_BUCKET):
-            return True
-    return False
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether the store refused the credentials or the permission (never worth a retry)."""
-    for e in _causes(exc):
-        if isinstance(e, PermissionError):
-            return True
-        status = getattr(e, "status_code", None) or getattr(e, "code", None)  # azure-core / gcsfs HttpError
-        if isinstance(status, int) and status in _REFUSED:
-            return True
-        if type(e) is OSError and str(e).startswith("Forbidden: "):  # gcsfs's word for HTTP 403
-            return True
-    return False
-
-
-def _bucket_missing(bucket: str, url: str) -> BucketNotFoundError:
-    return BucketNotFoundError(
-        errno.ENOENT, f"the bucket {bucket!r} of {url} does not exist (check the URL and storage_options)"
-    )
-
-
-def _readinto(f: Any, view: memoryview) -> int:
-    if hasattr(f, "readinto"):
-        return int(f.readinto(view) or 0)
-    data = f.read(len(view))
-    view[: len(data)] = data
-    return len(data)
-
-
-def _discard(f: Any) -> None:
-    """Abandon a half-written remote file without committing it (aborts multipart uploads)."""
-    discard = getattr(f, "discard", None)
-    with contextlib.suppress(Exception):
-        if discard is not None:
-            discard()
-        else:
-            f.close()
-    # fsspec's buffered files commit on close(); make sure a later close() is a no-op
-    with contextlib.suppress(Exception):
-        f.closed = True
 
 
 def _fsync_dir(path: str) -> None:
