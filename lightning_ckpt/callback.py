@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks.checkpoint import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_ckpt import distributed
+from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.async_saver import PendingSave
 from lightning_ckpt.errors import (
     CheckpointError,
@@ -51,8 +51,6 @@ from lightning_ckpt.io import (
     SAVE_META_KEY,
     ManagedCheckpointIO,
     attach_sharded,
-    bypasses_checkpoint_io,
-    is_sharded,
 )
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template, versioned_name
@@ -205,6 +203,7 @@ class CheckpointCallback(ModelCheckpoint):
         encryptor: Encryptor | None = None,
     ) -> None:
         Checkpoint.__init__(self)
+        _lightning.require_last_checkpoint_hook()
         if mode not in MODES:
             raise ConfigurationError(f"mode={mode!r} must be one of {MODES}")
         if not isinstance(save_top_k, int) or save_top_k < -1:
@@ -411,7 +410,7 @@ class CheckpointCallback(ModelCheckpoint):
             self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
         io = self._install_io(trainer)
         io.model = pl_module
-        if bypasses_checkpoint_io(trainer.strategy):
+        if _lightning.bypasses_checkpoint_io(trainer.strategy):
             attach_sharded(trainer.strategy, io)
         if stage == TrainerFn.FITTING.value and self.exact_resume:
             _make_train_loader_stateful(trainer)
@@ -435,7 +434,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _install_io(self, trainer: pl.Trainer) -> ManagedCheckpointIO:
         strategy = trainer.strategy
-        current = strategy._checkpoint_io
+        current = _lightning.checkpoint_io(strategy)
         if not isinstance(current, ManagedCheckpointIO):
             if current is not None and type(current).__name__ != "TorchCheckpointIO":
                 warnings.warn(
@@ -583,7 +582,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit_before_training(trainer)
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         self.resumed_from = loaded
         self._last_time_saved = self._clock()
@@ -623,13 +622,13 @@ class CheckpointCallback(ModelCheckpoint):
         """
         assert self._rng_to_restore is not None
         states, self._loader_states = self._loader_states, None
-        _restart_iterator_at_its_epoch(trainer, states)
+        _lightning.restart_iterator_at_its_epoch(trainer, states)
         restore_rng(self._rng_to_restore)
         self._rng_to_restore = None
         generators = self._generators_to_restore
         self._generators_to_restore = None
         if generators is not None:
-            live = loader_generators(trainer.fit_loop._combined_loader)
+            live = loader_generators(_lightning.train_loader(trainer))
             if len(live) == len(generators):
                 for generator, state in zip(live, generators):
                     generator.set_state(state)
@@ -637,13 +636,13 @@ class CheckpointCallback(ModelCheckpoint):
                 warnings.warn(f"the checkpoint holds {len(generators)} train loader generator(s), this run has "
                               f"{len(live)}: their random streams start afresh, so the resumed run is not "
                               "bit-identical to an uninterrupted one", CheckpointWarning, stacklevel=2)
-        _recreate_iterator_at_epoch_start(trainer)
+        _lightning.recreate_iterator_at_epoch_start(trainer)
 
     def _continue_history(self, trainer: pl.Trainer, loaded: str) -> History:
         """This run continues the history of the checkpoint it resumed from (rank 0 reads, all agree)."""
         lineage = None
         if trainer.is_global_zero:
-            io = trainer.strategy._checkpoint_io
+            io = _lightning.checkpoint_io(trainer.strategy)
             try:
                 manager, name = io.manager_for(loaded) if isinstance(io, ManagedCheckpointIO) else (None, "")
                 manifest = manager.read_manifest(name) if manager is not None else None
@@ -668,7 +667,7 @@ class CheckpointCallback(ModelCheckpoint):
             )
 
     def _check_loaders_resumable(self, trainer: pl.Trainer) -> None:
-        loader = trainer.fit_loop._combined_loader
+        loader = _lightning.train_loader(trainer)
         if loader is None or not trainer.fit_loop.restarted_mid_epoch:
             return
         plain = [type(dl).__name__ for dl in loader.flattened if not is_stateful(dl)]
@@ -683,7 +682,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse an optimizer state that does not fit, naming what differs, before Lightning loads it."""
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         if not isinstance(io, ManagedCheckpointIO) or not io.loaded_optimizer_states:
             return
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -757,7 +756,7 @@ class CheckpointCallback(ModelCheckpoint):
     def _should_save_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
         if self._save_on_train_epoch_end is not None:
             return self._save_on_train_epoch_end
-        if getattr(trainer, "_val_check_time_interval", None) is not None:
+        if _lightning.val_check_time_interval(trainer) is not None:
             return False  # time-based validation: save after it, as Lightning
         if trainer.check_val_every_n_epoch != 1:
             return False
@@ -770,7 +769,7 @@ class CheckpointCallback(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.exact_resume and _accumulating(trainer):
+        if self.exact_resume and _lightning.accumulating(trainer):
             # the gradients accumulated so far are in no checkpoint: save (or stop) after the step
             return
         if self._deferred_validation_save:  # a validation ended inside this accumulation window
@@ -781,7 +780,7 @@ class CheckpointCallback(ModelCheckpoint):
         # epoch's last batch it resumes into the next epoch with a loader iterator made before the
         # random streams are restored. So take it right after the validation or at the epoch's end
         # instead (same weights, fresher metrics); so does preemption
-        later = self.exact_resume and (_validation_follows(trainer) or _epoch_ends(trainer))
+        later = self.exact_resume and (_lightning.validation_follows(trainer) or _lightning.epoch_ends(trainer))
         if self.trigger is None or self._should_skip_saving_checkpoint(trainer):
             if not later:
                 self._maybe_preempt(trainer)
@@ -800,7 +799,7 @@ class CheckpointCallback(ModelCheckpoint):
             return
         lightning_defers = (self.monitor is not None and not self._should_save_on_train_epoch_end(trainer)
                             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-        if later or (lightning_defers and _validation_follows(trainer)):
+        if later or (lightning_defers and _lightning.validation_follows(trainer)):
             self._deferred_step = trainer.global_step
             return
         self._save_step(trainer)
@@ -829,7 +828,7 @@ class CheckpointCallback(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred_step is not None and not trainer.sanity_checking:
             self._save_step(trainer)
-        if (self.exact_resume and not trainer.sanity_checking and _accumulating(trainer)
+        if (self.exact_resume and not trainer.sanity_checking and _lightning.accumulating(trainer)
                 and not self._should_skip_saving_checkpoint(trainer)
                 and not self._should_save_on_train_epoch_end(trainer)):
             # a validation inside a gradient-accumulation window: the gradients accumulated so far
@@ -872,7 +871,7 @@ class CheckpointCallback(ModelCheckpoint):
         save the state as Lightning does; never mask the error."""
         if not self._exiting:  # a preemption exit keeps its handlers: a second signal changes nothing
             self._release_signals(trainer)
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         if self._pending and isinstance(io, ManagedCheckpointIO):
             io.abandon()
         self._pending, self._last_waiting = [], None
@@ -921,25 +920,22 @@ class CheckpointCallback(ModelCheckpoint):
                 warnings.warn("preemption signals can only be caught on the main thread; not installed",
                               CheckpointWarning, stacklevel=2)
                 return
-        connector = getattr(trainer, "_signal_connector", None)
-        if signal.SIGTERM in self.preemption.signal_numbers and hasattr(connector, "_sigterm_notifier_fn"):
-            connector._sigterm_notifier_fn = _lightning_sigterm_ignored  # type: ignore[union-attr]
+        if signal.SIGTERM in self.preemption.signal_numbers:
+            _lightning.silence_sigterm_notifier(trainer)
 
     def _release_signals(self, trainer: pl.Trainer | None = None) -> None:
         latch, self._latch = self._latch, None
         if latch is None:
             return
-        connector = getattr(trainer, "_signal_connector", None)
-        originals = getattr(connector, "_original_handlers", None)
-        if isinstance(originals, dict):
-            # Lightning restores, at its teardown, the handlers it found when training started
-            # (ours): have it restore the ones we found instead
-            for sig, previous in latch.previous_handlers.items():
-                if sig in originals:
-                    originals[sig] = previous
+        originals = _lightning.signal_handlers_to_restore(trainer) if trainer is not None else {}
+        # Lightning restores, at its teardown, the handlers it found when training started
+        # (ours): have it restore the ones we found instead
+        for sig, previous in latch.previous_handlers.items():
+            if sig in originals:
+                originals[sig] = previous
         latch.uninstall()
-        if connector is not None and "_sigterm_notifier_fn" in vars(connector):
-            del connector._sigterm_notifier_fn
+        if trainer is not None:
+            _lightning.unsilence_sigterm_notifier(trainer)
 
     def _exit(self, trainer: pl.Trainer, policy: Preemption) -> None:
         """End the process with the preemption status, which a repeated signal can no longer change.
@@ -951,10 +947,10 @@ class CheckpointCallback(ModelCheckpoint):
         if policy.requeue and trainer.is_global_zero:
             rank_zero_info(f"lightning-ckpt: {requeue_slurm_job()}")
         self._exiting = True
-        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        originals = _lightning.signal_handlers_to_restore(trainer)
         for sig in policy.signal_numbers:
             signal.signal(sig, signal.SIG_IGN)
-            if isinstance(originals, dict) and sig in originals:
+            if sig in originals:
                 originals[sig] = signal.SIG_IGN
         raise SystemExit(policy.exit_code)
 
@@ -977,7 +973,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     @staticmethod
     def _resume_source(trainer: pl.Trainer) -> str:
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         return loaded or (trainer.ckpt_path or "scratch (no checkpoint was loaded)")
 
@@ -1082,7 +1078,7 @@ class CheckpointCallback(ModelCheckpoint):
                     f"CheckpointCallback(monitor={self.monitor!r}) could not find {self.monitor!r} among the "
                     f"logged metrics {sorted(candidates)}; did you call self.log({self.monitor!r}, ...)?"
                 )
-                if trainer.fit_loop.epoch_loop.val_loop._has_run:
+                if _lightning.validation_has_run(trainer):
                     raise MonitorNotFoundError(message)
                 warnings.warn(message, CheckpointWarning, stacklevel=2)
                 return
@@ -1094,7 +1090,7 @@ class CheckpointCallback(ModelCheckpoint):
                 ):
                     # only saves still persisting rank above it, and one may yet fail: know before judging
                     self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer)
-                                 or is_sharded(trainer.strategy))
+                                 or _lightning.is_sharded(trainer.strategy))
                 if not self.retention.admits(current, self._records):
                     if self.verbose:
                         rank_zero_info(f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: "
@@ -1200,7 +1196,7 @@ class CheckpointCallback(ModelCheckpoint):
                 self.manager.copy(source, name, link=link, owner=self._last_owner, history=self._guard)
             except CheckpointError as exc:
                 error = exc
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         if isinstance(io, ManagedCheckpointIO):
             io.last_error = error
         return self._save_succeeded(trainer, name)
@@ -1286,7 +1282,7 @@ class CheckpointCallback(ModelCheckpoint):
     ) -> Manifest | None:
         # the run's last save never skips: it waits for the one in flight; so does every sharded
         # save (skipping would be a decision every rank must share, and DCP runs one at a time)
-        sharded = is_sharded(trainer.strategy)
+        sharded = _lightning.is_sharded(trainer.strategy)
         self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer) or sharded)
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
@@ -1306,7 +1302,7 @@ class CheckpointCallback(ModelCheckpoint):
             extra[BACKGROUND] = self.when_busy
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = self._clock()
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         assert isinstance(io, ManagedCheckpointIO)
         self._write(trainer, self.manager.url_of(name), self.save_weights_only, {SAVE_META_KEY: {**meta, **extra}})
         if not self._save_succeeded(trainer, name):
@@ -1334,16 +1330,16 @@ class CheckpointCallback(ModelCheckpoint):
         """
         if self.exact_resume and not weights_only:
             self._warn_if_not_exact(trainer)
-        if is_sharded(trainer.strategy):
+        if _lightning.is_sharded(trainer.strategy):
             io = self._install_io(trainer)
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+            checkpoint = _lightning.dump_checkpoint(trainer, weights_only)
             io.save_sharded(checkpoint, url, storage_options=options)
             trainer.strategy.barrier("lightning_ckpt.save_sharded")
-        elif bypasses_checkpoint_io(trainer.strategy):
+        elif _lightning.bypasses_checkpoint_io(trainer.strategy):
             # a full state dict gathered on every rank (a collective), written by rank 0, as Lightning
             # does -- through our IO, since this strategy would refuse the storage options
             io = self._install_io(trainer)
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+            checkpoint = _lightning.dump_checkpoint(trainer, weights_only)
             if trainer.is_global_zero:
                 io.save_checkpoint(checkpoint, url, storage_options=options)
             trainer.strategy.barrier("lightning_ckpt.save_full")
@@ -1352,9 +1348,9 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _warn_if_not_exact(self, trainer: pl.Trainer) -> None:
         """Say once, at the first save it concerns, why a resume from it cannot be bit-identical."""
-        loaders = list(getattr(trainer.fit_loop._combined_loader, "flattened", None) or [])
+        loaders = list(getattr(_lightning.train_loader(trainer), "flattened", None) or [])
         reasons: dict[str, str] = {}
-        if _epoch_ends(trainer):
+        if _lightning.epoch_ends(trainer):
             persistent = [type(dl).__name__ for dl in loaders
                           if getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) > 0]
             if persistent:
@@ -1438,7 +1434,7 @@ class CheckpointCallback(ModelCheckpoint):
         A failed periodic save leaves every older checkpoint intact and the next save tries again;
         the final save of a run (or any, with ``fail_on_save_error``) must succeed.
         """
-        io = trainer.strategy._checkpoint_io
+        io = _lightning.checkpoint_io(trainer.strategy)
         error = io.last_error if isinstance(io, ManagedCheckpointIO) else None
         reason = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
         if reason is None:
@@ -1516,7 +1512,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _free_name(self, trainer: pl.Trainer, name: str, owner: str) -> str:
         """``name``, or ``name-vN`` where ``name`` holds a file this save may not replace (rank 0 decides)."""
-        free = (self.manager.free_name(name, owner, self._guard, sharded=is_sharded(trainer.strategy))
+        free = (self.manager.free_name(name, owner, self._guard, sharded=_lightning.is_sharded(trainer.strategy))
                 if trainer.is_global_zero else None)
         free = trainer.strategy.broadcast(free) or name
         if free != name and name not in self._versioned_names:
@@ -1617,7 +1613,7 @@ class CheckpointCallback(ModelCheckpoint):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if not self.exact_resume or state is None:
             return
-        generators = [g.get_state() for g in loader_generators(trainer.fit_loop._combined_loader)]
+        generators = [g.get_state() for g in loader_generators(_lightning.train_loader(trainer))]
         per_rank = distributed.all_gather(generators) if distributed.active() else None
         if generators or any(per_rank or ()):  # a checkpoint without loader generators stays as it was
             state["generators"] = generators
@@ -1776,14 +1772,6 @@ def _same_everywhere(values: list[float | None]) -> bool:
     return True
 
 
-def _lightning_sigterm_ignored(signum: int, frame: Any) -> None:
-    """Stands in for Lightning's SIGTERM notifier while the callback handles preemption.
-
-    Lightning's would mark the run to stop at its next check (exiting with status 0 and no
-    checkpoint), forward the signal to the other ranks, and run a collective inside the handler.
-    """
-
-
 def _is_final_save(trainer: pl.Trainer) -> bool:
     """Whether this save is the run's last chance: nothing later would replace it."""
     if trainer.should_stop:
@@ -1795,84 +1783,10 @@ def _is_final_save(trainer: pl.Trainer) -> bool:
     return bool(last_epoch and loop.epoch_loop.batch_progress.is_last_batch)
 
 
-def _validation_follows(trainer: pl.Trainer) -> bool:
-    """Whether Lightning runs validation right after the current training batch."""
-    loop = trainer.fit_loop
-    try:
-        return loop._data_fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
-    except (AttributeError, TypeError):  # another Lightning version: save at once, as ModelCheckpoint
-        return False
-
-
-def _restart_iterator_at_its_epoch(trainer: pl.Trainer, states: list[dict[str, Any]] | None) -> None:
-    """Mid-epoch, with a sampler that shuffles by epoch (``DistributedSampler``): recreate the iterator.
-
-    Lightning creates the resumed iterator (torchdata's samplers then draw the permutation at
-    once) before it calls ``set_epoch`` with the resumed epoch, so the rest of the epoch would
-    come from epoch 0's permutation. Set the epoch first, load the saved position again and let
-    the fetcher create the iterator anew -- before the random streams are restored, as Lightning
-    did.
-    """
-    loop = trainer.fit_loop
-    combined = loop._combined_loader
-    mid_epoch = getattr(loop, "restarted_mid_epoch", False)
-    if not states or combined is None or loop._data_fetcher is None or not mid_epoch:
-        return
-    if any(state.get("_iterator_finished", False) for state in states if isinstance(state, dict)):
-        return
-    samplers = [s for dl in combined.flattened
-                for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None))]
-    if not any(callable(getattr(s, "set_epoch", None)) for s in samplers):
-        return
-    from lightning.fabric.utilities.data import _set_sampler_epoch
-
-    for dl in combined.flattened:
-        _set_sampler_epoch(dl, loop.epoch_progress.current.processed)
-    combined._load_state_dicts(states)
-    iter(loop._data_fetcher)
-
-
-def _recreate_iterator_at_epoch_start(trainer: pl.Trainer) -> None:
-    """Have Lightning create the train iterator at the next epoch start, as in an uninterrupted run.
-
-    Lightning (2.4-2.6) skips that ``iter()`` on the first epoch after a resume (``is_resuming``),
-    reusing the iterator it created before the random streams were restored.
-    """
-    loop = trainer.fit_loop
-    if hasattr(loop, "_resuming_from_checkpoint"):
-        loop._resuming_from_checkpoint = False
-
-
-def _epoch_ends(trainer: pl.Trainer) -> bool:
-    """Whether the training batch that just ended was its epoch's last."""
-    try:
-        return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
-    except (AttributeError, TypeError):  # another Lightning version: as ModelCheckpoint
-        return False
-
-
-def _accumulating(trainer: pl.Trainer) -> bool:
-    """Whether the batch that just ended only accumulated gradients (no optimizer step yet)."""
-    try:
-        return bool(trainer.fit_loop.epoch_loop._should_accumulate())
-    except (AttributeError, TypeError):  # another Lightning version: as ModelCheckpoint
-        return False
-
-
 def _make_train_loader_stateful(trainer: pl.Trainer) -> None:
-    """Have Lightning build the train loader through :func:`make_stateful` (idempotent).
-
-    Lightning asks ``fit_loop._data_source`` for the loader each time it (re)loads it, inside its
-    own argument-capturing context, so the rebuilt loader can still be re-instantiated for
-    distributed samplers.
-    """
-    source = trainer.fit_loop._data_source
-    if getattr(source, "_lightning_ckpt_stateful", False):
-        return
+    """Have Lightning build the train loader through :func:`make_stateful` (idempotent)."""
     stateful_loader_class()  # exists before Lightning patches DataLoader subclasses to record arguments
-    original = source.dataloader
-    source.dataloader = lambda: make_stateful(original())  # type: ignore[method-assign]
-    source._lightning_ckpt_stateful = True  # type: ignore[attr-defined]
+    _lightning.wrap_train_loader(trainer, make_stateful)
 
 
 def _trigger(

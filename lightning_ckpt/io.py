@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from lightning_ckpt import distributed
+from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.async_saver import AsyncSaver, PendingSave
 from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError, adopt_lightning_base
 from lightning_ckpt.manager import CheckpointManager, SaveResult
@@ -32,7 +32,7 @@ from lightning_ckpt.storage import split_url
 
 adopt_lightning_base()  # Lightning is loaded here: ConfigurationError becomes a MisconfigurationException
 
-__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded", "bypasses_checkpoint_io", "is_sharded"]
+__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -180,30 +180,12 @@ class ManagedCheckpointIO(CheckpointIO):
         if manager.is_directory(name):
             _, checkpoint = ShardedCheckpointer(manager).load(name, module, optimizers, strict, weights_only)
         else:
-            checkpoint = self._load_full_into(manager, name, module, optimizers, strict, weights_only)
+            # a single-file checkpoint (say, from a one-GPU run) into a sharded model, as Lightning does
+            checkpoint = manager.load(name, map_location="cpu", weights_only=weights_only)
+            _lightning.load_full_into_sharded(checkpoint, module, optimizers, strict)
         self.last_loaded = manager.url_of(name)
         self.loaded_optimizer_states = None  # checked against the model by DCP itself
         log.info("lightning-ckpt: loaded verified checkpoint %s", self.last_loaded)
-        return checkpoint
-
-    @staticmethod
-    def _load_full_into(
-        manager: CheckpointManager, name: str, module: Any, optimizers: Any, strict: bool, weights_only: bool
-    ) -> dict[str, Any]:
-        """A single-file checkpoint (say, from a one-GPU run) into a sharded model, as Lightning does."""
-        from lightning.fabric.strategies.model_parallel import (
-            _load_raw_module_state,
-            _rekey_optimizer_state_if_needed,
-        )
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        checkpoint = manager.load(name, map_location="cpu", weights_only=weights_only)
-        _load_raw_module_state(checkpoint.pop("state_dict"), module, strict=strict)
-        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
-        for index, optimizer in enumerate(optimizers):
-            state = _rekey_optimizer_state_if_needed(checkpoint["optimizer_states"][index], module)
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
-        checkpoint.pop("optimizer_states", None)
         return checkpoint
 
     def _follow(self, path: Any) -> str:
@@ -283,27 +265,6 @@ class ManagedCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         manager, name = self.manager_for(str(path))
         manager.delete(name)
-
-
-def is_sharded(strategy: Any) -> bool:
-    """Whether ``strategy`` saves sharded (DCP) checkpoints itself, bypassing ``CheckpointIO``.
-
-    Lightning's ``ModelParallelStrategy`` (FSDP2, tensor parallel) by default, and ``FSDPStrategy``
-    with ``state_dict_type="sharded"``.
-    """
-    return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
-        getattr(strategy, "_state_dict_type", None) == "sharded"
-    )
-
-
-def bypasses_checkpoint_io(strategy: Any) -> bool:
-    """Whether ``strategy`` saves and loads checkpoints itself instead of through its ``CheckpointIO``.
-
-    Sharded strategies (:func:`is_sharded`), and ``ModelParallelStrategy`` also when it gathers a
-    full state dict (``save_distributed_checkpoint=False``): it refuses ``storage_options`` and
-    reads checkpoints through local ``Path``s.
-    """
-    return is_sharded(strategy) or hasattr(strategy, "_save_distributed_checkpoint")
 
 
 def attach_sharded(strategy: Any, io: ManagedCheckpointIO) -> None:
