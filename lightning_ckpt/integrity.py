@@ -20,6 +20,11 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from lightning_ckpt.layout import (  # re-exported: the names live in layout
+    MANIFEST_SUFFIX,
+    PENDING_SUFFIX,
+    manifest_name,
+)
 
 __all__ = [
     "FORMAT",
@@ -39,16 +44,8 @@ FORMAT = "lightning-ckpt"
 FORMAT_VERSION = 2
 #: The layout of a sharded checkpoint: a directory whose every file is listed in ``Manifest.files``.
 SHARDED_FORMAT_VERSION = 2
-MANIFEST_SUFFIX = ".manifest.json"
-#: a marker beside NAME while a save (or delete) of NAME is in progress; see :mod:`lightning_ckpt.manager`
-PENDING_SUFFIX = ".pending"
 #: Largest single write handed to the storage, so that uploads fill their parts block by block.
 WRITE_BLOCK = 8 * 2**20
-
-
-def manifest_name(name: str) -> str:
-    """The manifest file that commits checkpoint ``name``."""
-    return name + MANIFEST_SUFFIX
 
 
 def versions() -> dict[str, str]:

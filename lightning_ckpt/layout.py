@@ -1,4 +1,10 @@
-"""The commit protocol's file names, and who may remove what.
+"""The commit protocol's file names, who may remove what, and what a directory listing holds.
+
+This module owns every name the protocol uses (``NAME.manifest.json`` commits ``NAME``; markers,
+fresh payload names and temporary files carry :data:`RESERVED_MARK`) and :func:`scan`, the one
+classification of a listing into committed, damaged, orphaned, leftover, in-progress and foreign
+files. It must not do I/O itself (callers pass what they listed and read) nor parse a manifest's
+fields (:mod:`lightning_ckpt.integrity` does).
 
 Every file this package creates besides a committed name carries :data:`RESERVED_MARK`, which no
 checkpoint name may contain (:func:`check_name` refuses it, so ``filename=`` templates cannot
@@ -27,25 +33,39 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.errors import ConfigurationError
+from lightning_ckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+
+if TYPE_CHECKING:
+    from lightning_ckpt.integrity import Manifest
 
 __all__ = [
-    "History",
+    "MANIFEST_SUFFIX",
     "MARKER_SUFFIX",
+    "PENDING_SUFFIX",
     "RESERVED_MARK",
     "STALE_AFTER",
     "TEMP_MARK",
+    "DirectoryScan",
+    "History",
     "Marker",
     "check_name",
     "in_flight",
     "logical_name",
+    "manifest_name",
     "marker_name",
     "may_replace",
     "new_token",
     "physical_name",
+    "scan",
     "temp_name",
     "versioned_name",
     "writer_tag",
@@ -55,6 +75,10 @@ RESERVED_MARK = "~lckpt-"
 #: temporary files: ``.~lckpt-tmp-<writer>-<random>.NAME``
 TEMP_MARK = RESERVED_MARK + "tmp-"
 MARKER_SUFFIX = ".pending"
+#: ``NAME.manifest.json`` beside ``NAME``: written last, it commits ``NAME``
+MANIFEST_SUFFIX = ".manifest.json"
+#: ``NAME.pending``: the marker of a save or delete of ``NAME`` (sharded saves; older versions)
+PENDING_SUFFIX = MARKER_SUFFIX
 #: a marker of a writer on another host is abandoned once this old (seconds); liveness of a writer
 #: on this host is checked directly
 STALE_AFTER = 6 * 3600.0
@@ -71,7 +95,7 @@ _LOCK = threading.Lock()
 
 def check_name(name: str) -> None:
     """Refuse a checkpoint name that could be mistaken for one of our own files."""
-    if RESERVED_MARK in name or name.endswith(MARKER_SUFFIX) or name.endswith(".manifest.json"):
+    if RESERVED_MARK in name or name.endswith((MARKER_SUFFIX, MANIFEST_SUFFIX)):
         raise ConfigurationError(
             f"checkpoint name {name!r} contains {RESERVED_MARK!r} or ends in {MARKER_SUFFIX!r}/'.manifest.json': "
             "these are reserved for lightning-ckpt's own files"
@@ -80,6 +104,11 @@ def check_name(name: str) -> None:
 
 def new_token() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def manifest_name(name: str) -> str:
+    """The manifest file that commits checkpoint ``name``."""
+    return name + MANIFEST_SUFFIX
 
 
 def physical_name(name: str, token: str) -> str:
@@ -289,3 +318,130 @@ def may_replace(existing: Any, owner: str | None, history: History | None) -> st
         return (f"it belongs to another training history (run {existing.run or 'unknown'}, step "
                 f"{existing.global_step}), which this run does not continue")
     return None
+
+
+@dataclass
+class DirectoryScan:
+    """One directory as the commit protocol sees it: what readers use, and what they skip."""
+
+    #: committed checkpoints whose manifest parses (and authenticates, with a signer), oldest first
+    committed: list[Manifest] = field(default_factory=list)
+    #: (name, why) for manifests that do not parse, do not authenticate, or describe another file
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+    #: names whose manifest exists but whose payload does not
+    orphaned: list[str] = field(default_factory=list)
+    #: leftovers of interrupted saves: exactly what :meth:`CheckpointManager.cleanup` removes
+    leftovers: list[str] = field(default_factory=list)
+    #: ``*.ckpt`` files with neither a manifest nor a marker (not written by us)
+    unmanaged: list[str] = field(default_factory=list)
+    #: (name, key seen) for damaged ones refused only for want of a configured key: signed with
+    #: another key (its id), ``"unsigned"`` under a signer, ``"unencrypted"`` under an encryptor
+    unverifiable: list[tuple[str, str]] = field(default_factory=list)
+    #: markers and files of saves whose writer is still alive (never removed)
+    in_progress: list[str] = field(default_factory=list)
+    #: files that abandoned saves were writing: on S3 their unfinished uploads are aborted by cleanup
+    abandoned_writes: list[str] = field(default_factory=list)
+    #: how many files the directory holds
+    files: int = 0
+
+
+def scan(
+    listing: Mapping[str, float | None],
+    *,
+    read_manifest: Callable[[str], Manifest],
+    read_marker: Callable[[str], bytes | None],
+    dirs: Callable[[], Iterable[str]],
+    stale_after: float = STALE_AFTER,
+) -> DirectoryScan:
+    """Sort one listing of a directory (file name -> modification time, if known) into committed,
+    damaged, orphaned, leftover, in-progress and foreign files.
+
+    ``read_manifest(name)`` returns the parsed (and authenticated) manifest of ``name`` or raises
+    :class:`CheckpointNotFoundError` (gone since the listing), :class:`CorruptCheckpointError` or
+    :class:`IncompatibleCheckpointError`; ``read_marker(fname)`` the bytes of a marker or None;
+    ``dirs()`` the subdirectories (asked only once a sharded checkpoint is met). Never reads a
+    payload and changes nothing.
+    """
+    files = set(listing)
+    found = DirectoryScan(files=len(files))
+    subdirs: set[str] | None = None
+
+    def is_dir(name: str) -> bool:  # a sharded checkpoint is a directory: listed only when one is met
+        nonlocal subdirs
+        if subdirs is None:
+            subdirs = set(dirs())
+        return name in subdirs
+
+    markers: list[tuple[bool, Marker]] = []
+    for fname in sorted(files):
+        if is_temp(fname):
+            if temp_abandoned(fname, listing[fname], stale_after):
+                found.leftovers.append(fname)
+            else:
+                found.in_progress.append(fname)
+        elif marker_of(fname) is not None:
+            marker = Marker.parse(fname, read_marker(fname))
+            if marker.abandoned(stale_after):
+                markers.append((marker_of(fname)[1] is None, marker))  # type: ignore[index]
+                found.leftovers.append(fname)
+            else:
+                found.in_progress.append(fname)
+                found.in_progress.extend(p for p in (marker.physical,) if p and p in files)
+        elif fname.endswith(MANIFEST_SUFFIX):
+            name = fname[: -len(MANIFEST_SUFFIX)]
+            if name not in files and not any(logical_name(f) == name for f in files) and not is_dir(name):
+                found.orphaned.append(name)
+                continue
+            try:
+                manifest = read_manifest(name)
+            except CheckpointNotFoundError:
+                continue  # deleted since the listing
+            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+                found.damaged.append((name, str(exc)))
+                if getattr(exc, "key_seen", None) is not None:
+                    found.unverifiable.append((name, exc.key_seen))  # type: ignore[attr-defined]
+                continue
+            if manifest.name != name:
+                found.damaged.append((name, f"its manifest describes {manifest.name!r}"))
+                continue
+            held = manifest.payload if manifest.payload in files else name
+            if (manifest.sharded and name in files) or (not manifest.sharded and held not in files and is_dir(name)):
+                found.damaged.append((name, "its manifest describes a " + (
+                    "directory of shards, but it is a file" if manifest.sharded else
+                    "single file, but it is a directory")))
+                continue
+            if not manifest.sharded and held not in files:
+                found.orphaned.append(name)
+                continue
+            found.committed.append(manifest)
+    referenced = {m.payload if m.payload in files else m.name for m in found.committed}
+    damaged = {n for n, _ in found.damaged}
+    for plain, marker in markers:
+        found.abandoned_writes.append(marker.name if plain else (marker.physical or marker.name))
+        if plain:  # a NAME.pending marker (older versions, sharded saves): NAME itself was written
+            if marker.name in files and manifest_name(marker.name) not in files:
+                found.leftovers.append(marker.name)
+            elif manifest_name(marker.name) not in files and is_dir(marker.name):
+                found.leftovers.append(marker.name + "/")
+            if marker.name in damaged:
+                found.leftovers.append(manifest_name(marker.name))
+            continue
+        if marker.name in damaged and marker.op == "save":
+            # a commit cut short on a filesystem without atomic writes: the marker proves the
+            # half-written manifest is ours
+            found.leftovers.append(manifest_name(marker.name))
+            referenced.discard(marker.name)
+        for path in (marker.physical, marker.old):
+            if path and path in files and path not in referenced:
+                found.leftovers.append(path)
+    in_progress = set(found.in_progress)
+    for fname in files:
+        # a version of ours (by its reserved name) that no manifest and no live save holds:
+        # superseded by a concurrent writer's commit
+        if logical_name(fname) is not None and fname not in referenced and fname not in in_progress:
+            found.leftovers.append(fname)
+    found.leftovers = sorted(set(found.leftovers))
+    claimed = {*found.leftovers, *in_progress, *found.orphaned, *(m.name for m in found.committed), *damaged}
+    found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
+    found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
+    return found
