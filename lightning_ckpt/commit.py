@@ -16,11 +16,12 @@ verify payloads (the manager and payload do), or choose what to keep (policies d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -37,8 +38,6 @@ from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, ma
 from lightning_ckpt.layout import History
 
 if TYPE_CHECKING:
-    import contextlib
-
     from lightning_ckpt.security import Encryptor, Signer
     from lightning_ckpt.storage import Progress, Storage
 
@@ -119,8 +118,7 @@ class CommitProtocol:
         with layout.in_flight(token):
             current, old = self._claim(name, owner, history)
             physical = self._begin_save(name, token, current, old)
-            committed = False
-            try:
+            with self._committing(name, token, physical, current) as commit:
                 with self._progress("saving", name, progress) as bar, self.storage.open_write(physical, progress=bar) as f:
                     latch = _ErrorLatch(f)
                     writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
@@ -161,12 +159,7 @@ class CommitProtocol:
                     run=history.run if history is not None else None,
                     lineage=[[r, s] for r, s in history.lineage] if history is not None else [],
                 )
-                committed = self._write_commit(manifest)
-                self._check_commit(manifest, current)
-            except BaseException:
-                if not committed:
-                    self._abandon(name, token, physical)
-                raise
+                commit(manifest)
             self._retire(manifest, old, current is not None)
         return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
 
@@ -268,6 +261,26 @@ class CommitProtocol:
             self._mark(layout.Marker.mine(name, token, "save", fresh, old))
             return fresh
         return name
+
+    @contextlib.contextmanager
+    def _committing(self, name: str, token: str, physical: str,
+                    current: bytes | None) -> Iterator[Callable[[Manifest], None]]:
+        """Around writing a save's payload to ``physical``: yields ``commit(manifest)`` (write the
+        manifest, then check the committed payload). A save that fails before it committed is
+        abandoned on the way out: only its own files go, never the version it was to replace."""
+        committed = False
+
+        def commit(manifest: Manifest) -> None:
+            nonlocal committed
+            committed = self._write_commit(manifest)
+            self._check_commit(manifest, current)
+
+        try:
+            yield commit
+        except BaseException:
+            if not committed:
+                self._abandon(name, token, physical)
+            raise
 
     def _others_writing(self, name: str, token: str) -> bool:
         return any(layout.marker_of(f) != (name, token) for f in self._marker_files(name))
@@ -388,20 +401,14 @@ class CommitProtocol:
             if manifest.sharded:
                 return self._copy_sharded(src, dst, manifest, history, changes, start)
             physical = self._begin_save(dst, token, current, old)
-            committed = False
-            try:
+            with self._committing(dst, token, physical, current) as commit:
                 self.storage.copy(self._payload_name(manifest), physical, link=link)
                 fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time(),
                           "payload": None if physical == dst else physical, "token": token}
                 if history is not None:
                     fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
                 copied = Manifest(**fields)
-                committed = self._write_commit(copied)
-                self._check_commit(copied, current)
-            except BaseException:
-                if not committed:
-                    self._abandon(dst, token, physical)
-                raise
+                commit(copied)
             self._retire(copied, old, current is not None)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
 

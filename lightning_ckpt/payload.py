@@ -58,24 +58,21 @@ def deserialize(
         if not source.size:
             raise CorruptCheckpointError(f"{url} is empty")
         info = manifest.extra.get("encryption") if manifest is not None else None
-        if info:
-            return _load_encrypted(url, info, source, map_location, weights_only, encryptor, translate)
-        return _torch_load(url, source, map_location, weights_only)
+        if not info:
+            return _torch_load(url, source, map_location, weights_only)
+        plain = _decrypt(url, info, source, encryptor, translate)
+        try:
+            return _torch_load(url, plain, map_location, weights_only)
+        finally:
+            plain.close()
     finally:
         source.close()
 
 
-def _load_encrypted(
-    url: str,
-    info: Mapping[str, Any],
-    source: _Source,
-    map_location: MapLocation,
-    weights_only: bool,
-    encryptor: Encryptor | None,
-    translate: Callable[[BaseException], Exception],
-) -> Any:
+def _decrypt(url: str, info: Mapping[str, Any], source: _Source, encryptor: Encryptor | None,
+             translate: Callable[[BaseException], Exception]) -> _Source:
     """Decrypt the verified ciphertext chunk by chunk into memory (plaintext never touches a
-    disk), then load it: on Linux from a memfd that the tensors map, so ~1x the checkpoint."""
+    disk): on Linux into a memfd that the tensors then map, so ~1x the checkpoint."""
     from lightning_ckpt.manager import _fd_path, _hash_file, _memory_file, _Source
 
     if encryptor is None:
@@ -94,9 +91,10 @@ def _load_encrypted(
         plain.file.flush()
         if _fd_path(plain.file) is not None:
             plain.path = _fd_path(plain.file)
-        return _torch_load(url, plain, map_location, weights_only)
-    finally:
+    except BaseException:
         plain.close()
+        raise
+    return plain
 
 
 def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_only: bool) -> Any:
