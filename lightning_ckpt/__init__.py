@@ -40,6 +40,7 @@ from lightning_ckpt.errors import (
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from lightning_ckpt.callback import CheckpointCallback
+    from lightning_ckpt.exporting import export
     from lightning_ckpt.integrity import Manifest
     from lightning_ckpt.io import ManagedCheckpointIO
     from lightning_ckpt.manager import CheckpointManager, SaveResult, load_checkpoint
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     )
     from lightning_ckpt.sharded import ShardedCheckpointer, consolidate
     from lightning_ckpt.storage import RetryPolicy, Storage
+    from lightning_ckpt.summary import contents
 
 #: public name -> the module that defines it (imported when the name is first used)
 _LAZY = {
@@ -73,6 +75,8 @@ _LAZY = {
     "ShardedCheckpointer": "lightning_ckpt.sharded",
     "Storage": "lightning_ckpt.storage",
     "consolidate": "lightning_ckpt.sharded",
+    "contents": "lightning_ckpt.summary",
+    "export": "lightning_ckpt.exporting",
     "load_checkpoint": "lightning_ckpt.manager",
 }
 
@@ -113,6 +117,8 @@ __all__ = [
     "UnsupportedURLError",
     "__version__",
     "consolidate",
+    "contents",
+    "export",
     "load_checkpoint",
 ]
 

@@ -1,10 +1,13 @@
-"""What a checkpoint holds, as plain data: Lightning metadata, tensors, optimizer and scheduler state.
+"""What a checkpoint holds, as plain data: :func:`contents`, Lightning metadata, tensors, optimizer and scheduler state.
 
-Owns the walk over a loaded (already verified) payload dict: flattening nested state into dotted
-keys, describing tensors, optimizer and scheduler state, and making values JSON-friendly. Shared by
-``lightning-ckpt inspect``/``diff``/``export``. It must not read storage, verify or unpickle
-anything (callers hand it a payload the manager loaded), and must not import torch at module level:
-a payload's tensors are recognised through ``sys.modules``, so importing this module stays cheap.
+Owns :func:`contents` (the API behind ``lightning-ckpt inspect``), reading one checkpoint's verified
+payload whole (:func:`load_payload`: one file, or every shard of a sharded one consolidated), and
+the walk over that payload: flattening nested state into dotted keys, describing tensors,
+optimizer and scheduler state, making values JSON-friendly. Shared by ``lightning-ckpt inspect``,
+``diff`` and ``export`` and by :mod:`lightning_ckpt.exporting`. It reads only through
+:class:`~lightning_ckpt.manager.CheckpointManager` (verified, weights-only) and must not touch
+storage itself, write anything, or import torch at module level: a payload's tensors are
+recognised through ``sys.modules``, so ``import lightning_ckpt.summary`` stays cheap.
 """
 
 from __future__ import annotations
@@ -13,14 +16,28 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.errors import IncompatibleCheckpointError
+from lightning_ckpt.errors import IncompatibleCheckpointError, UncommittedCheckpointError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LIGHTNING_KEYS", "summarize_payload", "tensor_summary"]
+    from lightning_ckpt.integrity import Manifest
+    from lightning_ckpt.manager import CheckpointManager
+    from lightning_ckpt.security import Encryptor, Signer
+
+__all__ = [
+    "LIGHTNING_KEYS",
+    "committed_manifest",
+    "contents",
+    "load_payload",
+    "open_checkpoint",
+    "report",
+    "summarize_payload",
+    "tensor_summary",
+]
 
 
 LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version")
@@ -147,3 +164,92 @@ def _scheduler_summary(state: Any) -> dict[str, Any]:
     if "_last_lr" in state:
         summary["last_lr"] = _plain(state["_last_lr"])
     return summary
+
+
+# ------------------------------------------------------------------ one checkpoint, whole
+
+
+def open_checkpoint(
+    source: str,
+    manager: CheckpointManager | None = None,
+    storage_options: dict[str, Any] | None = None,
+    signer: Signer | None = None,
+    encryptor: Encryptor | None = None,
+) -> tuple[CheckpointManager, str]:
+    """(manager, name) of a checkpoint: ``source`` is a name in ``manager``'s directory when a
+    manager is given, else a file URL whose directory gets a manager with these options and keys."""
+    if manager is not None:
+        return manager, source
+    from lightning_ckpt.manager import CheckpointManager
+    from lightning_ckpt.storage import split_url
+
+    directory, name = split_url(source)
+    return CheckpointManager(directory, storage_options, signer=signer, encryptor=encryptor), name
+
+
+def committed_manifest(manager: CheckpointManager, name: str) -> Manifest | None:
+    """The manifest of ``name``; None for a plain checkpoint file without one (loaded unverified).
+
+    An interrupted save of ours (a ``.pending`` marker) is not such a file: it raises
+    :class:`~lightning_ckpt.errors.UncommittedCheckpointError`.
+    """
+    try:
+        return manager.read_manifest(name)
+    except UncommittedCheckpointError:
+        if manager.is_pending(name):
+            raise
+        return None
+
+
+def load_payload(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
+    """The verified, weights-only payload of ``name``: one file loaded, or a sharded one consolidated."""
+    if manifest is not None and manifest.sharded:  # every shard read into full tensors, verified first
+        from lightning_ckpt.sharded import consolidate
+
+        return consolidate(manager, name)
+    return manager.load(name, weights_only=True)
+
+
+def report(
+    manager: CheckpointManager, name: str, manifest: Manifest | None, payload: Any, error: str | None = None
+) -> dict[str, Any]:
+    """The ``inspect`` report: URL, manifest, verification, signature, error, payload summary."""
+    return {
+        "url": manager.url_of(name),
+        "manifest": None if manifest is None else asdict(manifest),
+        "verified": manifest is not None and error is None,
+        # read_manifest refused any manifest whose signature did not check out
+        "signature": "valid" if manager.signer is not None and manifest is not None else None,
+        "error": error,
+        "payload": None if payload is None else summarize_payload(payload),
+    }
+
+
+def contents(
+    source: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    signer: Signer | None = None,
+    encryptor: Encryptor | None = None,
+    manager: CheckpointManager | None = None,
+) -> dict[str, Any]:
+    """What the checkpoint at ``source`` holds, as a plain (JSON-ready) dict: what
+    ``lightning-ckpt inspect --json`` prints.
+
+    Keys: ``url``; ``manifest`` (its fields, or None for a plain file saved without lightning-ckpt,
+    read unverified with a warning); ``verified``; ``signature`` (``"valid"`` under a ``signer``);
+    ``error`` (always None here: a checkpoint that does not verify raises
+    :class:`~lightning_ckpt.errors.CorruptCheckpointError`, an encrypted one without its key
+    :class:`~lightning_ckpt.errors.KeyMissingError`); ``payload``: ``lightning`` (epoch, step,
+    version), ``hyper_parameters``, ``state_dict`` (count, elements, bytes, dtypes, the 5 largest
+    tensors), ``optimizer_states`` (param groups, lr, state keys, step), ``lr_schedulers``,
+    ``loops``, ``callbacks`` and ``other_keys``.
+
+    ``source`` is a checkpoint file URL (any fsspec URL; ``storage_options``, ``signer`` and
+    ``encryptor`` as for :class:`~lightning_ckpt.manager.CheckpointManager`), or a checkpoint
+    name in ``manager``'s directory when ``manager`` is given. The payload is verified and
+    loaded weights-only (a sharded checkpoint: every shard, consolidated on the CPU).
+    """
+    manager, name = open_checkpoint(source, manager, storage_options, signer, encryptor)
+    manifest = committed_manifest(manager, name)
+    return report(manager, name, manifest, load_payload(manager, name, manifest))

@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from damage import flip_byte, leave_pending, truncate
 from safetensors import safe_open
 from safetensors.torch import load, load_file
 
@@ -115,23 +116,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 # damage ----------------------------------------------------------------------------------------
 
 
-def flip_byte(url: str, name: str) -> None:
-    storage = Storage(url)
-    data = bytearray(storage.read_bytes(name))
-    data[len(data) // 2] ^= 0xFF
-    storage.write_bytes(name, bytes(data))
-
-
-def truncate(url: str, name: str) -> None:
-    storage = Storage(url)
-    storage.write_bytes(name, storage.read_bytes(name)[:100])
-
-
-def leave_pending(url: str, name: str = "epoch=9-step=80.ckpt") -> None:
-    """What a save killed between payload and manifest leaves behind."""
-    storage = Storage(url)
-    storage.write_bytes(name + ".pending", b'{"name": "x", "started": 0}')
-    storage.write_bytes(name, b"half a checkpoint")
+# flip_byte, truncate and leave_pending: tests/damage.py
 
 
 def files(url: str) -> set[str]:

@@ -16,13 +16,23 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lightning_ckpt.cli.opening import EXIT_OK, UsageError, _load, _manifest_or_none, _open_file
+from lightning_ckpt.cli.opening import EXIT_OK, UsageError, _load, _open_file
 from lightning_ckpt.cli.render import _print_diff, _print_json
 from lightning_ckpt.integrity import Manifest
-from lightning_ckpt.summary import LIGHTNING_KEYS, _dtype, _flatten, _is_tensor, _plain, _state_dict
+from lightning_ckpt.summary import (
+    LIGHTNING_KEYS,
+    _dtype,
+    _flatten,
+    _is_tensor,
+    _plain,
+    _state_dict,
+    committed_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["cmd_diff", "diff_checkpoints", "diff_tensors"]
 
 
 @dataclass
@@ -34,7 +44,7 @@ class _Side:
 
 def _load_side(url: str, args: argparse.Namespace) -> _Side:
     manager, name = _open_file(url, args)
-    manifest = _manifest_or_none(manager, name)
+    manifest = committed_manifest(manager, name)
     payload = _load(manager, name, manifest)
     if not isinstance(payload, Mapping):
         raise UsageError(f"{manager.url_of(name)} holds a {type(payload).__name__}, not a checkpoint dict")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
 
+from lightning_ckpt import summary
 from lightning_ckpt.cli.opening import (
     EXIT_FAILED,
     EXIT_OK,
@@ -23,7 +23,6 @@ from lightning_ckpt.cli.opening import (
     _damaged,
     _file_target,
     _load,
-    _manifest_or_none,
     _open_dir,
     _open_file,
     _reason,
@@ -31,10 +30,11 @@ from lightning_ckpt.cli.opening import (
 )
 from lightning_ckpt.cli.render import _fail, _print_inspect, _print_json, _print_ls_table
 from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, KeyMissingError
-from lightning_ckpt.summary import summarize_payload
 
 if TYPE_CHECKING:
     from lightning_ckpt.manager import CheckpointManager, DirectoryScan
+
+__all__ = ["cmd_inspect", "cmd_ls", "cmd_verify"]
 
 
 def cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -92,7 +92,7 @@ def _directory_notes(found: DirectoryScan, manager: CheckpointManager) -> list[s
 def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     """The manifest and a summary of the payload of one checkpoint file."""
     manager, name = _open_file(args.path, args)
-    manifest = _manifest_or_none(manager, name)
+    manifest = summary.committed_manifest(manager, name)
     error = missing_key = None
     payload: Any = None
     try:
@@ -103,15 +103,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
             error = _check(manager, name)  # the stored (encrypted) bytes verify without a key
     except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
         error = _reason(exc, manager, name)
-    report = {
-        "url": manager.url_of(name),
-        "manifest": None if manifest is None else asdict(manifest),
-        "verified": manifest is not None and error is None,
-        # read_manifest refused any manifest whose signature did not check out
-        "signature": "valid" if manager.signer is not None and manifest is not None else None,
-        "error": error,
-        "payload": None if payload is None else summarize_payload(payload),
-    }
+    report = summary.report(manager, name, manifest, payload, error)
     if args.json:
         _print_json(report)
     else:

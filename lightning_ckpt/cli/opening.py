@@ -20,15 +20,17 @@ from lightning_ckpt.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     KeyMissingError,
-    UncommittedCheckpointError,
 )
 from lightning_ckpt.integrity import Manifest, manifest_name
 from lightning_ckpt.policies import KeepBestBy, is_last_copy
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import split_url
+from lightning_ckpt.summary import load_payload
 
 if TYPE_CHECKING:
     from lightning_ckpt.manager import CheckpointManager, DirectoryScan
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "best_names"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -84,19 +86,20 @@ def _open_file(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, s
     return _manager(directory, args), name
 
 
-def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
-    """The verified payload of ``name``; an encrypted one without a key says which option to give."""
+def _require_key(manager: CheckpointManager, name: str, manifest: Manifest | None) -> None:
+    """An encrypted checkpoint without a key: say which option gives it (before any download)."""
     info = manifest.extra.get("encryption") if manifest is not None else None
     if info and manager.encryptor is None:
         raise KeyMissingError(
             f"{manager.url_of(name)} is encrypted ({info.get('alg')}, key id {info.get('key_id')}): give its key "
             "with --encryption-key-file PATH or --encryption-key-env NAME"
         )
-    if manifest is not None and manifest.sharded:  # every shard read into full tensors, verified first
-        from lightning_ckpt.sharded import consolidate
 
-        return consolidate(manager, name)
-    return manager.load(name, weights_only=True)
+
+def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
+    """The verified payload of ``name``; an encrypted one without a key says which option to give."""
+    _require_key(manager, name, manifest)
+    return load_payload(manager, name, manifest)
 
 
 def _open_dir(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, DirectoryScan]:
@@ -125,16 +128,6 @@ def _check(manager: CheckpointManager, name: str) -> str | None:
     except (CorruptCheckpointError, IncompatibleCheckpointError, CheckpointNotFoundError) as exc:
         return _reason(exc, manager, name)
     return None
-
-
-def _manifest_or_none(manager: CheckpointManager, name: str) -> Manifest | None:
-    """The manifest of ``name``; None for a plain checkpoint file without one (loaded unverified)."""
-    try:
-        return manager.read_manifest(name)
-    except UncommittedCheckpointError:
-        if manager.is_pending(name):
-            raise
-        return None
 
 
 def _file_target(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, str] | None:

@@ -19,7 +19,10 @@ from lightning_ckpt.cli.export import cmd_export
 from lightning_ckpt.cli.listing import cmd_inspect, cmd_ls, cmd_verify
 from lightning_ckpt.cli.plan import cmd_plan
 from lightning_ckpt.cli.prune import cmd_prune
+from lightning_ckpt.exporting import DTYPES, FORMATS
 from lightning_ckpt.policies import MODES
+
+__all__ = ["build_parser"]
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -141,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.add_argument("--clean", action="store_true", help="also remove leftovers of interrupted saves")
 
-    p = _command(sub, "export", cmd_export, parents=[storage, signing, encryption], help="export the weights as safetensors or a torch file")
+    p = _command(sub, "export", cmd_export, parents=[storage, signing, encryption], help="export the weights (safetensors, torch) or the whole checkpoint (ckpt) as one file")
     p.add_argument("path", help="checkpoint file")
-    p.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors or torch: the weights; ckpt: the whole checkpoint as one plain file")
     p.add_argument("--output", "-o", required=True, help="output file (path or URL)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="cast floating tensors to this")
+    p.add_argument("--dtype", choices=DTYPES, help="cast floating tensors to this (weights formats)")
 
     p = _command(sub, "plan", cmd_plan, help="the cost of a saving schedule, and the Young/Daly interval")
     p.add_argument("--save-seconds", type=_duration("s"), required=True, metavar="S", help="one save (e.g. 20, 1m)")

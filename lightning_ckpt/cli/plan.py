@@ -14,6 +14,8 @@ from lightning_ckpt import planning
 from lightning_ckpt.cli.opening import EXIT_OK
 from lightning_ckpt.cli.render import _grid, _print_json, _show
 
+__all__ = ["cmd_plan"]
+
 
 def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     """What a saving schedule costs, and the Young/Daly interval when an MTBF is given."""

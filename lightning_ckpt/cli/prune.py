@@ -17,6 +17,8 @@ from lightning_ckpt.cli.opening import EXIT_OK, UsageError, _inferred_mode, _ope
 from lightning_ckpt.integrity import Manifest
 from lightning_ckpt.policies import KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
 
+__all__ = ["cmd_prune"]
+
 
 def cmd_prune(args: argparse.Namespace, out: Console, err: Console) -> int:
     """Apply keep-last / keep-best retention (per owner, as the callback does) and clean leftovers."""

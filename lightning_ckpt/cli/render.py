@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+__all__ = ["STAR", "human_age", "human_size"]
+
 STAR = "★"
 
 
