@@ -44,14 +44,7 @@ from lightning_ckpt.errors import (
 )
 from lightning_ckpt.integrity import Manifest, manifest_name, metrics_to_floats
 from lightning_ckpt.layout import History
-from lightning_ckpt.io import (
-    BACKGROUND,
-    DEFER_ERRORS,
-    ON_DONE,
-    SAVE_META_KEY,
-    ManagedCheckpointIO,
-    attach_sharded,
-)
+from lightning_ckpt.io import ManagedCheckpointIO, SaveOutcome, SaveRequest, attach_sharded
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, validate_template, versioned_name
 from lightning_ckpt.policies import (
@@ -1014,14 +1007,15 @@ class CheckpointCallback(ModelCheckpoint):
         io = self._install_io(trainer)
         manager = self._fallback_manager(io) if plan.kind == "fallback" else self.manager
         name = "preempted.ckpt"
-        meta = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
-                "metrics": self._candidates(trainer), "monitor": self.monitor,
-                "mode": self.mode if self.monitor is not None else None, "owner": self.owner + "/preempted",
-                "weights_only": plan.kind == "weights",
-                "extra": {"preempted_by": signame, "plan": plan.kind, RUN_KEY: {"dirpath": self.manager.url}}}
+        request = SaveRequest(
+            manager.url, name, epoch=trainer.current_epoch, global_step=trainer.global_step,
+            metrics=self._candidates(trainer), monitor=self.monitor,
+            mode=self.mode if self.monitor is not None else None, owner=self.owner + "/preempted",
+            weights_only=plan.kind == "weights",
+            extra={"preempted_by": signame, "plan": plan.kind, RUN_KEY: {"dirpath": self.manager.url}})
         self._last_global_step_saved = trainer.global_step
-        self._write(trainer, manager.url_of(name), plan.kind == "weights", {SAVE_META_KEY: {**meta, DEFER_ERRORS: True}})
-        self._save_succeeded(trainer, name, must_succeed=True)
+        _, error = self._write(trainer, request)
+        self._save_succeeded(trainer, name, error, must_succeed=True)
         rank_zero_info(f"lightning-ckpt: preemption checkpoint committed: {manager.url_of(name)}")
         self._exit(trainer, policy)
 
@@ -1196,10 +1190,7 @@ class CheckpointCallback(ModelCheckpoint):
                 self.manager.copy(source, name, link=link, owner=self._last_owner, history=self._guard)
             except CheckpointError as exc:
                 error = exc
-        io = _lightning.checkpoint_io(trainer.strategy)
-        if isinstance(io, ManagedCheckpointIO):
-            io.last_error = error
-        return self._save_succeeded(trainer, name)
+        return self._save_succeeded(trainer, name, error)
 
     def _last_name(self, trainer: pl.Trainer, candidates: dict[str, float]) -> str:
         """``last.ckpt`` (``CHECKPOINT_NAME_LAST`` may be a template), versioned as Lightning when
@@ -1286,65 +1277,60 @@ class CheckpointCallback(ModelCheckpoint):
         self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer) or sharded)
         record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
-        meta = {
-            "epoch": record.epoch,
-            "global_step": record.global_step,
-            "metrics": candidates,
-            "monitor": self.monitor,
-            "mode": self.mode if self.monitor is not None else None,
-            "owner": owner,
-            "weights_only": self.save_weights_only,
-            "history": self._guard,
-        }
         background = self.async_save and not sync
-        extra: dict[str, Any] = {DEFER_ERRORS: True, ON_DONE: on_done}
-        if background:
-            extra[BACKGROUND] = self.when_busy
+        request = SaveRequest(
+            self.manager.url, name, epoch=record.epoch, global_step=record.global_step, metrics=candidates,
+            monitor=self.monitor, mode=self.mode if self.monitor is not None else None, owner=owner,
+            weights_only=self.save_weights_only, history=self._guard, background=background,
+            when_busy=self.when_busy, then=on_done,  # type: ignore[arg-type]
+        )
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = self._clock()
-        io = _lightning.checkpoint_io(trainer.strategy)
-        assert isinstance(io, ManagedCheckpointIO)
-        self._write(trainer, self.manager.url_of(name), self.save_weights_only, {SAVE_META_KEY: {**meta, **extra}})
-        if not self._save_succeeded(trainer, name):
+        outcome, error = self._write(trainer, request)
+        if not self._save_succeeded(trainer, name, error):
             return None
         self._last_checkpoint_saved = self.manager.url_of(name)
         if trainer.is_global_zero:  # as Lightning: loggers that upload checkpoints hear of each save
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
         if not background:
-            if io.last_save is not None:
-                self._log_save_metrics(trainer, io.last_save)
+            if isinstance(outcome, SaveResult):
+                self._log_save_metrics(trainer, outcome)
             return record
-        skipped = bool(trainer.strategy.broadcast(trainer.is_global_zero and io.last_pending is None))
+        skipped = bool(trainer.strategy.broadcast(trainer.is_global_zero and outcome is None))
         if skipped:  # when_busy="skip" and the previous save still persists (the saver warned)
             return None
-        self._pending.append(_InFlight(record, io.last_pending if trainer.is_global_zero else None,
-                                       _is_final_save(trainer)))
+        handle = outcome if trainer.is_global_zero and not isinstance(outcome, SaveResult) else None
+        self._pending.append(_InFlight(record, handle, _is_final_save(trainer)))
         return record
 
-    def _write(self, trainer: pl.Trainer, url: str, weights_only: bool, options: dict[str, Any]) -> None:
-        """Every rank: hand the Trainer's checkpoint to the IO, which writes (or starts writing) it.
+    def _write(self, trainer: pl.Trainer, request: SaveRequest) -> tuple[SaveOutcome, CheckpointError | None]:
+        """Every rank: hand the Trainer's checkpoint to the IO as ``request``; the outcome on the rank that wrote.
 
-        Sharded strategies write checkpoints themselves, to local paths only, bypassing the
-        CheckpointIO: there every rank hands its shards to the sharded checkpointer instead.
+        The hand-over is explained in :mod:`lightning_ckpt.io`: through ``trainer.save_checkpoint``
+        where the strategy writes through its CheckpointIO; sharded strategies, which bypass it, get
+        the dumped checkpoint on every rank; a model-parallel strategy gathering a full state dict
+        (a collective on every rank) has rank 0 write it through our IO, as Lightning does.
         """
-        if self.exact_resume and not weights_only:
+        if self.exact_resume and not request.weights_only:
             self._warn_if_not_exact(trainer)
-        if _lightning.is_sharded(trainer.strategy):
-            io = self._install_io(trainer)
-            checkpoint = _lightning.dump_checkpoint(trainer, weights_only)
-            io.save_sharded(checkpoint, url, storage_options=options)
-            trainer.strategy.barrier("lightning_ckpt.save_sharded")
-        elif _lightning.bypasses_checkpoint_io(trainer.strategy):
-            # a full state dict gathered on every rank (a collective), written by rank 0, as Lightning
-            # does -- through our IO, since this strategy would refuse the storage options
-            io = self._install_io(trainer)
-            checkpoint = _lightning.dump_checkpoint(trainer, weights_only)
-            if trainer.is_global_zero:
-                io.save_checkpoint(checkpoint, url, storage_options=options)
-            trainer.strategy.barrier("lightning_ckpt.save_full")
-        else:
-            trainer.save_checkpoint(url, weights_only, storage_options=options)
+        strategy = trainer.strategy
+        io = self._install_io(trainer)
+        outcome: SaveOutcome = None
+        error: CheckpointError | None = None
+        if _lightning.bypasses_checkpoint_io(strategy):
+            sharded = _lightning.is_sharded(strategy)
+            checkpoint = _lightning.dump_checkpoint(trainer, request.weights_only)
+            if sharded or trainer.is_global_zero:
+                try:
+                    outcome = io.save_sharded(request, checkpoint) if sharded else io.save(request, checkpoint)
+                except CheckpointError as exc:  # decided with every rank after the barrier
+                    error = exc
+            strategy.barrier("lightning_ckpt.save_sharded" if sharded else "lightning_ckpt.save_full")
+            return outcome, error
+        with io.handing_over(request) as ticket:
+            trainer.save_checkpoint(io.manager_of(request.directory).url_of(request.name), request.weights_only)
+        return ticket.outcome, ticket.error
 
     def _warn_if_not_exact(self, trainer: pl.Trainer) -> None:
         """Say once, at the first save it concerns, why a resume from it cannot be bit-identical."""
@@ -1428,14 +1414,13 @@ class CheckpointCallback(ModelCheckpoint):
             self._prune(trainer)
             self._refresh_bookkeeping()
 
-    def _save_succeeded(self, trainer: pl.Trainer, name: str, must_succeed: bool = False) -> bool:
+    def _save_succeeded(self, trainer: pl.Trainer, name: str, error: CheckpointError | None,
+                        must_succeed: bool = False) -> bool:
         """All ranks learn whether rank 0's save committed; a failure warns, or fails the run.
 
         A failed periodic save leaves every older checkpoint intact and the next save tries again;
         the final save of a run (or any, with ``fail_on_save_error``) must succeed.
         """
-        io = _lightning.checkpoint_io(trainer.strategy)
-        error = io.last_error if isinstance(io, ManagedCheckpointIO) else None
         reason = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
         if reason is None:
             return True

@@ -1,10 +1,30 @@
-"""The Lightning ``CheckpointIO`` that ``Trainer.fit(ckpt_path=...)`` loads through.
+"""The Lightning ``CheckpointIO`` that ``Trainer.fit(ckpt_path=...)`` loads through, and the save hand-over.
 
 :class:`CheckpointCallback` installs it on the trainer's strategy at setup, so the user adds no
 plugin: every ``trainer.save_checkpoint`` then goes through the manager's commit protocol, and
 every load (an explicit path, ``"last"``, ``"best"``) is verified against its manifest with the
 callback's ``storage_options``. Saving happens on global rank 0 only, as Lightning's strategies
 arrange.
+
+A save of the callback is one typed :class:`SaveRequest` going down and one typed outcome coming
+back: a :class:`~lightning_ckpt.manager.SaveResult`, a pending handle for a background save, or
+``None`` for a background save skipped while the previous one persists; a failure raises.
+
+How the request reaches this IO (the hand-over): for a strategy that writes through its
+``CheckpointIO`` the callback calls ``trainer.save_checkpoint(url, weights_only)`` itself inside
+:meth:`ManagedCheckpointIO.handing_over`, which sets the request for the duration of that one
+call only and hands back a :class:`SaveTicket` holding the outcome. The call has to stay:
+Lightning's own tests and users' code observe the callback's saves as ``trainer.save_checkpoint``
+calls (mocking or wrapping it), its profiler times them there, and strategies that override it
+(XLA's ``mark_step``, FSDP's full state dict) do their own work first. Nothing rides inside
+``storage_options`` (Lightning's FSDP and model-parallel strategies refuse any) and nothing is
+left in an attribute for someone to pick up afterwards. Sharded strategies never call a
+``CheckpointIO``: there the callback dumps the checkpoint (``_lightning.dump_checkpoint``) and
+hands it to :meth:`ManagedCheckpointIO.save_sharded` on every rank, or, for a model-parallel
+strategy gathering a full state dict, to :meth:`ManagedCheckpointIO.save` on rank 0.
+
+Owns: the request/outcome types, the managers and background savers per directory, verified
+loads. Must not: decide when to save or what to keep (the callback), touch storage directly.
 """
 
 from __future__ import annotations
@@ -15,15 +35,17 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.async_saver import AsyncSaver, PendingSave
-from lightning_ckpt.errors import CheckpointError, IncompatibleCheckpointError, adopt_lightning_base
+from lightning_ckpt.errors import CheckpointError, ConfigurationError, IncompatibleCheckpointError, adopt_lightning_base
+from lightning_ckpt.layout import History
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
 from lightning_ckpt.security import Encryptor, Signer
@@ -32,18 +54,70 @@ from lightning_ckpt.storage import split_url
 
 adopt_lightning_base()  # Lightning is loaded here: ConfigurationError becomes a MisconfigurationException
 
-__all__ = ["SAVE_META_KEY", "ManagedCheckpointIO", "attach_sharded"]
+__all__ = ["ManagedCheckpointIO", "SaveOutcome", "SaveRequest", "SaveTicket", "attach_sharded"]
 
 log = logging.getLogger("lightning_ckpt")
 
-#: Key under ``storage_options`` through which the callback hands manifest fields to the IO.
-SAVE_META_KEY = "lightning_ckpt"
-#: A manifest-field key the IO pops: keep a save error in ``last_error`` instead of raising it.
-DEFER_ERRORS = "_defer_errors"
-#: A manifest-field key the IO pops: persist in the background; its value is the busy policy.
-BACKGROUND = "_background"
-#: A manifest-field key the IO pops: a callable run with the SaveResult after the commit.
-ON_DONE = "_on_done"
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """One save the callback asks for: where, the manifest's fields, and how to persist it.
+
+    ``then(result)`` runs once the checkpoint committed (in the background thread for a background
+    save) -- the place for work that must follow the commit, such as refreshing ``last.ckpt``.
+    """
+
+    directory: str
+    name: str
+    epoch: int | None = None
+    global_step: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    monitor: str | None = None
+    mode: str | None = None
+    owner: str | None = None
+    weights_only: bool = False
+    extra: Mapping[str, Any] | None = None
+    #: the training history the save is checked against (``None``: replace our own file by name)
+    history: History | None = None
+    #: persist in a background thread (training waits only for a snapshot)
+    background: bool = False
+    #: with ``background``: while the previous save persists, ``"wait"`` for it or ``"skip"`` this one
+    when_busy: Literal["wait", "skip"] = "wait"
+    then: Callable[[SaveResult], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.when_busy not in ("wait", "skip"):
+            raise ConfigurationError(f"when_busy={self.when_busy!r} must be 'wait' or 'skip'")
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """:meth:`CheckpointManager.save`'s keyword arguments for this request."""
+        fields = {"epoch": self.epoch, "global_step": self.global_step, "metrics": dict(self.metrics),
+                  "monitor": self.monitor, "mode": self.mode, "owner": self.owner,
+                  "weights_only": self.weights_only, "history": self.history}
+        if self.extra is not None:
+            fields["extra"] = dict(self.extra)
+        return fields
+
+
+#: what a save hands back: committed, persisting in the background, or (a background save while
+#: the previous one still persists, ``when_busy="skip"``) skipped
+SaveOutcome = Union[SaveResult, PendingSave, ShardedPendingSave, None]
+
+
+@dataclass
+class SaveTicket:
+    """The outcome of one request handed over through ``trainer.save_checkpoint`` (see the module doc).
+
+    Filled by the IO on the rank that writes (global rank 0); ``error`` rather than raising there,
+    since the other ranks wait in Lightning's barrier right after and the callback decides with
+    all of them. Untouched (``handled`` false) where the strategy wrote nothing through the IO,
+    e.g. a mocked ``trainer.save_checkpoint``.
+    """
+
+    request: SaveRequest
+    outcome: SaveOutcome = None
+    error: CheckpointError | None = None
+    handled: bool = False
 
 
 class ManagedCheckpointIO(CheckpointIO):
@@ -66,11 +140,8 @@ class ManagedCheckpointIO(CheckpointIO):
         self.transfer_progress: Callable[[str, str], Any] | None = None
         self._pointers: dict[str, str] = {}
         self._savers: dict[str, AsyncSaver] = {}
-        #: the handle of the last background save (None when the save was synchronous or skipped)
-        self.last_pending: PendingSave | ShardedPendingSave | None = None
         self._sharded_pending: ShardedPendingSave | None = None
-        self.last_save: SaveResult | None = None
-        self.last_error: CheckpointError | None = None
+        self._ticket: SaveTicket | None = None  # set only inside handing_over()
         self.last_loaded: str | None = None
         #: the module checkpoints are loaded into; its structure is checked before Lightning loads
         self.model: torch.nn.Module | None = None
@@ -83,9 +154,8 @@ class ManagedCheckpointIO(CheckpointIO):
         if manager.transfer_progress is None:
             manager.transfer_progress = self.transfer_progress
 
-    def manager_for(self, url: str) -> tuple[CheckpointManager, str]:
-        """The manager responsible for ``url`` and the file name inside it."""
-        directory, name = split_url(str(url))
+    def manager_of(self, directory: str) -> CheckpointManager:
+        """The manager of ``directory``: the one registered for it, or a new one with our storage options."""
         manager = self._managers.get(directory.rstrip("/"))
         if manager is None:
             manager = CheckpointManager(directory, self.storage_options, signer=self.signer, encryptor=self.encryptor)
@@ -93,7 +163,12 @@ class ManagedCheckpointIO(CheckpointIO):
                 manager = self._managers[manager.url.rstrip("/")]
             else:
                 self.register(manager)
-        return manager, name
+        return manager
+
+    def manager_for(self, url: str) -> tuple[CheckpointManager, str]:
+        """The manager responsible for ``url`` and the file name inside it."""
+        directory, name = split_url(str(url))
+        return self.manager_of(directory), name
 
     def resume_pointer(self, url: str) -> str:
         """A local file standing for remote ``url`` where Lightning insists on statting a path.
@@ -109,60 +184,68 @@ class ManagedCheckpointIO(CheckpointIO):
         self._pointers[path] = url
         return path
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
-        defer = bool(meta.pop(DEFER_ERRORS, False))
-        background = meta.pop(BACKGROUND, None)
-        on_done = meta.pop(ON_DONE, None)
-        manager, name = self.manager_for(str(path))
-        self.last_save, self.last_error, self.last_pending = None, None, None
+    @contextlib.contextmanager
+    def handing_over(self, request: SaveRequest) -> Iterator[SaveTicket]:
+        """For the duration of one ``trainer.save_checkpoint`` call: save the checkpoint it brings as ``request``."""
+        if self._ticket is not None:
+            raise CheckpointError(f"a save of {self._ticket.request.name} is being handed over already")
+        ticket = self._ticket = SaveTicket(request)
         try:
-            if background:
-                self.last_pending = self._saver(manager, background).save(checkpoint, name, on_done=on_done, **meta)
-            else:
-                self.last_save = manager.save(checkpoint, name, **meta)
-                if on_done is not None:
-                    on_done(self.last_save)
-        except CheckpointError as exc:
-            if not defer:
-                raise
-            # the callback decides with all ranks after Lightning's barrier; raising here would
-            # leave the other ranks waiting in that barrier forever
-            self.last_error = exc
+            yield ticket
+        finally:
+            self._ticket = None
 
-    def save_sharded(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Lightning's entry: inside :meth:`handing_over` the request's save, otherwise a plain one to ``path``."""
+        ticket = self._ticket
+        if ticket is None:
+            manager, name = self.manager_for(str(path))
+            manager.save(checkpoint, name)
+            return
+        ticket.handled = True
+        try:
+            ticket.outcome = self.save(ticket.request, checkpoint)
+        except CheckpointError as exc:
+            ticket.error = exc
+
+    def save(self, request: SaveRequest, checkpoint: dict[str, Any]) -> SaveOutcome:
+        """Rank 0: write ``checkpoint`` as ``request`` asks; a failure raises."""
+        manager = self.manager_of(request.directory)
+        if request.background:
+            saver = self._saver(manager, request.when_busy)
+            return saver.save(checkpoint, request.name, on_done=request.then, **request.manifest_fields())
+        result = manager.save(checkpoint, request.name, **request.manifest_fields())
+        if request.then is not None:
+            request.then(result)
+        return result
+
+    def save_sharded(self, request: SaveRequest, checkpoint: dict[str, Any]) -> SaveOutcome:
         """Every rank: write the Trainer ``checkpoint`` of a sharded strategy as a sharded checkpoint.
 
         Model and optimizer states (sharded) go through ``torch.distributed.checkpoint``, the rest
         to ``meta.pt`` -- Lightning's layout -- committed once with a manifest covering every file.
+        Every rank gets the same result (synchronous) or failure; a background save's handle is
+        the coordinator's (``None`` on the other ranks).
         """
-        meta = dict((storage_options or {}).get(SAVE_META_KEY, {})) if isinstance(storage_options, dict) else {}
-        defer = bool(meta.pop(DEFER_ERRORS, False))
-        background = meta.pop(BACKGROUND, None)
-        on_done = meta.pop(ON_DONE, None)
-        history = meta.pop("history", None)
+        fields = request.manifest_fields()
+        history = fields.pop("history", None)
         if history is not None:  # a directory is replaced in place: the history is recorded, not checked
-            meta.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
-        manager, name = self.manager_for(str(path))
+            fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
+        manager = self.manager_of(request.directory)
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        self.last_save, self.last_error, self.last_pending = None, None, None
-        try:
-            if background:
-                self._wait_sharded()  # DCP: one background save at a time
-                pending = ShardedCheckpointer(manager).save_async(
-                    tensors, checkpoint, name, group=distributed.background_group(), on_done=on_done, **meta
-                )
-                self._sharded_pending = pending
-                self.last_pending = pending if pending.coordinator else None
-            else:
-                self.last_save = ShardedCheckpointer(manager).save(tensors, checkpoint, name, **meta)
-                if on_done is not None and distributed.rank() == 0:
-                    on_done(self.last_save)
-        except CheckpointError as exc:
-            if not defer:
-                raise
-            self.last_error = exc
+        if request.background:
+            self._wait_sharded()  # DCP: one background save at a time
+            pending = ShardedCheckpointer(manager).save_async(
+                tensors, checkpoint, request.name, group=distributed.background_group(), on_done=request.then,
+                **fields,
+            )
+            self._sharded_pending = pending
+            return pending if pending.coordinator else None
+        result = ShardedCheckpointer(manager).save(tensors, checkpoint, request.name, **fields)
+        if request.then is not None and distributed.rank() == 0:
+            request.then(result)
+        return result
 
     def load_into_strategy(self, strategy: Any, path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Every rank: ``strategy.load_checkpoint`` for sharded strategies (see :func:`attach_sharded`).
