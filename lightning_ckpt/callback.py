@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_ckpt import _lightning, distributed
+from lightning_ckpt.bookkeeping import Bookkeeping
 from lightning_ckpt.async_saver import PendingSave
 from lightning_ckpt.errors import (
     CheckpointError,
@@ -55,11 +56,9 @@ from lightning_ckpt.policies import (
     KeepAll,
     KeepLatest,
     KeepTopK,
-    KeepUnion,
     OverheadBudget,
     RetentionPolicy,
     SaveTrigger,
-    best_of,
     is_last_copy,
     rank_value,
 )
@@ -301,8 +300,8 @@ class CheckpointCallback(ModelCheckpoint):
         self.kth_value = torch.tensor(math.inf if mode == "min" else -math.inf)
         self.resumed_from: str | None = None
         self._loaded_epoch: int | None = None  # the resumed checkpoint's epoch, for the resume log line
-        self._protected: set[str] = set()
-        self._records: list[Manifest] = []
+        #: top-k / best / last: our records and what retention keeps of them
+        self._book = Bookkeeping(self.retention, monitor, mode, save_top_k)
         self._last_global_step_saved = 0
         self._last_time_saved = self._clock()
         self._last_saved_name: tuple[int, str] | None = None
@@ -579,7 +578,7 @@ class CheckpointCallback(ModelCheckpoint):
         loaded = io.last_loaded if isinstance(io, ManagedCheckpointIO) else None
         self.resumed_from = loaded
         self._last_time_saved = self._clock()
-        self._protected = set()
+        self._book.protected = set()
         if loaded is None:
             self._warn_if_not_empty(trainer)
             return
@@ -595,7 +594,7 @@ class CheckpointCallback(ModelCheckpoint):
         if Storage(directory, self.storage_options).url == self.dirpath:
             # resuming this callback's own run: continue its bookkeeping from what storage holds,
             # and never let retention delete the checkpoint we resumed from
-            self._protected = {name}
+            self._book.protected = {name}
             self._reconcile(trainer)
         if self.exact_resume:
             self._check_loaders_resumable(trainer)
@@ -694,10 +693,10 @@ class CheckpointCallback(ModelCheckpoint):
             records += self._adopt(records)
         self._migrated = None
         records = trainer.strategy.broadcast(records)
-        self._records = list(records or [])
+        self._book.records = list(records or [])
         restored = self._best_model_path
         self._refresh_bookkeeping()
-        if self.monitor is None and restored and any(self.manager.url_of(r.name) == restored for r in self._records):
+        if self.monitor is None and restored and any(self.manager.url_of(r.name) == restored for r in self._book.records):
             # as Lightning: the newest *of the resumed history* (a newer file may be another history's)
             self._best_model_path = restored
         last = [m for m in (self.manager.manifests(owner=self._last_owner) if trainer.is_global_zero else [])]
@@ -1077,26 +1076,22 @@ class CheckpointCallback(ModelCheckpoint):
                 warnings.warn(message, CheckpointWarning, stacklevel=2)
                 return
             current = candidates[self.monitor]
-            assert isinstance(self.retention, (KeepTopK, KeepAll))
-            if isinstance(self.retention, KeepTopK):
-                if not self.retention.admits(current, self._records) and self.retention.admits(
-                    current, self._committed()
-                ):
-                    # only saves still persisting rank above it, and one may yet fail: know before judging
-                    self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer)
-                                 or _lightning.is_sharded(trainer.strategy))
-                if not self.retention.admits(current, self._records):
-                    if self.verbose:
-                        rank_zero_info(f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: "
-                                       f"{self.monitor!r} was not in top {self.save_top_k}")
-                    return
-                ranked = self.retention.ranked(self._records)
-                if len(ranked) >= self.save_top_k:
-                    replaceable = ranked[self.save_top_k - 1].name
+            admitted, admitted_once_committed = self._book.admits(current, self._persisting_names())
+            if not admitted and admitted_once_committed:
+                # only saves still persisting rank above it, and one may yet fail: know before judging
+                self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer)
+                             or _lightning.is_sharded(trainer.strategy))
+                admitted, _ = self._book.admits(current, self._persisting_names())
+            if not admitted:
+                if self.verbose:
+                    rank_zero_info(f"Epoch {trainer.current_epoch:d}, global step {trainer.global_step:d}: "
+                                   f"{self.monitor!r} was not in top {self.save_top_k}")
+                return
+            replaceable = self._book.pushed_out()
         elif self._best_model_path:  # as Lightning: the previous "best" (the newest saved) may be overwritten
             previous = split_url(self._best_model_path)[1]
-            replaceable = previous if any(r.name == previous for r in self._records) else None
-        if replaceable in self._protected:
+            replaceable = previous if any(r.name == previous for r in self._book.records) else None
+        if replaceable in self._book.protected:
             replaceable = None  # the checkpoint this run resumed from is never replaced, even by name
         shown_k = len(self.best_k_models) + 1 if self.save_top_k == -1 else self.save_top_k
         name = self._free_name(trainer, self._unique_name(trainer, candidates, replaceable), self.owner)
@@ -1121,7 +1116,7 @@ class CheckpointCallback(ModelCheckpoint):
             (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
              self.kth_value, self.current_score) = before
             return
-        self._records = [r for r in self._records if r.name != name] + [record]
+        self._book.add(record)
         self._last_saved_name = (trainer.global_step, name)
         self._prune(trainer)
         self._refresh_bookkeeping()
@@ -1403,7 +1398,7 @@ class CheckpointCallback(ModelCheckpoint):
             if source in settled and (source == name or last_copied):
                 self._set_last(trainer, name)
         for name, message in failed:
-            self._records = [r for r in self._records if r.name != name]
+            self._book.forget([name])
             self.failed_saves += 1
             if self.fail_on_save_error or name in final:
                 raise errors.get(name) or CheckpointError(f"saving {name} failed on rank 0: {message}")
@@ -1506,16 +1501,17 @@ class CheckpointCallback(ModelCheckpoint):
                            f"(or a file we did not write), which is kept; saving as {free}", category=CheckpointWarning)
         return free
 
-    def _prune(self, trainer: pl.Trainer) -> None:
-        # only committed checkpoints compete: one still persisting may yet fail
-        persisting = {entry.record.name for entry in self._pending}
+    def _persisting_names(self) -> set[str]:
+        """Our saves not committed yet: persisting in the background, or being written right now."""
+        names = {entry.record.name for entry in self._pending}
         if self._provisional is not None:
-            persisting.add(self._provisional.name)  # being written right now
-        committed = [r for r in self._records if r.name not in persisting]
-        # the policy `lightning-ckpt prune` applies too: ours, plus the newest of our checkpoints
-        keep = KeepUnion((self.retention,)).keep(committed) | self._protected | persisting
-        doomed = [r.name for r in committed if r.name not in keep]
-        adopted = {r.name for r in committed if r.extra.get(ADOPTED)}
+            names.add(self._provisional.name)
+        return names
+
+    def _prune(self, trainer: pl.Trainer) -> None:
+        """Retention, after a commit: delete the committed checkpoints of ours the policy drops (rank 0)."""
+        doomed = self._book.to_drop(self._persisting_names())
+        adopted = {r.name for r in self._book.records if r.extra.get(ADOPTED)}
         if doomed and trainer.is_global_zero:
             for name in doomed:
                 if name in adopted:
@@ -1527,47 +1523,21 @@ class CheckpointCallback(ModelCheckpoint):
                 except CheckpointError as exc:
                     warnings.warn(f"could not delete {self.manager.url_of(name)}: {exc}", CheckpointWarning,
                                   stacklevel=2)
-        self._records = [r for r in self._records if r.name not in doomed]
-
-    def _committed(self) -> list[Manifest]:
-        """Our checkpoints that committed (a background save still persisting may yet fail)."""
-        persisting = {entry.record.name for entry in self._pending}
-        return [r for r in self._records if r.name not in persisting]
+        self._book.forget(doomed)
 
     def _refresh_bookkeeping(self) -> None:
-        """best / top-k / k-th as Lightning's ModelCheckpoint reports them, from our records.
-
-        While a save is in progress (``_provisional``) it counts already, and what retention will
-        drop once it commits no longer does -- the state Lightning writes into that checkpoint.
-        Otherwise only committed checkpoints count: ``best_model_path``, ``best_k_models`` never name
-        a background save still persisting (it may yet fail).
-        """
-        records = self._records if self._provisional is not None else self._committed()
-        if self._provisional is not None:
-            records = [r for r in records if r.name != self._provisional.name] + [self._provisional]
-            keep = KeepUnion((self.retention,)).keep(records) | self._protected | {self._provisional.name}
-            records = [r for r in records if r.name in keep]
-        if self.monitor is None:
-            if records:
-                newest = max(records, key=lambda r: (r.global_step or 0, r.created))
-                self._best_model_path = self.manager.url_of(newest.name)
-            return
-        ranked = KeepTopK(len(records), self.monitor, self.mode).ranked(records)
-        in_order = sorted(ranked, key=lambda r: (r.global_step or 0, r.created))  # Lightning's insertion order
-        self.best_k_models = {
-            self.manager.url_of(r.name): torch.tensor(rank_value(r.metrics.get(self.monitor), self.mode))
-            for r in in_order
-        }
-        if not ranked:
-            return
-        best = best_of(ranked, self.monitor, self.mode)[0]
-        self._best_model_path = self.manager.url_of(best.name)
-        self.best_model_score = torch.tensor(rank_value(best.metrics.get(self.monitor), self.mode))
-        k = self.save_top_k
-        if k == -1 or len(ranked) >= k:  # Lightning names a k-th only once k are kept
-            kth = ranked[-1] if k == -1 else ranked[k - 1]
-            self.kth_best_model_path = self.manager.url_of(kth.name)
-            self.kth_value = torch.tensor(rank_value(kth.metrics.get(self.monitor), self.mode))
+        """Lightning's attributes (best, top-k, k-th) from the bookkeeping's standing (see :meth:`Bookkeeping.standing`)."""
+        persisting = {entry.record.name for entry in self._pending}
+        standing = self._book.standing(persisting, self._provisional)
+        if standing.top_k is not None:
+            self.best_k_models = {self.manager.url_of(n): torch.tensor(v) for n, v in standing.top_k.items()}
+        if standing.best is not None:
+            self._best_model_path = self.manager.url_of(standing.best)
+        if standing.best_score is not None:
+            self.best_model_score = torch.tensor(standing.best_score)
+        if standing.kth is not None:
+            self.kth_best_model_path = self.manager.url_of(standing.kth)
+            self.kth_value = torch.tensor(standing.kth_score)
 
     # -- Lightning state --------------------------------------------------------------------
 
