@@ -30,21 +30,15 @@ best), verifying, loading, pruning and cleaning. It must not import Lightning, t
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import io
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
     ConfigurationError,
@@ -69,7 +63,7 @@ from lightning_ckpt import layout
 from lightning_ckpt.commit import CommitProtocol, SaveResult
 from lightning_ckpt.layout import DirectoryScan
 from lightning_ckpt.payload import MapLocation, check_device, deserialize
-from lightning_ckpt.storage import Progress, RetryPolicy, Storage, open_regular, split_url
+from lightning_ckpt.storage import Expected, Progress, RetryPolicy, Source, Storage, split_url
 
 # torch is imported by the methods that serialize or load (about 1.5 s): listing, reading
 # manifests, verifying and pruning need none of it, so `lightning-ckpt ls/verify/prune` start fast
@@ -77,8 +71,6 @@ from lightning_ckpt.storage import Progress, RetryPolicy, Storage, open_regular,
 __all__ = ["PENDING_SUFFIX", "CheckpointManager", "DirectoryScan", "SaveResult", "load_checkpoint"]
 
 log = logging.getLogger("lightning_ckpt")
-
-READ_BLOCK = 8 * 2**20
 
 
 class CheckpointManager(CommitProtocol):
@@ -122,7 +114,7 @@ class CheckpointManager(CommitProtocol):
         #: ``(verb, name) -> progress`` for transfers nobody passed a ``progress`` to (the callback
         #: and the command line set it to draw a bar on a terminal); closed when the transfer ends
         self.transfer_progress: Callable[[str, str], Progress | None] | None = None
-        self._verified: dict[str, tuple[Manifest, _Source]] = {}
+        self._verified: dict[str, tuple[Manifest, Source]] = {}
         self._held: dict[str, str] = {}  # sharded saves in flight: name -> marker token
 
     @property
@@ -242,119 +234,18 @@ class CheckpointManager(CommitProtocol):
             source.close()
         return manifest
 
-    def _keep(self, name: str, manifest: Manifest, source: _Source) -> None:
+    def _keep(self, name: str, manifest: Manifest, source: Source) -> None:
         for _, old in self._verified.values():
             old.close()
         self._verified = {name: (manifest, source)}
 
-    def _fetch(self, name: str, manifest: Manifest | None, progress: Progress | None = None) -> _Source:
-        """The payload of ``name``, checked against ``manifest`` (unchecked without one) as it streams.
-
-        A local file is hashed in place and kept open; a remote one is downloaded into an
-        anonymous temporary spool file in ``spool_dir`` while it is hashed. Either way only one
-        8 MiB block is in memory at a time.
-        """
-        url = self.url_of(name)
-        digest = hashlib.sha256()
-        limit = None if manifest is None else manifest.size
+    def _fetch(self, name: str, manifest: Manifest | None, progress: Progress | None = None) -> Source:
+        """The payload of ``name`` opened by the storage, checked against ``manifest`` (size and
+        sha256) as it streams; unchecked without one."""
+        expected = None if manifest is None else Expected(manifest.size, manifest.sha256)
         physical = name if manifest is None else self._payload_name(manifest)
-        if self.storage.is_local:
-            try:
-                source = self._open_local(name, physical)
-            except StorageError as exc:
-                if manifest is not None and isinstance(exc.__cause__, IsADirectoryError):
-                    raise CorruptCheckpointError(f"{url} is a directory, but its manifest describes a file") from None
-                raise
-            try:
-                n = _hash_file(source.file, digest, limit, progress, lambda exc: self.storage.translate(exc, "read", url))
-            except BaseException:
-                source.close()
-                raise
-        else:
-            source = self._spool(name, manifest, physical)
-            spool = source.file
-
-            def sink(block: memoryview) -> None:
-                try:
-                    spool.write(block)
-                except OSError as exc:  # the local spool, not the storage, failed
-                    raise StorageError(exc.errno or errno.EIO, f"could not spool {url} to {self.spool_dir or tempfile.gettempdir()}: {exc}") from exc
-                digest.update(block)
-
-            def restart() -> None:
-                nonlocal digest
-                spool.seek(0)
-                spool.truncate()
-                digest = hashlib.sha256()
-
-            try:
-                n = self.storage.stream(physical, sink, limit=limit, restart=restart, progress=progress)
-                spool.flush()
-            except BaseException:
-                source.close()
-                raise
-        source.size = n
-        if manifest is not None:
-            try:
-                if n != manifest.size:
-                    raise CorruptCheckpointError(
-                        f"{url} is {'longer' if n > manifest.size else f'{n} bytes'}; its manifest says "
-                        f"{manifest.size} bytes (truncated or overwritten)"
-                    )
-                if digest.hexdigest() != manifest.sha256:
-                    raise CorruptCheckpointError(f"{url} does not match the sha256 in its manifest (damaged)")
-            except BaseException:
-                source.close()
-                raise
-        return source
-
-    def _open_local(self, name: str, physical: str) -> _Source:
-        path = self.storage.path(physical)
-        try:
-            f = open_regular(path)  # a FIFO or device named like a checkpoint is refused, never read
-        except CorruptCheckpointError:
-            raise CorruptCheckpointError(
-                f"{self.url_of(name)} is not a regular file (a FIFO, socket or device?); refusing to read it"
-            ) from None
-        except OSError as exc:
-            raise self.storage.translate(exc, "read", self.url_of(name)) from exc
-        try:
-            st = os.fstat(f.fileno())
-        except OSError as exc:
-            f.close()
-            raise self.storage.translate(exc, "read", self.url_of(name)) from exc
-        return _Source(file=f, path=path, stamp=_stamp(st))
-
-    def _spool(self, name: str, manifest: Manifest | None, physical: str) -> _Source:
-        where = self.spool_dir or tempfile.gettempdir()
-        if manifest is not None:
-            try:
-                stored = self.storage.info(physical).size
-            except StorageError as exc:
-                if isinstance(exc.__cause__, IsADirectoryError):
-                    raise CorruptCheckpointError(f"{self.url_of(name)} is a directory, not a checkpoint file") from None
-                raise
-            if stored != manifest.size:  # before downloading: a size claim must not fill a disk
-                raise CorruptCheckpointError(
-                    f"{self.url_of(name)} is {stored} bytes; its manifest says {manifest.size} bytes "
-                    "(truncated or overwritten)"
-                )
-            try:
-                free = shutil.disk_usage(where).free
-            except OSError:
-                free = None
-            if free is not None and free < manifest.size:
-                raise StorageError(
-                    errno.ENOSPC,
-                    f"cannot download {self.url_of(name)} ({manifest.size / 2**20:.0f} MiB) into {where}: only "
-                    f"{free / 2**20:.0f} MiB free (pass spool_dir= a larger local directory)",
-                )
-        try:
-            # anonymous: unlinked at once where the OS allows, so even a SIGKILL leaves nothing behind
-            spool = tempfile.TemporaryFile(prefix="lckpt-spool-", dir=self.spool_dir)  # noqa: SIM115
-        except OSError as exc:
-            raise StorageError(exc.errno or errno.EIO, f"cannot create a download spool file in {where}: {exc}") from exc
-        return _Source(file=spool)
+        return self.storage.fetch(physical, shown_as=name, expected=expected, hasher=hashlib.sha256,
+                                  progress=progress, spool_dir=self.spool_dir)
 
     def load(
         self,
@@ -431,7 +322,7 @@ class CheckpointManager(CommitProtocol):
                 close()
 
     def _deserialize(
-        self, name: str, manifest: Manifest | None, source: _Source, map_location: MapLocation, weights_only: bool
+        self, name: str, manifest: Manifest | None, source: Source, map_location: MapLocation, weights_only: bool
     ) -> Any:
         url = self.url_of(name)
         return deserialize(url, manifest, source, map_location, weights_only, self.encryptor,
@@ -571,21 +462,6 @@ class CheckpointManager(CommitProtocol):
                 raise CorruptCheckpointError(f"{where} does not match the sha256 in its manifest (damaged)")
 
 
-@dataclass
-class _Source:
-    """A payload ready for ``torch.load``: an open file (a local checkpoint, a download spool or
-    decrypted plaintext) and, for a local file, its path and identity when it was hashed."""
-
-    file: Any
-    path: str | None = None
-    stamp: tuple[int, ...] | None = None
-    size: int = 0
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-
-
 def _outside_package_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside lightning_ckpt.
 
@@ -597,62 +473,6 @@ def _outside_package_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _fd_path(f: Any) -> str | None:
-    """A path naming exactly the open file ``f`` (Linux ``/proc/self/fd``), if the OS has one."""
-    try:
-        path = f"/proc/self/fd/{f.fileno()}"
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return None
-    return path if os.path.exists(path) else None
-
-
-def _memory_file() -> Any:
-    """A growable in-memory file: a memfd (Linux, mappable by torch.load) or a BytesIO."""
-    create = getattr(os, "memfd_create", None)
-    if create is not None:
-        with contextlib.suppress(OSError):
-            f = os.fdopen(create("lckpt-plaintext", getattr(os, "MFD_CLOEXEC", 0)), "w+b")
-            if _fd_path(f) is not None:
-                return f
-            f.close()
-    return io.BytesIO()
-
-
-def _hash_file(
-    f: Any,
-    digest: Any,
-    limit: int | None,
-    progress: Progress | None,
-    translate: Callable[[BaseException], Exception],
-    sink: Callable[[memoryview], Any] | None = None,
-) -> int:
-    """Read ``f`` in 8 MiB blocks into ``digest``/``sink``; like :meth:`Storage.stream` for open files."""
-    block = memoryview(bytearray(READ_BLOCK))
-    total = 0
-    try:
-        while limit is None or total < limit:
-            want = READ_BLOCK if limit is None else min(READ_BLOCK, limit - total)
-            n = f.readinto(block[:want])
-            if not n:
-                return total
-            if digest is not None:
-                digest.update(block[:n])
-            if sink is not None:
-                sink(block[:n])
-            total += n
-            if progress is not None:
-                progress(total, limit)
-        return total + 1 if f.read(1) else total
-    except OSError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise translate(exc) from exc
 
 
 def load_checkpoint(

@@ -14,7 +14,6 @@ never unpickles anything beyond the weights-only allow-list unless the caller as
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,26 +26,22 @@ from lightning_ckpt.errors import (
     KeyMissingError,
     UnsafeCheckpointError,
 )
+from lightning_ckpt.storage.sources import Source, hash_file, memory_file
 from lightning_ckpt.unpickle import refused_global
 
 if TYPE_CHECKING:
     from lightning_ckpt.integrity import Manifest
-    from lightning_ckpt.manager import _Source
     from lightning_ckpt.security import Encryptor
 
 __all__ = ["MapLocation", "check_device", "deserialize"]
 
 MapLocation = Any  # whatever torch.load accepts
 
-# The open-file helpers (_Source, _fd_path, _stamp, _memory_file, _hash_file) are being moved into
-# the storage package; until then they are imported from the manager where used (never at import
-# time, so that this module imports nothing above it).
-
 
 def deserialize(
     url: str,
     manifest: Manifest | None,
-    source: _Source,
+    source: Source,
     map_location: MapLocation,
     weights_only: bool,
     encryptor: Encryptor | None,
@@ -69,35 +64,32 @@ def deserialize(
         source.close()
 
 
-def _decrypt(url: str, info: Mapping[str, Any], source: _Source, encryptor: Encryptor | None,
-             translate: Callable[[BaseException], Exception]) -> _Source:
+def _decrypt(url: str, info: Mapping[str, Any], source: Source, encryptor: Encryptor | None,
+             translate: Callable[[BaseException], Exception]) -> Source:
     """Decrypt the verified ciphertext chunk by chunk into memory (plaintext never touches a
     disk): on Linux into a memfd that the tensors then map, so ~1x the checkpoint."""
-    from lightning_ckpt.manager import _fd_path, _hash_file, _memory_file, _Source
-
     if encryptor is None:
         raise KeyMissingError(
             f"{url} is encrypted ({info.get('alg')}, key id {info.get('key_id')}); "
             "pass encryptor=Encryptor(...) with its key to load it"
         )
-    plain = _Source(file=_memory_file())
+    plain = Source(file=memory_file())
     try:
         decryptor = encryptor.decryptor(info, url, source.size, plain.file.write)
         source.file.seek(0)
-        _hash_file(source.file, None, source.size, None, translate, sink=decryptor.write)
+        hash_file(source.file, None, source.size, None, translate, sink=decryptor.write)
         decryptor.close()
         source.close()
         plain.size = plain.file.tell()
         plain.file.flush()
-        if _fd_path(plain.file) is not None:
-            plain.path = _fd_path(plain.file)
+        plain.path = plain.fd_path()
     except BaseException:
         plain.close()
         raise
     return plain
 
 
-def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_only: bool) -> Any:
+def _torch_load(url: str, source: Source, map_location: MapLocation, weights_only: bool) -> Any:
     """``torch.load`` a verified source, memory-mapped where it is a file we may map.
 
     Mapping (``mmap=True``) keeps a single copy: tensors read their bytes from the page cache (a
@@ -108,10 +100,8 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
     """
     import torch
 
-    from lightning_ckpt.manager import _fd_path, _stamp
-
     try:
-        target = _fd_path(source.file) if source.path is not None else None
+        target = source.fd_path() if source.path is not None else None
         if target is not None or source.path is not None:
             try:
                 mapped: str = target or source.path  # type: ignore[assignment]  # one of them is set
@@ -121,14 +111,12 @@ def _torch_load(url: str, source: _Source, map_location: MapLocation, weights_on
                     raise
                 source.file.seek(0)
                 out = torch.load(source.file, map_location=map_location, weights_only=weights_only)
-            if source.stamp is not None:
-                st = os.fstat(source.file.fileno()) if target else os.stat(source.path)  # type: ignore[arg-type]
-                if _stamp(st) != source.stamp:
-                    raise CorruptCheckpointError(f"{url} changed while it was being loaded; load it again")
+            if source.changed(by_descriptor=target is not None):
+                raise CorruptCheckpointError(f"{url} changed while it was being loaded; load it again")
             return out
         # a spool: by its /proc/self/fd path where there is one, so torch reads straight into the
         # tensors (through a Python file object every record is read into bytes, then copied)
-        spool_path = _fd_path(source.file)
+        spool_path = source.fd_path()
         source.file.seek(0)
         return torch.load(spool_path or source.file, map_location=map_location, weights_only=weights_only)
     except Exception as exc:
@@ -156,7 +144,7 @@ _ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"
 _LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def _unreadable(url: str, source: _Source, exc: BaseException) -> str:
+def _unreadable(url: str, source: Source, exc: BaseException) -> str:
     """Why ``url`` cannot be loaded, saying what the file is instead of only torch's last words."""
     detail = str(exc).strip()
     if "WeightsUnpickler error:" in detail:  # the one useful line of torch's weights-only boilerplate

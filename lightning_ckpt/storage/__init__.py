@@ -2,7 +2,8 @@
 
 :class:`Storage` (:mod:`.facade`) is what the rest of lightning_ckpt uses: one directory URL with
 crash-safe writes and honest errors. Underneath, :mod:`.retry` owns retries and error
-translation, :mod:`.uploads` the object-store writers, :mod:`.reads` opening and streaming, and
+translation, :mod:`.uploads` the object-store writers, :mod:`.reads` opening and streaming, :mod:`.sources`
+fetching a payload into an open, checked file, and
 :mod:`.base` the shared names. Nothing outside this package imports fsspec or reaches the
 filesystem object itself.
 """
@@ -13,6 +14,7 @@ from lightning_ckpt.storage.base import TEMP_MARK, FileInfo, Progress, split_url
 from lightning_ckpt.storage.facade import Storage
 from lightning_ckpt.storage.reads import RANGE_SIZE, open_regular
 from lightning_ckpt.storage.retry import RetryPolicy, is_transient
+from lightning_ckpt.storage.sources import Expected, Hasher, Source
 from lightning_ckpt.storage.uploads import (
     GCS_CHUNK,
     PART_GROWTH_EVERY,
@@ -34,9 +36,12 @@ __all__ = [
     "S3_MAX_PARTS",
     "S3_MIN_PART",
     "TEMP_MARK",
+    "Expected",
     "FileInfo",
+    "Hasher",
     "Progress",
     "RetryPolicy",
+    "Source",
     "Storage",
     "is_transient",
     "open_regular",

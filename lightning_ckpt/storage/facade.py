@@ -40,9 +40,11 @@ from lightning_ckpt.errors import (
     UnsupportedURLError,
 )
 from lightning_ckpt.storage import retry as _retry
+from lightning_ckpt.storage import sources
 from lightning_ckpt.storage.base import CHUNK, FileInfo, Progress
-from lightning_ckpt.storage.reads import open_regular, readinto, stream_ranged
+from lightning_ckpt.storage.reads import open_regular, read_blocks, readinto, stream_ranged
 from lightning_ckpt.storage.retry import RetryPolicy, bucket_missing, causes, missing_bucket
+from lightning_ckpt.storage.sources import Expected, Hasher, Source
 from lightning_ckpt.storage.uploads import (
     GCS_CHUNK,
     AzureUpload,
@@ -274,22 +276,33 @@ class Storage:
             if attempts[0] and restart is not None:
                 restart()
             attempts[0] += 1
-            block = memoryview(bytearray(CHUNK))
-            total = 0
             with self._open_read(path) as f:
-                while limit is None or total < limit:
-                    want = CHUNK if limit is None else min(CHUNK, limit - total)
-                    n = readinto(f, block[:want])
-                    if n == 0:
-                        return total
-                    sink(block[:n])
-                    total += n
-                    if progress is not None:
-                        progress(total, limit)
-                return total + 1 if f.read(1) else total
+                return read_blocks(f, sink, limit, progress)
 
         return self._call("read", name, op, retry=restart is not None)
 
+
+    def fetch(
+        self,
+        name: str,
+        *,
+        shown_as: str | None = None,
+        expected: Expected | None = None,
+        hasher: Hasher = hashlib.sha256,
+        progress: Progress | None = None,
+        spool_dir: str | None = None,
+    ) -> Source:
+        """``name`` as an open :class:`~lightning_ckpt.storage.sources.Source` whose size and
+        ``hasher`` digest were checked against ``expected`` while it streamed (nothing is checked
+        without it).
+
+        A local file is hashed in place and kept open (the caller then reads exactly the bytes
+        that were hashed); a remote one is downloaded into an anonymous spool file in
+        ``spool_dir`` (default: the system's temporary directory). A mismatch is a
+        :class:`CorruptCheckpointError` naming ``shown_as``; the caller closes the source.
+        """
+        return sources.fetch(self, name, shown_as=shown_as, expected=expected, hasher=hasher,
+                             progress=progress, spool_dir=spool_dir)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -667,17 +680,15 @@ class Storage:
 
         self._call("copy to", name, op)
 
-    def digest(self, name: str) -> tuple[int, str]:
-        """Size and sha256 of ``name``, streamed in blocks (memory: one block)."""
+    def digest(self, name: str, hasher: Callable[[], Any] = hashlib.sha256) -> tuple[int, str]:
+        """Size and hex digest (``hasher()``'s, sha256 by default) of ``name``, streamed in blocks
+        (memory: one block)."""
         path = self.path(name)
 
         def op() -> tuple[int, str]:
-            digest, size = hashlib.sha256(), 0
-            block = bytearray(CHUNK)
+            digest = hasher()
             with self._open_read(path) as f:
-                while n := readinto(f, memoryview(block)):
-                    digest.update(memoryview(block)[:n])
-                    size += n
+                size = read_blocks(f, digest.update)
             return size, digest.hexdigest()
 
         return self._call("read", name, op)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from lightning_ckpt.errors import CorruptCheckpointError
-from lightning_ckpt.storage.base import Progress
+from lightning_ckpt.storage.base import CHUNK, Progress
 from lightning_ckpt.storage.retry import RetryPolicy, is_transient
 from lightning_ckpt.storage.uploads import PARTS_IN_FLIGHT
 
@@ -106,3 +106,25 @@ def stream_ranged(fs: Any, path: str, sink: Callable[[memoryview], None], limit:
         for future in pending:
             future.cancel()
     return limit + 1 if limit is not None and size > limit else done
+
+
+def read_blocks(f: Any, sink: Callable[[memoryview], Any], limit: int | None = None,
+                progress: Progress | None = None) -> int:
+    """Read open file ``f`` from where it stands in blocks of :data:`CHUNK`, handing each to ``sink``.
+
+    Returns the number of bytes read; with ``limit``, reads at most ``limit`` bytes and reports a
+    longer file by returning ``limit + 1``. ``progress(bytes_read, limit)`` is called after every
+    block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
+    """
+    block = memoryview(bytearray(CHUNK))
+    total = 0
+    while limit is None or total < limit:
+        want = CHUNK if limit is None else min(CHUNK, limit - total)
+        n = readinto(f, block[:want])
+        if n == 0:
+            return total
+        sink(block[:n])
+        total += n
+        if progress is not None:
+            progress(total, limit)
+    return total + 1 if f.read(1) else total

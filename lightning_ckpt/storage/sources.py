@@ -1,0 +1,248 @@
+"""Sources: a stored payload fetched into an open, checked file, ready to be deserialized.
+
+Owns :class:`Source` (an open file: a local checkpoint kept open where it was hashed, an
+anonymous download spool, or an in-memory file), :func:`fetch` (behind
+:meth:`Storage.fetch <lightning_ckpt.storage.Storage.fetch>`: open or spool a file while hashing
+it, then check its size and digest against an :class:`Expected`), :func:`memory_file` (a memfd
+on Linux, so torch can map decrypted plaintext) and the identity checks that tell a local file
+changed under us. Must not decide *what* a file should be (the caller passes the expectation
+and the hash function) nor unpickle anything: the bytes it returns are only checked bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
+from lightning_ckpt.storage.base import Progress
+from lightning_ckpt.storage.reads import open_regular, read_blocks
+from lightning_ckpt.storage.retry import translate
+
+if TYPE_CHECKING:
+    from lightning_ckpt.storage.facade import Storage
+
+#: ``hasher()`` -> an object with ``update(bytes)`` and ``hexdigest()`` (hashlib's interface)
+Hasher = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a fetched file must be: ``size`` bytes whose hex digest is ``digest`` (as recorded in
+    the checkpoint's manifest)."""
+
+    size: int
+    digest: str
+
+
+@dataclass
+class Source:
+    """A payload ready for ``torch.load``: an open file (a local checkpoint, a download spool or
+    decrypted plaintext) and, for a local file, its path and identity when it was hashed."""
+
+    file: Any
+    path: str | None = None
+    stamp: tuple[int, ...] | None = None
+    size: int = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+    def fd_path(self) -> str | None:
+        """A path naming exactly this open file (Linux ``/proc/self/fd``), if the OS has one."""
+        return fd_path(self.file)
+
+    def changed(self, by_descriptor: bool) -> bool:
+        """Whether the local file hashed into this source is no longer the same (replaced or
+        modified in place); checked on the open descriptor, or with ``by_descriptor=False`` by path."""
+        if self.stamp is None:
+            return False
+        st = os.fstat(self.file.fileno()) if by_descriptor else os.stat(self.path)  # type: ignore[arg-type]
+        return stamp(st) != self.stamp
+
+
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    """A file's identity and version: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def fd_path(f: Any) -> str | None:
+    """A path naming exactly the open file ``f`` (Linux ``/proc/self/fd``), if the OS has one."""
+    try:
+        path = f"/proc/self/fd/{f.fileno()}"
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return path if os.path.exists(path) else None
+
+
+def memory_file() -> Any:
+    """A growable in-memory file: a memfd (Linux, mappable by torch.load) or a BytesIO."""
+    create = getattr(os, "memfd_create", None)
+    if create is not None:
+        with contextlib.suppress(OSError):
+            f = os.fdopen(create("lckpt-plaintext", getattr(os, "MFD_CLOEXEC", 0)), "w+b")
+            if fd_path(f) is not None:
+                return f
+            f.close()
+    return io.BytesIO()
+
+
+def hash_file(
+    f: Any,
+    digest: Any,
+    limit: int | None,
+    progress: Progress | None,
+    translate: Callable[[BaseException], Exception],
+    sink: Callable[[memoryview], Any] | None = None,
+) -> int:
+    """Read open file ``f`` in blocks into ``digest``/``sink`` (like :meth:`Storage.stream` for an
+    open file); an OS error becomes ``translate(error)``."""
+
+    def take(block: memoryview) -> None:
+        if digest is not None:
+            digest.update(block)
+        if sink is not None:
+            sink(block)
+
+    try:
+        return read_blocks(f, take, limit, progress)
+    except OSError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise translate(exc) from exc
+
+
+def fetch(
+    storage: Storage,
+    name: str,
+    *,
+    shown_as: str | None = None,
+    expected: Expected | None = None,
+    hasher: Hasher = hashlib.sha256,
+    progress: Progress | None = None,
+    spool_dir: str | None = None,
+) -> Source:
+    """File ``name`` of ``storage`` as an open :class:`Source`, checked against ``expected``.
+
+    A local file is hashed in place and kept open; a remote one is downloaded into an anonymous
+    temporary spool file in ``spool_dir`` while it is hashed. Either way only one block is in
+    memory at a time. Messages name ``shown_as`` (the checkpoint's name) rather than ``name``.
+    Without ``expected`` nothing is hashed or checked.
+    """
+    url = storage.url_of(shown_as or name)
+    digest = hasher() if expected is not None else None
+    limit = None if expected is None else expected.size
+    if storage.is_local:
+        try:
+            source = _open_local(storage, name, url)
+        except StorageError as exc:
+            if expected is not None and isinstance(exc.__cause__, IsADirectoryError):
+                raise CorruptCheckpointError(f"{url} is a directory, but its manifest describes a file") from None
+            raise
+        try:
+            n = hash_file(source.file, digest, limit, progress, lambda exc: translate(exc, "read", url))
+        except BaseException:
+            source.close()
+            raise
+    else:
+        source = _spool(storage, name, url, expected, spool_dir)
+        spool = source.file
+
+        def sink(block: memoryview) -> None:
+            try:
+                spool.write(block)
+            except OSError as exc:  # the local spool, not the storage, failed
+                where = spool_dir or tempfile.gettempdir()
+                raise StorageError(exc.errno or errno.EIO, f"could not spool {url} to {where}: {exc}") from exc
+            if digest is not None:
+                digest.update(block)
+
+        def restart() -> None:
+            nonlocal digest
+            spool.seek(0)
+            spool.truncate()
+            digest = hasher() if expected is not None else None
+
+        try:
+            n = storage.stream(name, sink, limit=limit, restart=restart, progress=progress)
+            spool.flush()
+        except BaseException:
+            source.close()
+            raise
+    source.size = n
+    if expected is not None:
+        try:
+            _check(url, n, digest, expected)
+        except BaseException:
+            source.close()
+            raise
+    return source
+
+
+def _check(url: str, n: int, digest: Any, expected: Expected) -> None:
+    if n != expected.size:
+        raise CorruptCheckpointError(
+            f"{url} is {'longer' if n > expected.size else f'{n} bytes'}; its manifest says "
+            f"{expected.size} bytes (truncated or overwritten)"
+        )
+    if digest.hexdigest() != expected.digest:
+        algorithm = getattr(digest, "name", "digest")
+        raise CorruptCheckpointError(f"{url} does not match the {algorithm} in its manifest (damaged)")
+
+
+def _open_local(storage: Storage, name: str, url: str) -> Source:
+    path = storage.path(name)
+    try:
+        f = open_regular(path)  # a FIFO or device named like a checkpoint is refused, never read
+    except CorruptCheckpointError:
+        raise CorruptCheckpointError(
+            f"{url} is not a regular file (a FIFO, socket or device?); refusing to read it"
+        ) from None
+    except OSError as exc:
+        raise translate(exc, "read", url) from exc
+    try:
+        st = os.fstat(f.fileno())
+    except OSError as exc:
+        f.close()
+        raise translate(exc, "read", url) from exc
+    return Source(file=f, path=path, stamp=stamp(st))
+
+
+def _spool(storage: Storage, name: str, url: str, expected: Expected | None, spool_dir: str | None) -> Source:
+    where = spool_dir or tempfile.gettempdir()
+    if expected is not None:
+        try:
+            stored = storage.info(name).size
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IsADirectoryError):
+                raise CorruptCheckpointError(f"{url} is a directory, not a checkpoint file") from None
+            raise
+        if stored != expected.size:  # before downloading: a size claim must not fill a disk
+            raise CorruptCheckpointError(
+                f"{url} is {stored} bytes; its manifest says {expected.size} bytes (truncated or overwritten)"
+            )
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = None
+        if free is not None and free < expected.size:
+            raise StorageError(
+                errno.ENOSPC,
+                f"cannot download {url} ({expected.size / 2**20:.0f} MiB) into {where}: only "
+                f"{free / 2**20:.0f} MiB free (pass spool_dir= a larger local directory)",
+            )
+    try:
+        # anonymous: unlinked at once where the OS allows, so even a SIGKILL leaves nothing behind
+        spool = tempfile.TemporaryFile(prefix="lckpt-spool-", dir=spool_dir)  # noqa: SIM115
+    except OSError as exc:
+        raise StorageError(exc.errno or errno.EIO, f"cannot create a download spool file in {where}: {exc}") from exc
+    return Source(file=spool)
