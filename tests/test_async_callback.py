@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
-import uuid
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from faulty_fs import Fault, FaultPlan, register
+from faulty_fs import Fault
 from helpers import TinyModel, data, fit, trainer
 
 from lightning_ckpt import CheckpointCallback, CheckpointWarning, ConfigurationError, StorageError
@@ -51,13 +50,6 @@ def test_async_resume_continues_identically(tmp_path) -> None:
     _, resumed = fit(resumed_cb, max_epochs=4, ckpt_path="last")
     assert resumed_cb.resumed_from.endswith("epoch=1-step=16.ckpt")
     assert tensors_equal(uninterrupted.state_dict(), resumed.state_dict())
-
-
-@pytest.fixture
-def faulty() -> tuple[str, dict, FaultPlan]:
-    register()
-    plan = FaultPlan()
-    return f"faulty://a-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
 
 
 def test_a_failed_background_save_warns_and_keeps_the_older_one(faulty) -> None:  # noqa: ANN001

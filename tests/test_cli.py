@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from damage import flip_byte, leave_pending, truncate
+from checkpoints import flip_byte, leave_pending, truncate
 from safetensors import safe_open
 from safetensors.torch import load, load_file
 
@@ -116,7 +116,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 # damage ----------------------------------------------------------------------------------------
 
 
-# flip_byte, truncate and leave_pending: tests/damage.py
+# flip_byte, truncate and leave_pending: tests/checkpoints.py
 
 
 def files(url: str) -> set[str]:

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,6 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-@pytest.fixture
-def faulty() -> tuple[str, dict[str, Any], FaultPlan]:
-    register()
-    plan = FaultPlan()
-    return f"faulty://f-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
 
 
 # -- 1. replacing a name keeps the old version until the new one is committed --------------------

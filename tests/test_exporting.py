@@ -8,9 +8,8 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from damage import flip_byte
+from checkpoints import flip_byte, leave_pending, small_payload
 from safetensors.torch import load_file
-from test_summary import payload
 
 from lightning_ckpt import (
     CheckpointManager,
@@ -23,18 +22,11 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.exporting import ExportResult
 
 
-@pytest.fixture
-def saved(tmp_path: Path) -> CheckpointManager:
-    manager = CheckpointManager(str(tmp_path / "run"))
-    manager.save(payload(), "a.ckpt", epoch=1, global_step=8, metrics={"val_loss": 0.5}, monitor="val_loss")
-    return manager
-
-
 def test_export_safetensors_with_a_cast(saved: CheckpointManager, tmp_path: Path) -> None:
     result = export(saved.url_of("a.ckpt"), str(tmp_path / "w.safetensors"), dtype="bfloat16")
     assert result == ExportResult(str(tmp_path / "w.safetensors"), "safetensors", 2, (12 + 3) * 2, "bfloat16")
     weights = load_file(str(tmp_path / "w.safetensors"))
-    expected = payload()["state_dict"]
+    expected = small_payload()["state_dict"]
     assert set(weights) == set(expected)
     for name, t in weights.items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, expected[name].to(torch.bfloat16))
@@ -45,7 +37,7 @@ def test_export_ckpt_is_the_whole_checkpoint_as_one_plain_file(saved: Checkpoint
     result = export("a.ckpt", str(out), format="ckpt", manager=saved)
     assert result.format == "ckpt" and result.tensors == 2
     back = torch.load(out, weights_only=True)
-    original = payload()
+    original = small_payload()
     assert set(back) == set(original)
     assert torch.equal(back["state_dict"]["net.weight"], original["state_dict"]["net.weight"])
     assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(3, 4))
@@ -59,7 +51,7 @@ def test_export_torch_weights_to_a_url(saved: CheckpointManager) -> None:
     assert result.url.endswith(target.removeprefix("memory://")) and result.format == "torch"
     with fsspec.open(target, "rb") as f:
         weights = torch.load(f, weights_only=True)
-    assert torch.equal(weights["net.weight"], payload()["state_dict"]["net.weight"])
+    assert torch.equal(weights["net.weight"], small_payload()["state_dict"]["net.weight"])
 
 
 @pytest.mark.parametrize("out_name", ["a.ckpt", "a.ckpt.manifest.json", "a.ckpt.pending"])
@@ -73,6 +65,17 @@ def test_export_never_writes_over_a_committed_checkpoint_or_our_files(saved: Che
     saved.verify("a.ckpt")
 
 
+def test_export_never_writes_over_a_save_in_progress(saved: CheckpointManager) -> None:
+    # a save of c.ckpt that began (its marker is there) and has not committed: the payload it is
+    # writing must not be replaced, or its manifest would commit our bytes under its digest
+    leave_pending(saved.url, "c.ckpt")
+    half = Storage(saved.url).read_bytes("c.ckpt")
+    for fmt in ("safetensors", "ckpt"):
+        with pytest.raises(ConfigurationError, match="in progress or was interrupted"):
+            export(saved.url_of("a.ckpt"), saved.url_of("c.ckpt"), format=fmt)
+    assert Storage(saved.url).read_bytes("c.ckpt") == half
+
+
 def test_export_rejects_bad_arguments_before_reading(saved: CheckpointManager, tmp_path: Path) -> None:
     missing = str(tmp_path / "nope" / "x.ckpt")
     with pytest.raises(ConfigurationError, match="format"):
@@ -81,6 +84,16 @@ def test_export_rejects_bad_arguments_before_reading(saved: CheckpointManager, t
         export(missing, str(tmp_path / "o"), dtype="int8")
     with pytest.raises(ConfigurationError, match="dtype"):
         export(missing, str(tmp_path / "o"), format="ckpt", dtype="float16")
+
+
+@pytest.mark.parametrize("output", ["", "out/", "memory://", "memory://bucket/"])
+def test_export_output_must_name_a_file(saved: CheckpointManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        output: str) -> None:
+    # "out/" once wrote a file named "out", and "memory://" a local file named "memory:"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="must name a file"):
+        export(saved.url_of("a.ckpt"), output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_export_of_a_damaged_checkpoint_writes_nothing(saved: CheckpointManager, tmp_path: Path) -> None:

@@ -10,12 +10,11 @@ middle of an upload is tests/test_s3.py::test_server_dies_during_an_upload.
 from __future__ import annotations
 
 import errno
-import uuid
 from typing import Any
 
 import pytest
 import torch
-from faulty_fs import Fault, FaultPlan, register
+from faulty_fs import Fault, FaultPlan
 from helpers import fit
 
 from lightning_ckpt import (
@@ -31,13 +30,6 @@ from lightning_ckpt import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
 FAST = RetryPolicy(attempts=3, initial_delay=0.0)
-
-
-@pytest.fixture
-def faulty() -> tuple[str, dict[str, Any], FaultPlan]:
-    register()
-    plan = FaultPlan()
-    return f"faulty://f-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
 
 
 @pytest.fixture

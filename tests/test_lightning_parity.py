@@ -70,6 +70,23 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def quiet_trainer(**kwargs) -> Trainer:
+    """``Trainer(**kwargs, logger=False, enable_progress_bar=False, enable_model_summary=False)``, the
+    arguments most of Lightning's tests repeat (written once here; the only change to their bodies)."""
+    return Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def assert_callback_state(chk, checkpoint, monitor, score) -> None:
+    """The callback's state in checkpoint ``chk``: its dirpath, monitor and the score it saved at."""
+    mc_specific_data = chk["callbacks"][
+        f"ModelCheckpoint{{'monitor': '{monitor}', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1,"
+        " 'train_time_interval': None}"
+    ]
+    assert mc_specific_data["dirpath"] == checkpoint.dirpath
+    assert mc_specific_data["monitor"] == monitor
+    assert mc_specific_data["current_score"] == score
+
+
 def listdir(path) -> list[str]:
     """``os.listdir`` without our sidecar files (README: "sidecar files")."""
     return [n for n in os.listdir(path) if not n.endswith(SIDECARS)]
@@ -184,13 +201,7 @@ def test_model_checkpoint_score_and_ckpt(
         chk = pl_load(os.path.join(checkpoint.dirpath, expected_filename))
         assert chk["epoch"] == epoch
         assert chk["global_step"] == limit_train_batches * (epoch + 1)
-        mc_specific_data = chk["callbacks"][
-            f"ModelCheckpoint{{'monitor': '{monitor}', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1,"
-            " 'train_time_interval': None}"
-        ]
-        assert mc_specific_data["dirpath"] == checkpoint.dirpath
-        assert mc_specific_data["monitor"] == monitor
-        assert mc_specific_data["current_score"] == score
+        assert_callback_state(chk, checkpoint, monitor, score)
         if not reduce_lr_on_plateau:
             actual_step_count = chk["lr_schedulers"][0]["_step_count"]
             actual_lr = chk["lr_schedulers"][0]["_last_lr"][0]
@@ -260,13 +271,7 @@ def test_model_checkpoint_score_and_ckpt_val_check_interval(
         assert chk["epoch"] == epoch
         expected_global_step = per_val_train_batches * (global_ix + 1) + (leftover_train_batches * epoch)
         assert chk["global_step"] == expected_global_step
-        mc_specific_data = chk["callbacks"][
-            f"ModelCheckpoint{{'monitor': '{monitor}', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1,"
-            " 'train_time_interval': None}"
-        ]
-        assert mc_specific_data["dirpath"] == checkpoint.dirpath
-        assert mc_specific_data["monitor"] == monitor
-        assert mc_specific_data["current_score"] == score
+        assert_callback_state(chk, checkpoint, monitor, score)
         if not reduce_lr_on_plateau:
             actual_step_count = chk["lr_schedulers"][0]["_step_count"]
             actual_lr = chk["lr_schedulers"][0]["_last_lr"][0]
@@ -514,14 +519,11 @@ def test_none_monitor_not_alternating(tmp_path):
                 assert listdir(tmp_path) == ["model.ckpt"]
 
     model_checkpoint = CheckpointCallback(dirpath=tmp_path, monitor=None, save_top_k=1, filename="model")
-    trainer = Trainer(
+    trainer = quiet_trainer(
         callbacks=model_checkpoint,
         limit_train_batches=1,
         limit_val_batches=0,
         max_epochs=3,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        logger=False,
     )
     trainer.fit(ListDirModel())
 
@@ -944,15 +946,12 @@ def test_configure_model_checkpoint(tmp_path):
 
 def test_val_check_interval_checkpoint_files(tmp_path):
     model_checkpoint = CheckpointCallback(dirpath=tmp_path, save_top_k=-1, monitor="val_acc", mode="max")
-    trainer = Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         val_check_interval=0.2,
         max_epochs=1,
         limit_train_batches=10,
         callbacks=[model_checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LogInTwoMethods())
     assert set(listdir(tmp_path)) == {f"epoch=0-step={s}.ckpt" for s in [2, 4, 6, 8, 10]}
@@ -965,15 +964,12 @@ def test_current_score(tmp_path):
             return super().training_step(*args)
 
     model_checkpoint = CheckpointCallback(dirpath=tmp_path, save_top_k=3, monitor="foo", mode="min")
-    trainer = Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         max_epochs=3,
         limit_train_batches=1,
         limit_val_batches=1,
         callbacks=[model_checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(TestModel())
     assert model_checkpoint.current_score == 0.3
@@ -993,15 +989,12 @@ def test_current_score_when_nan(tmp_path, mode):
             return super().training_step(*args)
 
     model_checkpoint = CheckpointCallback(dirpath=tmp_path, save_top_k=1, monitor="foo", mode=mode)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         max_epochs=1,
         limit_train_batches=1,
         limit_val_batches=1,
         callbacks=[model_checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(TestModel())
     expected = float("inf" if mode == "min" else "-inf")
@@ -1016,15 +1009,12 @@ def test_hparams_type(tmp_path):
             self.save_hyperparameters(hparams)
 
     model_checkpoint = CheckpointCallback(dirpath=tmp_path, save_top_k=1)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         default_root_dir=tmp_path,
         limit_train_batches=1,
         limit_val_batches=1,
         callbacks=[model_checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     model = TestModel(Namespace(test_hp_0=1, test_hp_1=2))
     trainer.fit(model)
@@ -1036,15 +1026,12 @@ def test_ckpt_version_after_rerun_new_trainer(tmp_path):
     epochs = 2
     for i in range(epochs):
         mc = CheckpointCallback(dirpath=tmp_path, save_top_k=-1, monitor="epoch", filename="{epoch}")
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_epochs=epochs,
             limit_train_batches=1,
             limit_val_batches=1,
             default_root_dir=tmp_path,
             callbacks=[mc],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(BoringModel())
         expected = {"epoch=0-v1.ckpt", "epoch=1-v1.ckpt"} if i else {"epoch=0.ckpt", "epoch=1.ckpt"}
@@ -1056,15 +1043,12 @@ def test_ckpt_version_after_rerun_new_trainer(tmp_path):
 def test_ckpt_version_after_rerun_same_trainer(tmp_path):
     mc = CheckpointCallback(dirpath=tmp_path, save_top_k=-1, monitor="epoch", filename="test")
     mc.STARTING_VERSION = 9
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
         limit_train_batches=1,
         limit_val_batches=1,
         default_root_dir=tmp_path,
         callbacks=[mc],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(BoringModel())
     trainer.fit_loop.max_epochs = 4
@@ -1086,15 +1070,12 @@ def test_ckpt_version_counter_disabled_after_rerun_new_trainer(tmp_path):
             filename="{epoch}",
             enable_version_counter=False,
         )
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_epochs=epochs,
             limit_train_batches=1,
             limit_val_batches=1,
             default_root_dir=tmp_path,
             callbacks=[mc],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(BoringModel())
         assert {Path(f).name for f in mc.best_k_models} == {"epoch=0.ckpt", "epoch=1.ckpt"}
@@ -1218,14 +1199,11 @@ def test_save_last_versioning(tmp_path):
     model = BoringModel()
     for _ in range(2):
         mc = CheckpointCallback(dirpath=tmp_path, save_top_k=0, save_last=True)
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_epochs=2,
             callbacks=mc,
             limit_train_batches=1,
             limit_val_batches=0,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
         )
         trainer.fit(model)
     assert {"last.ckpt", "last-v1.ckpt"} == set(listdir(tmp_path))
@@ -1258,15 +1236,12 @@ def test_save_last_every_n_epochs_interaction(tmp_path, every_n_epochs):
     mc = CheckpointCallback(
         every_n_epochs=every_n_epochs, save_last=True, save_top_k=0, save_on_train_epoch_end=True
     )
-    trainer = Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
         callbacks=mc,
         limit_train_batches=1,
         limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
     )
     with patch.object(trainer, "save_checkpoint") as save_mock:
         trainer.fit(BoringModel())
@@ -1471,15 +1446,12 @@ class LogSlashMetric(BoringModel):
 def test_format_checkpoint_name_is_the_name_saved(tmp_path):
     """``format_checkpoint_name()`` predicts the file the callback writes, also for a metric named ``val/loss``."""
     mc = CheckpointCallback(dirpath=tmp_path, filename="{epoch}-{val/loss:.2f}", monitor="val/loss")
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         callbacks=[mc],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LogSlashMetric())
     predicted = mc.format_checkpoint_name({"epoch": 0, "val/loss": 0.5})
@@ -1508,15 +1480,12 @@ def test_switch_back_after_a_stock_run_resumes_its_progress(tmp_path):
 
     def fit(cls, epochs, ckpt_path=None):
         mc = cls(dirpath=tmp_path, monitor="early_stop_on", save_top_k=1, save_last=True)
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_epochs=epochs,
             limit_train_batches=1,
             limit_val_batches=1,
             num_sanity_val_steps=0,
             callbacks=[mc],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         model = Model()
         trainer.fit(model, ckpt_path=ckpt_path)

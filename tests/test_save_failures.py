@@ -7,23 +7,15 @@ Faults come from a real fault-injecting fsspec filesystem (tests/faulty_fs.py) w
 from __future__ import annotations
 
 import errno
-import uuid
 
 import lightning.pytorch as pl
 import pytest
-from faulty_fs import Fault, FaultPlan, register
+from faulty_fs import Fault
 from helpers import fit
 
 from lightning_ckpt import CheckpointCallback, CheckpointWarning, StorageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
-
-
-@pytest.fixture
-def faulty() -> tuple[str, dict, FaultPlan]:
-    register()
-    plan = FaultPlan()
-    return f"faulty://f-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
 
 
 def test_a_failed_periodic_save_warns_and_the_next_one_succeeds(faulty) -> None:  # noqa: ANN001

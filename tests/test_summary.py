@@ -1,15 +1,17 @@
-"""``lightning_ckpt.contents``: what ``lightning-ckpt inspect`` reports, as a function of the API."""
+"""``lightning_ckpt.contents``: what ``lightning-ckpt inspect`` reports, as a function of the API.
+
+``saved`` (tests/conftest.py) is a run directory with one committed ``a.ckpt`` of ``small_payload()``.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from damage import flip_byte, leave_pending
+from checkpoints import flip_byte, leave_pending, small_payload
 
 from lightning_ckpt import (
     CheckpointManager,
@@ -23,25 +25,6 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.security import Encryptor
 
 KEY = "0" * 64
-
-
-def payload(step: int = 8) -> dict[str, Any]:
-    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    return {
-        "epoch": 1, "global_step": step, "pytorch-lightning_version": "2.6.6",
-        "state_dict": {"net.weight": w, "net.bias": torch.zeros(3)},
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.ones(3, 4)}},
-                              "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
-        "lr_schedulers": [{"step_size": 3, "last_epoch": 1, "_last_lr": [0.1]}],
-        "hyper_parameters": {"hidden": 4},
-    }  # fmt: skip
-
-
-@pytest.fixture
-def saved(tmp_path: Path) -> CheckpointManager:
-    manager = CheckpointManager(str(tmp_path / "run"))
-    manager.save(payload(), "a.ckpt", epoch=1, global_step=8, metrics={"val_loss": 0.5}, monitor="val_loss")
-    return manager
 
 
 def test_contents_is_what_inspect_json_prints(saved: CheckpointManager, capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,7 +45,7 @@ def test_contents_is_what_inspect_json_prints(saved: CheckpointManager, capsys: 
 def test_contents_through_an_open_manager_and_on_memory(saved: CheckpointManager) -> None:
     assert contents("a.ckpt", manager=saved) == contents(saved.url_of("a.ckpt"))
     url = f"memory://summary-{uuid.uuid4().hex[:10]}/run"
-    CheckpointManager(url).save(payload(16), "b.ckpt", global_step=16)
+    CheckpointManager(url).save(small_payload(16), "b.ckpt", global_step=16)
     assert contents(f"{url}/b.ckpt")["payload"]["lightning"]["global_step"] == 16
 
 
@@ -80,14 +63,14 @@ def test_contents_refuses_what_does_not_verify(saved: CheckpointManager, tmp_pat
 def test_contents_of_an_encrypted_checkpoint_needs_its_key(tmp_path: Path) -> None:
     enc = Encryptor(KEY)
     manager = CheckpointManager(str(tmp_path / "run"), encryptor=enc)
-    manager.save(payload(), "e.ckpt", global_step=8)
+    manager.save(small_payload(), "e.ckpt", global_step=8)
     with pytest.raises(KeyMissingError):
         contents(manager.url_of("e.ckpt"))
     assert contents(manager.url_of("e.ckpt"), encryptor=enc)["payload"]["state_dict"]["count"] == 2
 
 
 def test_contents_of_a_plain_file_says_it_is_unverified(tmp_path: Path) -> None:
-    torch.save(payload(), tmp_path / "plain.ckpt")
+    torch.save(small_payload(), tmp_path / "plain.ckpt")
     with pytest.warns(UserWarning):
         report = contents(str(tmp_path / "plain.ckpt"))
     assert report["manifest"] is None and report["verified"] is False
