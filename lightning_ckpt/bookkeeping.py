@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from lightning_ckpt.integrity import Manifest
 from lightning_ckpt.policies import KeepAll, KeepTopK, KeepUnion, RetentionPolicy, best_of, rank_value
 
-__all__ = ["Bookkeeping", "Standing"]
+__all__ = ["ADOPTED", "Bookkeeping", "Standing"]
+
+#: ``Manifest.extra`` flag of a checkpoint ModelCheckpoint wrote (no manifest) that a migrated run ranks
+ADOPTED = "adopted_from_model_checkpoint"
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,19 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.async_saver import AsyncSaver, PendingSave
-from lightning_ckpt.errors import CheckpointError, ConfigurationError, IncompatibleCheckpointError, adopt_lightning_base
+from lightning_ckpt.errors import (
+    CheckpointError,
+    ConfigurationError,
+    IncompatibleCheckpointError,
+    adopt_lightning_base,
+)
 from lightning_ckpt.layout import History
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.resumable import model_mismatch
@@ -101,7 +106,7 @@ class SaveRequest:
 
 #: what a save hands back: committed, persisting in the background, or (a background save while
 #: the previous one still persists, ``when_busy="skip"``) skipped
-SaveOutcome = Union[SaveResult, PendingSave, ShardedPendingSave, None]
+SaveOutcome = SaveResult | PendingSave | ShardedPendingSave | None
 
 
 @dataclass

@@ -22,6 +22,9 @@ from typing import Any
 
 from lightning_ckpt.errors import ConfigurationError
 
+#: the manifest's ``extra`` record of the run a preemption checkpoint belongs to (its ``dirpath``)
+RUN_KEY = "run"
+
 __all__ = ["Preemption", "SavePlan", "SignalLatch", "plan_save", "requeue_slurm_job"]
 
 #: EX_TEMPFAIL: "temporary failure, try again" -- a preempted run that should be rerun.

@@ -12,12 +12,13 @@ stream, CI or a redirected log it prints nothing. It draws with ``rich`` (which 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["TransferProgress"]
+__all__ = ["TransferProgress", "terminal_bar"]
 
 MiB = 2**20
 
@@ -163,3 +164,13 @@ def _make_bar(description: str, stream: IO[str]) -> _Bar | None:
         except ImportError:
             continue
     return None
+
+
+def terminal_bar(verb: str, name: str) -> TransferProgress | None:
+    """A progress bar for a long transfer on rank 0's terminal, drawn between Lightning's updates.
+
+    Only on the main thread: a background save drawing over Lightning's own bar would garble both.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return TransferProgress(f"lightning-ckpt: {verb} {name}")
