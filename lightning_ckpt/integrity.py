@@ -5,6 +5,11 @@ written last, after the payload is durable, and records the payload's size and s
 with what a reader needs without opening the payload: epoch, global step, logged metrics, the
 monitored key, which callback wrote it, and library versions. :func:`verify` checks a payload
 against its manifest while streaming it, so a damaged file is named before ``torch.load`` sees it.
+
+This module owns the manifest's schema and :func:`parse_manifest`, the one parser of its bytes
+(limits, every field checked, signature and encryption checks); everything that reads a manifest
+goes through it. The file names of the commit protocol live in :mod:`lightning_ckpt.layout` (the
+ones here are re-exported). It must not do I/O.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "HashingWriter",
     "Manifest",
     "manifest_name",
+    "parse_manifest",
     "versions",
 ]
 
@@ -129,7 +135,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
         """Parse a manifest; a damaged one is a :class:`CorruptCheckpointError` naming ``where``."""
-        return cls.from_fields(parse_json(data, where), where)
+        return parse_manifest(data, where)
 
     @classmethod
     def from_fields(cls, raw: Any, where: str) -> Manifest:
@@ -235,6 +241,23 @@ _HEX = frozenset("0123456789abcdef")
 
 class _Invalid(ValueError):
     """A manifest field that does not fit the schema (becomes a CorruptCheckpointError)."""
+
+
+def parse_manifest(data: bytes, where: str, *, signer: Any = None, encryptor: Any = None) -> Manifest:
+    """The one parser of a manifest's bytes: JSON within limits (:func:`parse_json`), every field
+    checked (:meth:`Manifest.from_fields`), then, with a :class:`~lightning_ckpt.security.Signer`,
+    its signature, and with an :class:`~lightning_ckpt.security.Encryptor`, the refusal of an
+    unencrypted checkpoint (unless the encryptor allows plaintext).
+
+    The format is checked first, so a damaged manifest reads as damaged whatever keys are set.
+    """
+    raw = parse_json(data, where)
+    manifest = Manifest.from_fields(raw, where)
+    if signer is not None:
+        signer.check(raw, f"the manifest of {where}")
+    if encryptor is not None:
+        encryptor.check_encrypted(manifest.extra.get("encryption"), where)
+    return manifest
 
 
 def parse_json(data: bytes, where: str) -> Any:

@@ -324,7 +324,8 @@ def may_replace(existing: Any, owner: str | None, history: History | None) -> st
 class DirectoryScan:
     """One directory as the commit protocol sees it: what readers use, and what they skip."""
 
-    #: committed checkpoints whose manifest parses (and authenticates, with a signer), oldest first
+    #: committed checkpoints whose manifest parses (and authenticates, with a signer); the manager
+    #: orders them oldest first (:func:`lightning_ckpt.policies.recency`)
     committed: list[Manifest] = field(default_factory=list)
     #: (name, why) for manifests that do not parse, do not authenticate, or describe another file
     damaged: list[tuple[str, str]] = field(default_factory=list)
@@ -443,5 +444,4 @@ def scan(
     found.leftovers = sorted(set(found.leftovers))
     claimed = {*found.leftovers, *in_progress, *found.orphaned, *(m.name for m in found.committed), *damaged}
     found.unmanaged = sorted(f for f in files if f.endswith(".ckpt") and f not in claimed)
-    found.committed.sort(key=lambda m: (m.global_step or 0, m.created))
     return found

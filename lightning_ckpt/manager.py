@@ -38,6 +38,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from lightning_ckpt import layout, policies
+from lightning_ckpt.commit import CommitProtocol, SaveResult
 from lightning_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointWarning,
@@ -55,14 +57,12 @@ from lightning_ckpt.integrity import (
     PENDING_SUFFIX,
     Manifest,
     manifest_name,
-    parse_json,
+    parse_manifest,
 )
-from lightning_ckpt.policies import KeepLatest, KeepTopK, RetentionPolicy, best_of
-from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt import layout
-from lightning_ckpt.commit import CommitProtocol, SaveResult
 from lightning_ckpt.layout import DirectoryScan
 from lightning_ckpt.payload import MapLocation, check_device, deserialize
+from lightning_ckpt.policies import KeepTopK, RetentionPolicy, best_of, recency
+from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import Expected, Progress, RetryPolicy, Source, Storage, split_url
 
 # torch is imported by the methods that serialize or load (about 1.5 s): listing, reading
@@ -135,14 +135,7 @@ class CheckpointManager(CommitProtocol):
         With an encryptor, an unencrypted checkpoint is refused here (unless the encryptor allows
         plaintext), so listing skips it like any other checkpoint that is not ours.
         """
-        where = self.url_of(name)
-        raw = parse_json(data, where)
-        manifest = Manifest.from_fields(raw, where)  # the format checks first: damaged is damaged
-        if self.signer is not None:
-            self.signer.check(raw, f"the manifest of {where}")
-        if self.encryptor is not None:
-            self.encryptor.check_encrypted(manifest.extra.get("encryption"), where)
-        return manifest
+        return parse_manifest(data, self.url_of(name), signer=self.signer, encryptor=self.encryptor)
 
     def _read_manifest_bytes(self, name: str) -> bytes:
         """The bytes of ``name``'s manifest, refusing one too large to be a manifest we wrote."""
@@ -176,13 +169,15 @@ class CheckpointManager(CommitProtocol):
 
         Reads every manifest and marker, never a payload, and changes nothing (see :func:`layout.scan`).
         """
-        return layout.scan(
+        found = layout.scan(
             {f.name: f.mtime for f in self.storage.list()},
             read_manifest=lambda name: self._parse_manifest(self._read_manifest_bytes(name), name),
             read_marker=self._read_or_none,
             dirs=self.storage.dirs,
             stale_after=self.stale_after,
         )
+        found.committed.sort(key=recency)
+        return found
 
     def is_pending(self, name: str) -> bool:
         """Whether a save (or delete) of ``name`` by us was begun and has not finished (or was interrupted)."""
@@ -211,6 +206,21 @@ class CheckpointManager(CommitProtocol):
         if manifest.name != name:
             raise CorruptCheckpointError(f"the manifest of {self.url_of(name)} describes {manifest.name!r}")
         return manifest
+
+    def manifest_or_none(self, name: str, unverified_ok: Callable[[], bool] | None = None) -> Manifest | None:
+        """The committed manifest of ``name``, or None where ``name`` has none and no save of ours
+        left it there (a checkpoint another tool wrote: readable only unverified).
+
+        Raises :class:`UncommittedCheckpointError` for an interrupted save of ours, or where
+        ``unverified_ok()`` says a manifest-less ``name`` must not be read; and
+        :class:`CheckpointNotFoundError` when nothing is there.
+        """
+        try:
+            return self.read_manifest(name)
+        except UncommittedCheckpointError:
+            if self.is_pending(name) or (unverified_ok is not None and not unverified_ok()):
+                raise
+            return None
 
     # -- verifying and loading --------------------------------------------------------------
 
@@ -277,16 +287,13 @@ class CheckpointManager(CommitProtocol):
             manifest: Manifest | None
             manifest, source = kept
         else:
-            try:
-                manifest = self.read_manifest(name)
-            except UncommittedCheckpointError:
-                if self.is_pending(name) or not verify:
-                    raise
+            manifest = self.manifest_or_none(name, unverified_ok=lambda: verify)
+            if manifest is None:
                 if self.signer is not None:
                     raise TamperedCheckpointError(
                         f"{self.url_of(name)} has no lightning-ckpt manifest, so no signature; a signer is "
                         "configured (refusing it)"
-                    ) from None
+                    )
                 if self.encryptor is not None:
                     self.encryptor.check_encrypted(None, self.url_of(name))
                 warnings.warn(
@@ -392,14 +399,12 @@ class CheckpointManager(CommitProtocol):
     ) -> list[str]:
         """Delete the committed checkpoints of ``owner`` that ``policy`` does not keep.
 
-        The newest committed checkpoint and the names in ``protect`` (say, the one the run resumed
-        from) are always kept. Returns the names deleted (or that would be, with ``dry_run``).
+        Judged per owner (:func:`lightning_ckpt.policies.doomed`, the decision the callback applies
+        too): each owner's newest committed checkpoint and the names in ``protect`` (say, the one
+        the run resumed from) are always kept. Returns the names deleted (or that would be, with
+        ``dry_run``).
         """
-        committed = self.manifests(owner)
-        if not committed:
-            return []
-        keep = set(policy.keep(committed)) | set(protect) | KeepLatest(1).keep(committed)
-        doomed = [m.name for m in committed if m.name not in keep]
+        doomed = policies.doomed(policy, self.manifests(owner), protect)
         if not dry_run:
             for name in doomed:
                 self.delete(name)

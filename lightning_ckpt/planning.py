@@ -6,7 +6,8 @@ half an interval per failure. Young's first-order model (J. W. Young, 1974; refi
 2006) puts the two together: with a mean time between failures ``MTBF`` the expected waste is
 ``C / interval + interval / (2 * MTBF)``, smallest at ``interval = sqrt(2 * C * MTBF)``, where both
 terms are equal. Nothing here touches storage, torch or Lightning; ``lightning-ckpt plan`` prints
-these numbers.
+these numbers. It owns this arithmetic and duration parsing only; it must not decide when a
+save is due (the triggers in :mod:`lightning_ckpt.policies` do, using it).
 """
 
 from __future__ import annotations

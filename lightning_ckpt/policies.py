@@ -8,6 +8,11 @@ with a memory is :class:`OverheadBudget`: it is told what each save cost and der
 interval from it (the arithmetic of :func:`lightning_ckpt.planning.interval_for_budget`).
 :class:`KeepUnion` is retention as both the callback and ``lightning-ckpt prune`` apply it: per
 owner, the newest always kept; :class:`KeepBestBy` ranks by any logged metric.
+
+This module is the one owner of "newest" (:func:`recency`, :func:`newest`), "best"
+(:func:`best_of`, :func:`best_names`) and of the retention decision (:func:`doomed`), which the
+manager's ``prune``, the callback and the CLI apply. It must not touch storage (deleting is the
+manager's job), Lightning or torch.
 """
 
 from __future__ import annotations
@@ -36,10 +41,15 @@ __all__ = [
     "OverheadBudget",
     "RetentionPolicy",
     "SaveTrigger",
+    "best_names",
     "best_of",
+    "doomed",
     "is_improvement",
     "is_last_copy",
+    "newest",
     "rank_value",
+    "recency",
+    "recorded_mode",
 ]
 
 MODES = ("min", "max")
@@ -191,6 +201,17 @@ class AnyOf:
         return any(t.due_on_epoch(epoch) for t in self.triggers)
 
 
+def recency(m: Manifest) -> tuple[int, float]:
+    """How new ``m`` is: its global step, then its creation time. The one meaning of "newer" in
+    this package (retention, :meth:`CheckpointManager.latest`, the order of a listing)."""
+    return (m.global_step or 0, m.created)
+
+
+def newest(checkpoints: Iterable[Manifest]) -> Manifest | None:
+    """The newest of ``checkpoints`` by :func:`recency` (None for none)."""
+    return max(checkpoints, key=recency, default=None)
+
+
 def is_improvement(current: float, reference: float | None, mode: str) -> bool:
     """Strictly better than ``reference`` (NaN is never better; no reference always is)."""
     if math.isnan(current):
@@ -266,8 +287,7 @@ class KeepLatest:
             raise ConfigurationError(f"KeepLatest(n={self.n}) must not be negative")
 
     def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        newest = sorted(checkpoints, key=lambda m: (m.global_step or 0, m.created), reverse=True)
-        return {m.name for m in newest[: self.n]}
+        return {m.name for m in sorted(checkpoints, key=recency, reverse=True)[: self.n]}
 
 
 @dataclass(frozen=True)
@@ -354,3 +374,44 @@ class KeepUnion:
             groups[m.owner].append(m)
         policies = (*self.policies, KeepLatest(1))
         return {name for group in groups.values() for p in policies for name in p.keep(group)}
+
+
+def doomed(policy: RetentionPolicy, checkpoints: Sequence[Manifest],
+           protect: Iterable[str] = frozenset()) -> list[str]:
+    """The names retention removes from committed ``checkpoints``, in their order.
+
+    The one retention decision: what ``policy`` keeps within each owner's checkpoints, each
+    owner's newest one, and the names in ``protect`` (the one a run resumed from, saves still
+    persisting) stay; everything else goes. :meth:`CheckpointManager.prune` (and so
+    ``lightning-ckpt prune``) and the callback both apply it.
+    """
+    keep = KeepUnion((policy,)).keep(checkpoints) | set(protect)
+    return [m.name for m in checkpoints if m.name not in keep]
+
+
+def recorded_mode(checkpoints: Iterable[Manifest]) -> str | None:
+    """The mode all ``checkpoints`` were ranked by (the callback records it), if they agree."""
+    modes = {m.mode for m in checkpoints}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def best_names(checkpoints: Sequence[Manifest], monitor: str | None, mode: str | None) -> set[str]:
+    """Names of the best checkpoints (all ties): by ``monitor``, else per each one's own monitor,
+    under ``mode`` (else the mode they recorded, else ``"min"``).
+
+    A ``last.ckpt`` copy is not a second best: it counts only when its original is gone.
+    """
+    groups: dict[str, list[Manifest]] = defaultdict(list)
+    for m in checkpoints:
+        key = monitor or m.monitor
+        if key is not None:
+            groups[key].append(m)
+    names: set[str] = set()
+    for key, group in groups.items():
+        ranked = KeepBestBy(1, key, mode or recorded_mode(group) or "min").ranked(group)
+        if ranked:
+            top = ranked[0].metrics[key]
+            tied = [m for m in ranked if m.metrics[key] == top]
+            originals = [m for m in tied if not is_last_copy(m)]
+            names |= {m.name for m in (originals or tied)}
+    return names

@@ -18,6 +18,10 @@ Keys come from what the user names explicitly — an environment variable's *nam
 64 hex digits (a file may end in a newline). There is no default key and no implicit lookup.
 Several keys can be given: the first signs/encrypts, all of them verify/decrypt (key rotation).
 A key is known by its id, the first 8 hex digits of sha256(key), recorded in the manifest.
+
+This module owns keys, signatures and the cipher; it must not read storage or parse manifests
+(:func:`lightning_ckpt.integrity.parse_manifest` calls :meth:`Signer.check` and
+:meth:`Encryptor.check_encrypted`; :mod:`lightning_ckpt.payload` decrypts through :meth:`Encryptor.decryptor`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ rank is raised on every rank (no rank is left waiting) and rank 0 removes what w
 Loading: every rank verifies its share of the files, then DCP reads what each rank needs into
 the model and optimizer *as they are sharded now* -- resuming at another world size reshards.
 :func:`consolidate` turns a sharded checkpoint into one ordinary state dict in a single process.
+
+Owns the distributed part (DCP reads and writes, agreement between ranks, ``meta.pt``). It must
+not re-derive the commit protocol: marking pending, committing, reading the manifest (or "none":
+:meth:`~lightning_ckpt.manager.CheckpointManager.manifest_or_none`) and verifying files are the
+manager's.
 """
 
 from __future__ import annotations
@@ -39,10 +44,9 @@ from lightning_ckpt.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
-    UncommittedCheckpointError,
     UnsafeCheckpointError,
 )
-from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, versions
+from lightning_ckpt.integrity import HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.unpickle import dcp_planner, dcp_reader, refused_global
 
@@ -204,17 +208,13 @@ class ShardedCheckpointer:
     def _manifest_or_none(self, name: str) -> Manifest | None:
         """The manifest of ``name``; ``None`` for a sharded directory Lightning wrote itself (loaded
         unverified, with a warning) -- never for an interrupted save of ours or under a signer."""
-        try:
-            return self.manager.read_manifest(name)
-        except UncommittedCheckpointError:
-            storage = self.manager.storage
-            if (self.manager.signer is not None or storage.exists(name + PENDING_SUFFIX)
-                    or not self.manager.is_directory(name) or not storage.child(name).exists(".metadata")):
-                raise
-        if distributed.rank() == 0:
-            warnings.warn(f"{self.manager.url_of(name)} has no lightning-ckpt manifest (a sharded checkpoint Lightning "
+        manager = self.manager
+        manifest = manager.manifest_or_none(name, unverified_ok=lambda: (
+            manager.signer is None and manager.is_directory(name) and manager.storage.child(name).exists(".metadata")))
+        if manifest is None and distributed.rank() == 0:
+            warnings.warn(f"{manager.url_of(name)} has no lightning-ckpt manifest (a sharded checkpoint Lightning "
                           "wrote itself?); loading it unverified", CheckpointWarning, stacklevel=3)
-        return None
+        return manifest
 
     def _agree(self, error: BaseException | None, name: str, what: str = "saving") -> None:
         """Raise on every rank if any rank failed; the failing rank raises its own exception."""

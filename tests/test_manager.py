@@ -224,6 +224,35 @@ def test_prune_top_k_keeps_protected_and_newest(backend) -> None:  # noqa: F811
     assert mgr.prune(KeepLatest(1), owner="nobody") == []
 
 
+def test_prune_without_owner_judges_each_owner_and_keeps_each_newest(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    for step in (1, 2, 3):
+        save(mgr, f"me{step}.ckpt", step)
+    save(mgr, "theirs1.ckpt", 1, owner="them")
+    save(mgr, "theirs2.ckpt", 2, owner="them")
+    # the same decision the callback and `lightning-ckpt prune` apply: per owner, its newest always stays
+    assert mgr.prune(KeepLatest(1)) == ["me1.ckpt", "me2.ckpt", "theirs1.ckpt"]
+    assert sorted(m.name for m in mgr.manifests()) == ["me3.ckpt", "theirs2.ckpt"]
+
+
+def test_manifest_or_none_tells_a_foreign_file_from_our_interrupted_save(backend) -> None:  # noqa: F811
+    url, options = backend
+    mgr = CheckpointManager(url, options)
+    committed = save(mgr, "ours.ckpt", 1)
+    assert mgr.manifest_or_none("ours.ckpt") == committed
+    mgr.storage.write_bytes("stock.ckpt", b"written by another tool")
+    assert mgr.manifest_or_none("stock.ckpt") is None  # readable only unverified
+    with pytest.raises(UncommittedCheckpointError):
+        mgr.manifest_or_none("stock.ckpt", unverified_ok=lambda: False)
+    mgr.storage.write_bytes("half.ckpt", b"partial payload")
+    mgr.storage.write_bytes("half.ckpt" + PENDING_SUFFIX, b"{}")
+    with pytest.raises(UncommittedCheckpointError):
+        mgr.manifest_or_none("half.ckpt")  # an interrupted save of ours is never "no manifest"
+    with pytest.raises(CheckpointNotFoundError):
+        mgr.manifest_or_none("absent.ckpt")
+
+
 def test_delete_refuses_files_we_did_not_commit(backend) -> None:  # noqa: F811
     url, options = backend
     mgr = CheckpointManager(url, options)

@@ -20,8 +20,13 @@ from lightning_ckpt.policies import (
     KeepTopK,
     KeepUnion,
     OverheadBudget,
+    best_names,
     best_of,
+    doomed,
     is_improvement,
+    newest,
+    recency,
+    recorded_mode,
 )
 
 
@@ -212,3 +217,36 @@ def test_keep_union_judges_each_owner_and_keeps_each_newest() -> None:
     assert KeepUnion((KeepLatest(2),)).keep(ckpts) == {"b", "c", "last"}
     assert KeepUnion(()).keep(ckpts) == {"c", "last"}
 
+
+def test_newest_is_by_step_then_creation_time() -> None:
+    ckpts = [m("a", 2, created=5.0), m("b", 3, created=1.0), m("c", 3, created=2.0), m("d", 1, created=9.0)]
+    assert newest(ckpts).name == "c"
+    assert newest([]) is None
+    assert [c.name for c in sorted(ckpts, key=recency)] == ["d", "a", "b", "c"]
+    assert KeepLatest(2).keep(ckpts) == {"b", "c"}
+
+
+def test_doomed_keeps_policy_protected_and_each_owners_newest_in_order() -> None:
+    ckpts = [owned("a", 1, "cb", val_loss=0.1), owned("b", 2, "cb", val_loss=0.5), owned("c", 3, "cb", val_loss=0.9),
+             owned("x", 1, "other", val_loss=0.3), owned("y", 2, "other", val_loss=0.0),
+             owned("z", 3, "other", val_loss=0.8),
+             owned("last", 3, "cb/last", val_loss=0.9)]
+    assert doomed(KeepTopK(1, "val_loss"), ckpts) == ["b", "x"]  # each owner: its best and its newest
+    assert doomed(KeepTopK(1, "val_loss"), ckpts, protect={"b"}) == ["x"]
+    assert doomed(KeepAll(), ckpts) == []
+    assert doomed(KeepLatest(0), []) == []
+
+
+def test_best_names_stars_ties_but_not_a_last_copy_of_the_best() -> None:
+    ckpts = [owned("a", 1, "cb", val_loss=0.2), owned("b", 2, "cb", val_loss=0.2), owned("c", 3, "cb", val_loss=0.4),
+             owned("last.ckpt", 2, "cb/last", val_loss=0.2)]
+    assert best_names(ckpts, None, None) == {"a", "b"}
+    assert best_names(ckpts, "val_loss", "max") == {"c"}
+    assert best_names([owned("last.ckpt", 2, "cb/last", val_loss=0.2)], None, None) == {"last.ckpt"}
+    assert best_names(ckpts, "acc", None) == set()
+
+
+def test_recorded_mode_only_when_all_agree() -> None:
+    assert recorded_mode([replace(m("a", 1), mode="max"), replace(m("b", 2), mode="max")]) == "max"
+    assert recorded_mode([replace(m("a", 1), mode="max"), replace(m("b", 2), mode="min")]) is None
+    assert recorded_mode([]) is None

@@ -10,8 +10,6 @@ payload, and the one-line reasons a checkpoint fails verification. It must not p
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt.errors import (
@@ -22,7 +20,7 @@ from lightning_ckpt.errors import (
     KeyMissingError,
 )
 from lightning_ckpt.integrity import Manifest, manifest_name
-from lightning_ckpt.policies import KeepBestBy, is_last_copy
+from lightning_ckpt.policies import best_names  # noqa: F401  (the CLI's public name; defined with the ranking)
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import split_url
 from lightning_ckpt.summary import load_payload
@@ -149,28 +147,3 @@ def _file_target(url: str, args: argparse.Namespace) -> tuple[CheckpointManager,
     if not traced() and not exists(name):  # the traces first: exists() of a directory raises
         raise CheckpointNotFoundError(f"no checkpoint at {manager.url_of(name)}")
     return manager, name
-
-
-def _inferred_mode(manifests: Iterable[Manifest]) -> str | None:
-    """The mode all ``manifests`` were ranked by (recorded by the callback), if they agree."""
-    modes = {m.mode for m in manifests}
-    return modes.pop() if len(modes) == 1 else None
-
-
-def best_names(manifests: Sequence[Manifest], monitor: str | None, mode: str | None) -> set[str]:
-    """Names of the best checkpoints (all ties): by ``monitor``, else per each manifest's own monitor."""
-    groups: dict[str, list[Manifest]] = defaultdict(list)
-    for m in manifests:
-        key = monitor or m.monitor
-        if key is not None:
-            groups[key].append(m)
-    names: set[str] = set()
-    for key, group in groups.items():
-        ranked = KeepBestBy(1, key, mode or _inferred_mode(group) or "min").ranked(group)
-        if ranked:
-            top = ranked[0].metrics[key]
-            tied = [m for m in ranked if m.metrics[key] == top]
-            # a last.ckpt copy is not a second best: star it only when its twin is gone
-            originals = [m for m in tied if not is_last_copy(m)]
-            names |= {m.name for m in (originals or tied)}
-    return names

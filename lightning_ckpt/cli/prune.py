@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from lightning_ckpt.cli.opening import EXIT_OK, UsageError, _inferred_mode, _open_dir
+from lightning_ckpt.cli.opening import EXIT_OK, UsageError, _open_dir
 from lightning_ckpt.integrity import Manifest
-from lightning_ckpt.policies import KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy
+from lightning_ckpt.policies import KeepBestBy, KeepLatest, KeepUnion, RetentionPolicy, recorded_mode
 
 __all__ = ["cmd_prune"]
 
@@ -56,7 +56,7 @@ def _retention(args: argparse.Namespace, manifests: Sequence[Manifest]) -> KeepU
                 found = ", ".join(sorted(str(m) for m in monitors)) or "no checkpoints"
                 raise UsageError(f"--keep-best needs --monitor: the manifests do not agree on one ({found})")
             monitor = monitors.pop()
-        mode = args.mode or _inferred_mode(manifests)
+        mode = args.mode or recorded_mode(manifests)
         if mode is None:
             raise UsageError("--keep-best needs --mode min|max: the manifests do not record one")
         policies.append(KeepBestBy(args.keep_best, monitor, mode))
