@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.errors import IncompatibleCheckpointError, UncommittedCheckpointError
+from lightning_ckpt.errors import IncompatibleCheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -193,12 +193,7 @@ def committed_manifest(manager: CheckpointManager, name: str) -> Manifest | None
     An interrupted save of ours (a ``.pending`` marker) is not such a file: it raises
     :class:`~lightning_ckpt.errors.UncommittedCheckpointError`.
     """
-    try:
-        return manager.read_manifest(name)
-    except UncommittedCheckpointError:
-        if manager.is_pending(name):
-            raise
-        return None
+    return manager.manifest_or_none(name)
 
 
 def load_payload(manager: CheckpointManager, name: str, manifest: Manifest | None) -> Any:
