@@ -110,3 +110,20 @@ def test_cli_export_ckpt(saved: CheckpointManager, tmp_path: Path, capsys: pytes
     assert torch.load(out, weights_only=True)["hyper_parameters"] == {"hidden": 4}
     assert main(["export", saved.url_of("a.ckpt"), "--format", "ckpt", "--dtype", "float16", "-o", str(out)]) == 2
     assert "error: dtype must be" in capsys.readouterr().err
+
+
+def test_an_exported_ckpt_resumes_training_with_stock_lightning(tmp_path: Path) -> None:
+    from helpers import fit
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ckpt import CheckpointCallback
+
+    cb = CheckpointCallback(dirpath=str(tmp_path / "run"), save_last=True)
+    trainer, _ = fit(cb, max_epochs=2)
+    standalone = tmp_path / "handed-over" / "run.ckpt"
+    export(str(tmp_path / "run" / "last.ckpt"), str(standalone), format="ckpt")
+    # a Trainer without lightning-ckpt's callback or IO: the file is an ordinary Lightning checkpoint
+    resumed, model = fit(ModelCheckpoint(dirpath=str(tmp_path / "stock")), max_epochs=3, ckpt_path=str(standalone))
+    assert resumed.global_step == 24 and resumed.current_epoch == 3
+    saved = torch.load(standalone, weights_only=True)
+    assert saved["global_step"] == trainer.global_step == 16 and saved["optimizer_states"]
