@@ -20,7 +20,7 @@ import shutil
 import uuid
 from typing import Any
 
-from server_process import LoopbackServer, free_port, port_open
+from server_process import Emulator
 
 __all__ = ["ACCOUNT", "ACCOUNT_KEY", "Azurite", "AzuriteError", "find_azurite"]
 
@@ -40,7 +40,7 @@ def find_azurite() -> str | None:
     return shutil.which("azurite-blob")
 
 
-class Azurite(LoopbackServer):
+class Azurite(Emulator):
     """One Azurite Blob server on loopback, for tests; use as a context manager or start/stop.
 
     Attributes of interest once started: :attr:`endpoint_url`, :attr:`storage_options` (for
@@ -48,20 +48,14 @@ class Azurite(LoopbackServer):
     """
 
     label, error, prefix, log_name = "Azurite", AzuriteError, "azurite-", "azurite.log"
+    missing = "no azurite-blob executable (npm install -g azurite)"
 
     def __init__(self, *, binary: str | None = None, startup_timeout: float = 30.0, port_attempts: int = 3) -> None:
-        found = binary or find_azurite()
-        if found is None:
-            raise AzuriteError("no azurite-blob executable (npm install -g azurite)")
-        super().__init__(startup_timeout=startup_timeout, port_attempts=port_attempts)
-        self.binary = found
-        self.port: int | None = None
+        super().__init__(binary or find_azurite(), startup_timeout=startup_timeout, port_attempts=port_attempts)
 
     @property
     def endpoint_url(self) -> str:
-        if self.port is None:
-            raise AzuriteError("the server was never started")
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+        return f"{self.base_url}/{ACCOUNT}"
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -86,24 +80,16 @@ class Azurite(LoopbackServer):
         return f"az://{container}"
 
     # -- what LoopbackServer needs -----------------------------------------------------------------
-    def _pick_ports(self) -> None:
-        self.port = free_port()
-
-    def _prepare(self) -> None:
-        os.makedirs(os.path.join(self._require_root(), "data"))
-
     def _command(self) -> list[str]:
         return [self.binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-                "--location", os.path.join(self._require_root(), "data"), "--silent", "--disableTelemetry",
+                "--location", self.data_dir, "--silent", "--disableTelemetry",
                 # the Python SDK may be newer than the emulator; the API subset we use is old
                 "--skipApiVersionCheck"]
 
     def _env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("AZURITE_")}
 
-    def _probe(self) -> bool:
-        if not port_open(self.port):
-            return False
+    def _round_trip(self) -> bool:
         fs = self.filesystem()
         with contextlib.suppress(FileExistsError):
             fs.mkdir("readiness-probe")

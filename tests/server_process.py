@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["LoopbackServer", "die_with_parent", "free_port", "port_open"]
+__all__ = ["Emulator", "LoopbackServer", "die_with_parent", "free_port", "port_open"]
 
 
 def free_port() -> int:
@@ -243,3 +243,42 @@ class LoopbackServer:
             time.sleep(0.1)
         raise self.error(f"{self.label} not ready after {self.startup_timeout:.0f} s (last error: {last!r}):\n"
                          f"{self.log_tail()}")
+
+
+class Emulator(LoopbackServer):
+    """An emulator on one port with its data in ``<root>/data`` (fake-gcs-server, Azurite)."""
+
+    #: the message when no binary is found (what to install)
+    missing: ClassVar[str] = "no server binary"
+
+    def __init__(self, binary: str | None, *, startup_timeout: float, port_attempts: int) -> None:
+        if binary is None:
+            raise self.error(self.missing)
+        super().__init__(startup_timeout=startup_timeout, port_attempts=port_attempts)
+        self.binary = binary
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        if self.port is None:
+            raise self.error("the server was never started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self._require_root(), "data")
+
+    def _pick_ports(self) -> None:
+        self.port = free_port()
+
+    def _prepare(self) -> None:
+        os.makedirs(self.data_dir)
+
+    def _probe(self) -> bool:
+        # the SDKs back off for seconds on a refused connection: wait for the port first
+        return port_open(self.port) and self._round_trip()
+
+    def _round_trip(self) -> bool:
+        """True once an object can be written and read back (and whatever else must hold)."""
+        raise NotImplementedError
