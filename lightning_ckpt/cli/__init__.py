@@ -32,7 +32,7 @@ import warnings
 from lightning_ckpt.cli.diff import cmd_diff, diff_checkpoints, diff_tensors
 from lightning_ckpt.cli.export import cmd_export
 from lightning_ckpt.cli.listing import cmd_inspect, cmd_ls, cmd_verify
-from lightning_ckpt.cli.opening import EXIT_FAILED, EXIT_USAGE, UsageError, _message, best_names
+from lightning_ckpt.cli.opening import EXIT_FAILED, EXIT_USAGE, UsageError, _message
 from lightning_ckpt.cli.parser import build_parser
 from lightning_ckpt.cli.plan import cmd_plan
 from lightning_ckpt.cli.prune import cmd_prune
@@ -45,6 +45,7 @@ from lightning_ckpt.errors import (
     KeyMissingError,
     UncommittedCheckpointError,
 )
+from lightning_ckpt.policies import best_names
 from lightning_ckpt.summary import summarize_payload, tensor_summary
 
 # torch (about 2 s) and the manager that needs it are imported by the commands that read

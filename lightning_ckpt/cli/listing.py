@@ -26,10 +26,10 @@ from lightning_ckpt.cli.opening import (
     _open_dir,
     _open_file,
     _reason,
-    best_names,
 )
 from lightning_ckpt.cli.render import _fail, _print_inspect, _print_json, _print_ls_table
 from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, KeyMissingError
+from lightning_ckpt.policies import best_names
 
 if TYPE_CHECKING:
     from lightning_ckpt.manager import CheckpointManager, DirectoryScan

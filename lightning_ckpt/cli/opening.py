@@ -20,7 +20,6 @@ from lightning_ckpt.errors import (
     KeyMissingError,
 )
 from lightning_ckpt.integrity import Manifest, manifest_name
-from lightning_ckpt.policies import best_names  # noqa: F401  (the CLI's public name; defined with the ranking)
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import split_url
 from lightning_ckpt.summary import load_payload
@@ -28,7 +27,7 @@ from lightning_ckpt.summary import load_payload
 if TYPE_CHECKING:
     from lightning_ckpt.manager import CheckpointManager, DirectoryScan
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "best_names"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
