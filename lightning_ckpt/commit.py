@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, pieces
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -38,6 +38,8 @@ from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, ma
 from lightning_ckpt.layout import History
 
 if TYPE_CHECKING:
+    from lightning_ckpt.incremental import Incremental, IncrementalSave
+    from lightning_ckpt.layout import DirectoryScan
     from lightning_ckpt.security import Encryptor, Signer
     from lightning_ckpt.storage import Progress, Storage
 
@@ -78,6 +80,7 @@ class CommitProtocol:
         def url_of(self, name: str) -> str: ...
         def read_manifest(self, name: str) -> Manifest: ...
         def _parse_manifest(self, data: bytes, name: str) -> Manifest: ...
+        def scan(self) -> DirectoryScan: ...
         def _forget(self, name: str) -> None: ...
         def _progress(self, verb: str, name: str,
                       progress: Progress | None) -> contextlib.AbstractContextManager[Progress | None]: ...
@@ -98,6 +101,7 @@ class CommitProtocol:
         write: Callable[[Any], None] | None = None,
         progress: Progress | None = None,
         history: History | None = None,
+        incremental: Incremental | IncrementalSave | None = None,
     ) -> SaveResult:
         """Serialize ``state`` to ``name`` and commit it; return its manifest.
 
@@ -107,9 +111,18 @@ class CommitProtocol:
         ``history``, of the same training history) is replaced, and stays loadable until the new
         version is committed; any other file at ``name`` raises :class:`NameTakenError` (see
         :meth:`free_name`). ``progress(bytes_written, None)`` is called as blocks reach the storage.
+
+        With ``incremental`` (an :class:`~lightning_ckpt.incremental.Incremental`, or a save it
+        prepared), tensors whose bytes a committed checkpoint of this directory already holds are
+        referenced instead of written (``write`` is then not used); the checkpoint stays complete.
         """
         layout.check_name(name)
         start = time.perf_counter()
+        job = None
+        if incremental is not None:
+            from lightning_ckpt.incremental import plan
+
+            job, state = plan(incremental, state)
         # fields no reader would accept are refused before anything is touched
         self._check_manifest(Manifest(name=name, size=0, sha256="0" * 64, epoch=epoch, global_step=global_step,
                                       metrics=dict(metrics or {}), monitor=monitor, mode=mode, owner=owner,
@@ -124,7 +137,12 @@ class CommitProtocol:
                     writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
                     stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
                     try:
-                        if write is None:
+                        if job is not None:
+                            import torch
+
+                            torch.save(job.write(self.storage, dict(state), token, self.scan().committed,
+                                                 self.encryptor, self.stale_after), stream)
+                        elif write is None:
                             import torch
 
                             torch.save(dict(state), stream)
@@ -158,9 +176,14 @@ class CommitProtocol:
                     token=token,
                     run=history.run if history is not None else None,
                     lineage=[[r, s] for r, s in history.lineage] if history is not None else [],
+                    **(job.manifest_fields() if job is not None else {}),
                 )
                 commit(manifest)
             self._retire(manifest, old, current is not None)
+        if job is not None:
+            job.committed()
+        if current is not None and b'"pieces"' in current:
+            pieces.reclaim(self.storage, self.stale_after)  # the replaced version may have held a last reference
         return SaveResult(manifest, self.url_of(name), time.perf_counter() - start)
 
     def free_name(self, name: str, owner: str | None = None, history: History | None = None,
@@ -314,7 +337,9 @@ class CommitProtocol:
             size: int | None = self.storage.info(physical).size
         except CheckpointNotFoundError:
             size = None
-        if size == manifest.size:
+        table = pieces.table_of(manifest)
+        gone = pieces.missing(self.storage, table) if table is not None and size == manifest.size else []
+        if size == manifest.size and not gone:
             return
         if previous is not None:
             self.storage.write_bytes(manifest_name(name), previous)
@@ -322,6 +347,9 @@ class CommitProtocol:
             self.storage.delete(manifest_name(name))
         assert manifest.token is not None
         self._abandon(name, manifest.token, physical)
+        if gone:
+            raise StorageError(errno.EIO, f"{self.url_of(name)}: piece file {gone[0]} it references is missing after "
+                               "its commit (another process removed it); the save did not commit")
         raise StorageError(
             errno.EIO,
             f"the payload of {self.url_of(name)} is {'missing' if size is None else f'{size} bytes'} after "
@@ -484,6 +512,8 @@ class CommitProtocol:
                 self.storage.delete(name)  # moved to its plain name, the manifest not yet rewritten
             self.storage.delete(layout.marker_name(name, token))
         self._forget(name)
+        if manifest.pieces:
+            pieces.reclaim(self.storage, self.stale_after)
 
     # -- sharded checkpoints (directories written by many processes) ---------------------------
 

@@ -36,6 +36,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_SUFFIX",
     "PENDING_SUFFIX",
+    "INCREMENTAL_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "HashingWriter",
     "Manifest",
@@ -47,9 +48,12 @@ __all__ = [
 FORMAT = "lightning-ckpt"
 #: The newest layout this version reads. Bumped when a reader of an older version could misread a
 #: checkpoint: single-file checkpoints are still written as 1, sharded (directory) ones as 2.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: The layout of a sharded checkpoint: a directory whose every file is listed in ``Manifest.files``.
 SHARDED_FORMAT_VERSION = 2
+#: An incremental checkpoint (``Manifest.pieces``): its payload holds placeholders that only a
+#: reader which knows the piece table can fill, so older readers must refuse it.
+INCREMENTAL_FORMAT_VERSION = 3
 #: Largest single write handed to the storage, so that uploads fill their parts block by block.
 WRITE_BLOCK = 8 * 2**20
 
@@ -98,6 +102,8 @@ class Manifest:
     #: ``[run, global_step]`` pairs: a save never replaces a checkpoint of another history
     run: str | None = None
     lineage: list[list[Any]] = field(default_factory=list)
+    #: an incremental checkpoint's piece table (see :mod:`lightning_ckpt.pieces`); empty otherwise
+    pieces: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = 1
 
@@ -196,6 +202,16 @@ class Manifest:
         weights_only = raw.get("weights_only", False)
         if not isinstance(weights_only, bool):
             raise _Invalid("weights_only must be true or false")
+        pieces = raw.get("pieces") or {}
+        if pieces:
+            from lightning_ckpt.pieces import parse_table
+
+            if version < INCREMENTAL_FORMAT_VERSION or files:
+                raise _Invalid(f"a piece table in format {version}" + (" beside a file table" if files else ""))
+            try:
+                parse_table(pieces)
+            except ValueError as exc:
+                raise _Invalid(str(exc)) from None
         signature = raw.get("signature")
         if signature is not None and not (
             isinstance(signature, dict) and all(isinstance(v, str) for v in signature.values())
@@ -220,6 +236,7 @@ class Manifest:
             token=_text(raw.get("token"), "token"),
             run=_text(raw.get("run"), "run"),
             lineage=_lineage(raw.get("lineage", [])),
+            pieces=pieces,
             format=FORMAT,
             format_version=version,
         )

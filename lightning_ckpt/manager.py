@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lightning_ckpt import layout, policies
+from lightning_ckpt import layout, pieces, policies
 from lightning_ckpt.commit import CommitProtocol, SaveResult
 from lightning_ckpt.errors import (
     CheckpointNotFoundError,
@@ -238,6 +238,13 @@ class CheckpointManager(CommitProtocol):
             return manifest
         with self._progress("verifying", name, progress) as bar:
             source = self._fetch(name, manifest, bar)
+        table = pieces.table_of(manifest)
+        if table is not None:  # an incremental checkpoint: every piece it references, too
+            try:
+                pieces.verify_table(self.storage, table, self.url_of(name))
+            except BaseException:
+                source.close()
+                raise
         if keep:
             self._keep(name, manifest, source)
         else:
@@ -332,8 +339,14 @@ class CheckpointManager(CommitProtocol):
         self, name: str, manifest: Manifest | None, source: Source, map_location: MapLocation, weights_only: bool
     ) -> Any:
         url = self.url_of(name)
-        return deserialize(url, manifest, source, map_location, weights_only, self.encryptor,
-                           lambda exc: self.storage.translate(exc, "read", url))
+        obj = deserialize(url, manifest, source, map_location, weights_only, self.encryptor,
+                          lambda exc: self.storage.translate(exc, "read", url))
+        table = pieces.table_of(manifest) if manifest is not None else None
+        if table is None:
+            return obj
+        from lightning_ckpt.incremental import join
+
+        return join(obj, table, self.storage, self.encryptor, map_location, url)  # each piece checked as read
 
     # -- choosing ---------------------------------------------------------------------------
 
@@ -431,6 +444,7 @@ class CheckpointManager(CommitProtocol):
             else:
                 self.storage.delete(fname)
             removed.append(fname)
+        removed.extend(pieces.collect(self.storage, self.stale_after))  # packs of interrupted saves
         return removed
 
     # -- sharded checkpoints (directories written by many processes) ---------------------------

@@ -224,6 +224,21 @@ class Storage:
 
         return self._call("read", name, op)
 
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``name`` from ``offset`` (fewer where the file is shorter)."""
+        path = self.path(name)
+
+        def op() -> bytes:
+            if size == 0:
+                return b""
+            if self.is_local:
+                with open_regular(path) as f:
+                    f.seek(offset)
+                    return f.read(size)
+            return bytes(self.fs.cat_file(path, start=offset, end=offset + size))
+
+        return self._call("read", name, op)
+
     def _open_read(self, path: str) -> Any:
         """``path`` open for reading in blocks; a local one only if it is a regular file."""
         return open_regular(path) if self.is_local else self.fs.open(path, "rb", block_size=CHUNK)
