@@ -41,6 +41,7 @@ from lightning_ckpt.errors import (
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from lightning_ckpt.callback import CheckpointCallback
     from lightning_ckpt.exporting import export
+    from lightning_ckpt.incremental import Incremental
     from lightning_ckpt.integrity import Manifest
     from lightning_ckpt.io import ManagedCheckpointIO
     from lightning_ckpt.manager import CheckpointManager, SaveResult, load_checkpoint
@@ -64,6 +65,7 @@ _LAZY = {
     "EveryInterval": "lightning_ckpt.policies",
     "EveryNEpochs": "lightning_ckpt.policies",
     "EveryNSteps": "lightning_ckpt.policies",
+    "Incremental": "lightning_ckpt.incremental",
     "KeepAll": "lightning_ckpt.policies",
     "KeepLatest": "lightning_ckpt.policies",
     "KeepTopK": "lightning_ckpt.policies",
@@ -94,6 +96,7 @@ __all__ = [
     "EveryNEpochs",
     "EveryNSteps",
     "IncompatibleCheckpointError",
+    "Incremental",
     "KeepAll",
     "KeepLatest",
     "KeepTopK",

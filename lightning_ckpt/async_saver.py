@@ -219,6 +219,13 @@ class AsyncSaver:
 
         pending = PendingSave(name, self.manager.url_of(name))
         snap_start = time.perf_counter()
+        incremental = meta.get("incremental")
+        if incremental is not None:
+            from lightning_ckpt.incremental import Incremental
+
+            # before the copy: tensors unchanged since the last save are neither copied nor hashed
+            job = incremental.prepare(checkpoint) if isinstance(incremental, Incremental) else incremental
+            checkpoint, meta["incremental"] = job.state, job
         pending._snapshot = self._snapshot(checkpoint)
         meta = copy.deepcopy(meta)  # metrics dicts and the like may change once we return
         pending.snapshot_seconds = time.perf_counter() - snap_start

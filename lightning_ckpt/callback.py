@@ -40,7 +40,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.bookkeeping import Bookkeeping
-from lightning_ckpt.configuration import check_arguments, keeping, schedule
+from lightning_ckpt.configuration import check_arguments, incremental_of, keeping, schedule
+from lightning_ckpt.incremental import Incremental
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -126,6 +127,8 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         signer: sign manifests (HMAC-SHA256) and refuse unsigned or tampered checkpoints.
         encryptor: encrypt payloads at rest (AES-256-GCM); stock ``torch.load`` can then no longer
             read them.
+        incremental: store a tensor only once per directory while its bytes do not change; every
+            checkpoint stays complete (README, "Incremental checkpoints"). Sharded saves stay full.
 
     Attributes ``best_model_path``, ``best_model_score``, ``last_model_path``, ``best_k_models`` and
     ``kth_best_model_path`` are maintained as in Lightning and rebuilt from storage on resume.
@@ -169,6 +172,7 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         encryptor: Encryptor | None = None,
         trigger: SaveTrigger | None = None,
         retention: RetentionPolicy | None = None,
+        incremental: bool | Incremental = False,
     ) -> None:
         Checkpoint.__init__(self)
         _lightning.require_last_checkpoint_hook()
@@ -195,6 +199,7 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         self.signer, self.encryptor = signer, encryptor
         self.fail_on_save_error = fail_on_save_error
         self.async_save = bool(async_save)
+        self.incremental = incremental_of(incremental)  #: the run's shortcut cache (None: full saves)
         self.when_busy = when_busy
         self._pending: list[_InFlight] = []
         self._last_copied: str | None = None  # the save whose background copy to last.ckpt succeeded

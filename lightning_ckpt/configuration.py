@@ -45,6 +45,15 @@ def check_arguments(
         raise ConfigurationError("preemption must be True, False, None or a Preemption(...)")
 
 
+def incremental_of(value: Any) -> Any:
+    """``incremental=``: an :class:`~lightning_ckpt.incremental.Incremental` (``True``: the defaults) or None."""
+    from lightning_ckpt.incremental import Incremental
+
+    if not isinstance(value, (bool, Incremental)):
+        raise ConfigurationError(f"incremental={value!r} must be True, False or an Incremental(...)")
+    return (Incremental() if value is True else value) or None
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When saves are due: the trigger, and the ModelCheckpoint keywords it stands for (its state key)."""

@@ -89,6 +89,8 @@ class SaveRequest:
     #: with ``background``: while the previous save persists, ``"wait"`` for it or ``"skip"`` this one
     when_busy: Literal["wait", "skip"] = "wait"
     then: Callable[[SaveResult], None] | None = None
+    #: an :class:`~lightning_ckpt.incremental.Incremental`: unchanged tensors are referenced, not rewritten
+    incremental: Any = None
 
     def __post_init__(self) -> None:
         if self.when_busy not in ("wait", "skip"):
@@ -101,6 +103,8 @@ class SaveRequest:
                   "weights_only": self.weights_only, "history": self.history}
         if self.extra is not None:
             fields["extra"] = dict(self.extra)
+        if self.incremental is not None:
+            fields["incremental"] = self.incremental
         return fields
 
 
@@ -233,6 +237,7 @@ class ManagedCheckpointIO(CheckpointIO):
         the coordinator's (``None`` on the other ranks).
         """
         fields = request.manifest_fields()
+        fields.pop("incremental", None)  # sharded checkpoints stay full
         history = fields.pop("history", None)
         if history is not None:  # a directory is replaced in place: the history is recorded, not checked
             fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])

@@ -287,6 +287,7 @@ class _SavingMixin:
             monitor=self.monitor, mode=self.mode if self.monitor is not None else None, owner=owner,
             weights_only=self.save_weights_only, history=self._guard, background=background,
             when_busy=self.when_busy, then=on_done,  # type: ignore[arg-type]
+            incremental=None if sharded else self.incremental,  # sharded checkpoints stay full
         )
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = self._clock()

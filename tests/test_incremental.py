@@ -1,0 +1,391 @@
+"""Incremental checkpoints: unchanged tensors are stored once, every checkpoint stays complete.
+
+Through the manager (plain PyTorch), the fault-injecting filesystem, signing and encryption, the
+collector's handshake with writers, and the callback under a real Trainer (exact resume).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import subprocess
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from faulty_fs import Fault, FaultPlan, register
+
+from lightning_ckpt import (
+    CheckpointManager,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+    Incremental,
+    KeyMissingError,
+    RetryPolicy,
+    StorageError,
+    TamperedCheckpointError,
+)
+from lightning_ckpt import layout, pieces
+from lightning_ckpt.integrity import manifest_name
+from lightning_ckpt.security import Encryptor, Signer
+
+FAST = RetryPolicy(attempts=2, initial_delay=0.0)
+KB = 1024
+
+
+def packs(manager: CheckpointManager) -> dict[str, int]:
+    return {f.name: f.size for f in manager.storage.list() if pieces.is_pack(f.name)}
+
+
+class Run:
+    """A state with a frozen part (never touched), a trained part and Adam-like moments."""
+
+    def __init__(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.frozen = torch.randn(256, 256, generator=g)  # 256 KiB
+        self.emb = torch.randn(100, 64, generator=g).to(torch.bfloat16)  # 12.5 KiB: inline by default
+        self.head = torch.randn(64, 256, generator=g)  # 64 KiB
+        self.moment = torch.zeros(64, 256)
+        self.ids = torch.arange(20000, dtype=torch.int64)  # 156 KiB, never changes
+        self.mask = torch.ones(70000, dtype=torch.bool)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            self.head.add_(0.5)
+            self.moment.add_(self.head * 2)
+
+    def state(self) -> dict[str, Any]:
+        sd = collections.OrderedDict(frozen=self.frozen, emb=self.emb.detach(), head=self.head.detach(),
+                                     ids=self.ids, mask=self.mask)
+        return {"state_dict": sd, "optimizer_states": [{"state": {0: {"exp_avg": self.moment}}, "param_groups": [
+            {"lr": 0.1, "params": [0]}]}], "epoch": 3, "pair": (1, self.frozen)}
+
+    def expected(self) -> dict[str, torch.Tensor]:
+        return {"frozen": self.frozen.clone(), "head": self.head.clone(), "moment": self.moment.clone()}
+
+
+def check(loaded: dict[str, Any], want: dict[str, torch.Tensor]) -> None:
+    sd = loaded["state_dict"]
+    assert torch.equal(sd["frozen"], want["frozen"]) and sd["frozen"].dtype == torch.float32
+    assert torch.equal(sd["head"], want["head"])
+    assert torch.equal(loaded["optimizer_states"][0]["state"][0]["exp_avg"], want["moment"])
+    assert sd["ids"].dtype == torch.int64 and torch.equal(sd["ids"], torch.arange(20000))
+    assert sd["mask"].dtype == torch.bool and bool(sd["mask"].all())
+    assert sd["emb"].dtype == torch.bfloat16
+    assert type(sd) is collections.OrderedDict and isinstance(loaded["pair"], tuple)
+    assert torch.equal(loaded["pair"][1], want["frozen"])
+
+
+def test_a_frozen_tensor_is_stored_once_and_every_checkpoint_loads_complete(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental()
+    run, expected = Run(), []
+    for i in range(4):
+        run.step()
+        manager.save(run.state(), f"e{i}.ckpt", global_step=i, incremental=inc)
+        expected.append(run.expected())
+    stored = sum(packs(manager).values())
+    frozen = run.frozen.nbytes + run.ids.nbytes + run.mask.nbytes
+    # frozen bytes once; head + moment (64 KiB each) four times; the pair's frozen alias shares too
+    assert stored == frozen + 4 * 2 * 64 * KB
+    for i in range(4):
+        check(manager.load(f"e{i}.ckpt"), expected[i])
+        manager.verify(f"e{i}.ckpt")
+    # a stock reader of the payload alone gets placeholders, never silently wrong values
+    raw = torch.load(tmp_path / "e3.ckpt", weights_only=True)
+    assert raw["state_dict"]["frozen"].device.type == "meta"
+    assert json.loads((tmp_path / manifest_name("e3.ckpt")).read_bytes())["format_version"] == 3
+
+
+def test_the_shortcut_skips_copy_and_hash_of_unchanged_tensors(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental(confirm_every=100)
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=inc)
+    run.step()
+    job = inc.prepare(run.state())
+    reused = {path[-1] for path in job.reused}
+    assert reused == {"frozen", "ids", "mask"}  # (the tuple holds the same frozen object); head, moment changed
+    manager.save(job.state, "b.ckpt", incremental=job)
+    assert job.written == 2 * 64 * KB
+    check(manager.load("b.ckpt"), run.expected())
+
+
+def test_tied_tensors_stay_tied_and_small_ones_inline(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    w = torch.randn(128, 128)
+    view = w[:64]  # a view: shares the storage, so both stay inline
+    state = {"a": w, "b": w, "v": view, "meta": torch.empty(5, device="meta"), "c": torch.randn(128, 128)}
+    manager.save(state, "t.ckpt", incremental=Incremental())
+    out = manager.load("t.ckpt")
+    assert out["a"].data_ptr() == out["v"].data_ptr() and torch.equal(out["v"], w[:64])
+    assert out["meta"].device.type == "meta" and out["meta"].shape == (5,)
+    assert torch.equal(out["c"], state["c"])
+
+
+def test_a_write_the_version_counter_misses_is_caught_by_the_confirmation(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental(confirm_every=2)
+    frozen = torch.randn(256, 256)
+    manager.save({"w": frozen}, "a.ckpt", incremental=inc)
+    frozen.data.add_(1)  # `.data` does not move the version counter
+    saves, caught = 0, None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(3):
+            manager.save({"w": frozen}, f"b{i}.ckpt", incremental=inc)
+            if torch.equal(manager.load(f"b{i}.ckpt")["w"], frozen):
+                caught = i
+                break
+            saves += 1
+    assert caught is not None and caught < 2  # within confirm_every saves
+    assert any("version counter" in str(w.message) for w in seen)
+    frozen.data.add_(1)  # from now on hashed every save: the very next save holds the new bytes
+    manager.save({"w": frozen}, "c.ckpt", incremental=inc)
+    assert torch.equal(manager.load("c.ckpt")["w"], frozen)
+
+
+def test_prune_frees_a_shared_piece_exactly_when_its_last_checkpoint_goes(tmp_path: Path) -> None:
+    from lightning_ckpt import KeepLatest
+
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental()
+    run = Run()
+    for i in range(3):
+        run.step()
+        manager.save(run.state(), f"e{i}.ckpt", global_step=i, incremental=inc)
+    first = {r.file for r in pieces.table_of(manager.read_manifest("e0.ckpt")).refs if r}
+    assert len(packs(manager)) == 3
+    manager.prune(KeepLatest(1))
+    # e0's pack still holds the frozen pieces e2 references; e1's pack held only its own head/moment
+    left = packs(manager)
+    assert set(left) == first | {r.file for r in pieces.table_of(manager.read_manifest("e2.ckpt")).refs if r}
+    assert len(left) == 2
+    check(manager.load("e2.ckpt"), run.expected())
+    manager.delete("e2.ckpt")
+    assert packs(manager) == {}
+
+
+def test_a_copy_shares_the_pieces_and_outlives_its_source(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    run = Run()
+    manager.save(run.state(), "e0.ckpt", incremental=Incremental())
+    manager.copy("e0.ckpt", "last.ckpt")
+    manager.delete("e0.ckpt")
+    check(manager.load("last.ckpt"), run.expected())
+    manager.delete("last.ckpt")
+    assert packs(manager) == {}
+
+
+@pytest.fixture
+def faulty() -> tuple[str, dict[str, Any], FaultPlan]:
+    register()
+    plan = FaultPlan()
+    return f"faulty://i-{uuid.uuid4().hex[:8]}/ckpts", {"target_protocol": "memory", "plan": plan}, plan
+
+
+def test_a_failing_piece_write_commits_nothing_and_leaves_nothing(faulty) -> None:
+    url, options, plan = faulty
+    manager = CheckpointManager(url, options, retry=FAST)
+    inc = Incremental()
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=inc)
+    run.step()
+    plan.add(Fault(op="write", path="*lckpt-pack-*", exc=OSError(errno.EIO, "bad sector")))
+    with pytest.raises(StorageError, match="bad sector"):
+        manager.save(run.state(), "b.ckpt", incremental=inc)
+    assert [m.name for m in manager.manifests()] == ["a.ckpt"]
+    manager.cleanup()
+    assert set(packs(manager)) == pieces.table_of(manager.read_manifest("a.ckpt")).files
+    run.step()
+    manager.save(run.state(), "b.ckpt", incremental=inc)  # the cache survived the failure
+    check(manager.load("b.ckpt"), run.expected())
+
+
+def test_a_crash_between_pieces_and_manifest_loses_nothing_and_cleanup_reclaims_the_pack(faulty) -> None:
+    url, options, plan = faulty
+    manager = CheckpointManager(url, options, retry=FAST)
+    inc = Incremental()
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=inc)
+    want = run.expected()
+    run.step()
+    # the manifest never lands and the save's own clean-up fails too: what a SIGKILL leaves
+    plan.add(Fault(op="open_write", path="*b.ckpt.manifest.json", times=None))
+    plan.add(Fault(op="rm", path="*", times=None))
+    with pytest.raises(StorageError):
+        manager.save(run.state(), "b.ckpt", incremental=inc)
+    plan.clear()
+    assert len(packs(manager)) == 2
+    removed = manager.cleanup()
+    assert any(pieces.is_pack(f) for f in removed)
+    assert set(packs(manager)) == pieces.table_of(manager.read_manifest("a.ckpt")).files
+    check(manager.load("a.ckpt"), want)
+
+
+def test_damage_to_a_shared_piece_is_found_by_verify_and_refused_by_load(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=Incremental())
+    pack = next(iter(packs(manager)))
+    with open(tmp_path / pack, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xfe")
+    with pytest.raises(CorruptCheckpointError, match="does not match its digest"):
+        manager.verify("a.ckpt")
+    with pytest.raises(CorruptCheckpointError):
+        manager.load("a.ckpt")
+    os.remove(tmp_path / pack)
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        manager.verify("a.ckpt")
+    with pytest.warns(CheckpointWarning, match="skipping damaged"):
+        assert manager.latest() is None  # skipped with a warning, never loaded
+
+
+def test_the_signature_covers_the_piece_references(tmp_path: Path) -> None:
+    signer = Signer(b"k" * 32)
+    manager = CheckpointManager(str(tmp_path), signer=signer)
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=Incremental())
+    run.step()
+    manager.save(run.state(), "b.ckpt", incremental=Incremental())
+    path = tmp_path / manifest_name("b.ckpt")
+    raw = json.loads(path.read_bytes())
+    refs = raw["pieces"]["refs"]
+    refs[0], refs[1] = refs[1], refs[0]  # swap two tensors' bytes
+    path.write_text(json.dumps(raw))
+    with pytest.raises(TamperedCheckpointError):
+        manager.load("b.ckpt")
+
+
+def test_encrypted_pieces_are_keyed_and_unreadable_without_the_key(tmp_path: Path) -> None:
+    key = os.urandom(32)
+    manager = CheckpointManager(str(tmp_path), encryptor=Encryptor(key))
+    inc = Incremental()
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=inc)
+    run.step()
+    manager.save(run.state(), "b.ckpt", incremental=inc)
+    check(manager.load("b.ckpt"), run.expected())
+    table = pieces.table_of(manager.read_manifest("b.ckpt"))
+    plain_ids = {pieces.digest(memoryview(run.frozen.numpy()).cast("B"))}
+    assert not plain_ids & {r.id for r in table.refs if r}  # ids say nothing checkable about plaintext
+    blob = b"".join((tmp_path / p).read_bytes() for p in packs(manager))
+    assert bytes(memoryview(run.frozen.numpy()).cast("B")[:4096]) not in blob
+    assert sum(packs(manager).values()) < 2 * (run.frozen.nbytes + run.ids.nbytes + run.mask.nbytes)  # shared
+    with pytest.raises(KeyMissingError):
+        CheckpointManager(str(tmp_path), encryptor=Encryptor(os.urandom(32))).load("b.ckpt")
+    # a new key shares nothing with the old one's pieces (its ids are keyed differently)
+    rotated = CheckpointManager(str(tmp_path), encryptor=Encryptor(os.urandom(32), key))
+    rotated.save(run.state(), "c.ckpt", incremental=Incremental())
+    assert not table.files & pieces.table_of(rotated.read_manifest("c.ckpt")).files
+    check(rotated.load("b.ckpt"), run.expected())
+
+
+def test_the_collector_never_runs_beside_a_live_writer_and_writers_wait_for_it(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=Incremental())
+    orphan = pieces.pack_name(layout.new_token())
+    (tmp_path / orphan).write_bytes(b"x" * 10)
+    token = layout.new_token()
+    with layout.in_flight(token):  # another save in progress in this process
+        manager.storage.write_bytes(layout.marker_name("z.ckpt", token),
+                                    layout.Marker.mine("z.ckpt", token).to_json())
+        assert pieces.collect(manager.storage) == []
+        manager.storage.delete(layout.marker_name("z.ckpt", token))
+    gc = layout.new_token()
+    with layout.in_flight(gc):  # a live collector: a writer waits, then gives up
+        manager.storage.write_bytes(layout.marker_name(pieces.COLLECTOR, gc),
+                                    layout.Marker.mine(pieces.COLLECTOR, gc, "gc").to_json())
+        with pytest.raises(StorageError, match="reclaiming"):
+            pieces.wait_for_collectors(manager.storage, layout.STALE_AFTER, timeout=0.2)
+        manager.storage.delete(layout.marker_name(pieces.COLLECTOR, gc))
+    assert pieces.collect(manager.storage) == [orphan]
+
+
+def test_files_we_did_not_write_are_never_touched(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    foreign = {"notes.~lckpt-pack-keep": b"a", ".lckpt-pack-0123456789abcdef": b"b", "x.ckpt": b"c"}
+    for name, data in foreign.items():
+        (tmp_path / name).write_bytes(data)
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=Incremental())
+    manager.delete("a.ckpt")
+    manager.cleanup()
+    for name, data in foreign.items():
+        assert (tmp_path / name).read_bytes() == data
+
+
+def test_an_unparseable_manifest_stops_the_collector(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    run = Run()
+    manager.save(run.state(), "a.ckpt", incremental=Incremental())
+    (tmp_path / "b.ckpt").write_bytes(b"x")
+    (tmp_path / manifest_name("b.ckpt")).write_bytes(b"{not json")
+    os.remove(tmp_path / manifest_name("a.ckpt"))  # its packs are unreferenced now...
+    assert pieces.collect(manager.storage) == []  # ...but b's manifest might reference them
+    assert packs(manager)
+
+
+@pytest.mark.parametrize("bad", [
+    {"refs": "x"},
+    {"refs": [["0" * 64, "../etc/passwd", 0, 1, "0" * 64, "cpu"]]},
+    {"refs": [["0" * 64, ".~lckpt-pack-0123456789abcdef", -1, 1, "0" * 64, "cpu"]]},
+    {"refs": [["zz", ".~lckpt-pack-0123456789abcdef", 0, 1, "0" * 64, "cpu"]]},
+    {"refs": [["0" * 64, ".~lckpt-pack-0123456789abcdef", 0, True, "0" * 64, "cpu"]]},
+    {"refs": [["0" * 64, ".~lckpt-pack-0123456789abcdef", 0, 1, "0" * 64, "cuda:0; rm"]]},
+])
+def test_a_malformed_piece_table_is_a_damaged_manifest(tmp_path: Path, bad: dict[str, Any]) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.save(Run().state(), "a.ckpt", incremental=Incremental())
+    path = tmp_path / manifest_name("a.ckpt")
+    raw = json.loads(path.read_bytes())
+    raw["pieces"] = bad
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CorruptCheckpointError, match="malformed"):
+        manager.load("a.ckpt")
+
+
+def test_placeholders_and_pieces_must_agree(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.save(Run().state(), "a.ckpt", incremental=Incremental())
+    path = tmp_path / manifest_name("a.ckpt")
+    raw = json.loads(path.read_bytes())
+    raw["pieces"]["refs"].pop()
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CorruptCheckpointError, match="placeholders"):
+        manager.load("a.ckpt", verify=False)
+
+
+def test_bad_arguments_are_refused() -> None:
+    from lightning_ckpt import CheckpointCallback
+
+    for kwargs in ({"min_bytes": 0}, {"confirm_every": 0}, {"min_bytes": 1.5}):
+        with pytest.raises(ConfigurationError):
+            Incremental(**kwargs)
+    with pytest.raises(ConfigurationError, match="incremental"):
+        CheckpointCallback(incremental="yes")  # type: ignore[arg-type]
+
+
+def test_s3_incremental_round_trip(s3_bucket_url: tuple[str, dict[str, Any]]) -> None:
+    url, options = s3_bucket_url
+    manager = CheckpointManager(url + "/inc", options)
+    inc = Incremental()
+    run = Run()
+    for i in range(2):
+        run.step()
+        manager.save(run.state(), f"e{i}.ckpt", global_step=i, incremental=inc)
+    manager.copy("e1.ckpt", "last.ckpt")
+    check(manager.load("last.ckpt"), run.expected())
+    manager.verify("e0.ckpt")
+    manager.delete("e0.ckpt")
+    check(manager.load("e1.ckpt"), run.expected())
+    assert len(packs(manager)) == 2
