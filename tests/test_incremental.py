@@ -389,3 +389,104 @@ def test_s3_incremental_round_trip(s3_bucket_url: tuple[str, dict[str, Any]]) ->
     manager.delete("e0.ckpt")
     check(manager.load("e1.ckpt"), run.expected())
     assert len(packs(manager)) == 2
+
+
+# -- the callback under a real Trainer ------------------------------------------------------------
+
+class FrozenBackbone:
+    """TinyModel with a frozen 64x256 backbone (64 KiB: one piece) in front of its head."""
+
+    @staticmethod
+    def model() -> Any:
+        import lightning.pytorch as pl  # noqa: F401
+        from helpers import TinyModel
+        from torch import nn
+
+        class Model(TinyModel):
+            def __init__(self) -> None:
+                super().__init__()
+                self.backbone = nn.Linear(4, 4096, bias=False)  # 64 KiB
+                self.backbone.requires_grad_(False)
+                self.proj = nn.Linear(4096, 4)  # 64 KiB, trained: a piece that changes
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net(self.proj(torch.tanh(self.backbone(x))) * 0.01 + x)
+
+        return Model
+
+
+def fit_frozen(ckpt: Any, max_epochs: int, ckpt_path: str | None = None) -> Any:
+    import lightning.pytorch as pl
+    from helpers import data, trainer
+
+    pl.seed_everything(0, verbose=False)
+    model = FrozenBackbone.model()()
+    train, val = data()
+    t = trainer([ckpt], max_epochs=max_epochs)
+    t.fit(model, train, val, ckpt_path=ckpt_path)
+    return t, model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("async_save", [False, True])
+def test_callback_resume_is_bit_identical_and_frozen_weights_are_written_once(tmp_path: Path, async_save: bool) -> None:
+    from lightning_ckpt import CheckpointCallback, load_checkpoint
+
+    def callback(d: Path) -> Any:
+        return CheckpointCallback(dirpath=str(d), monitor="val_loss", save_top_k=-1, save_last=True,
+                                  incremental=True, async_save=async_save)
+
+    _, full = fit_frozen(callback(tmp_path / "full"), max_epochs=3)
+    manager = CheckpointManager(str(tmp_path / "full"))
+    names = [m.name for m in manager.manifests()]
+    assert len(names) == 4 and "last.ckpt" in names
+    backbone = full.backbone.weight.nbytes
+    stored = sum(packs(manager).values())
+    assert stored == backbone * (1 + 3 * 3)  # backbone once; proj and its two Adam moments every epoch
+    for name in names:
+        manager.verify(name)
+    # interrupted after epoch 1, resumed from "last" in a new trainer: bit for bit the same
+    fit_frozen(callback(tmp_path / "cut"), max_epochs=1)
+    _, resumed = fit_frozen(callback(tmp_path / "cut"), max_epochs=3, ckpt_path="last")
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    loaded = load_checkpoint(str(tmp_path / "cut" / "last.ckpt"))
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(loaded["state_dict"][key], value), key
+    assert "optimizer_states" in loaded and loaded["optimizer_states"][0]["state"]
+
+
+WRITER = """
+import sys, torch
+from lightning_ckpt import CheckpointManager, Incremental, KeepLatest
+directory, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+manager = CheckpointManager(directory)
+inc = Incremental()
+frozen = torch.arange(100_000, dtype=torch.float32)  # the same bytes in both writers: shared
+head = torch.zeros(50_000)
+for i in range(n):
+    head += 1
+    manager.save({"frozen": frozen, "head": head, "i": i}, f"{tag}-{i}.ckpt", global_step=i, owner=tag,
+                 incremental=inc)
+    manager.prune(KeepLatest(2), owner=tag)
+"""
+
+
+def test_two_processes_share_a_directory_and_lose_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag, "6"], env=env,
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    manager = CheckpointManager(str(tmp_path))
+    names = sorted(m.name for m in manager.manifests())
+    assert names == ["a-4.ckpt", "a-5.ckpt", "b-4.ckpt", "b-5.ckpt"]
+    for name in names:
+        out = manager.load(name)
+        assert torch.equal(out["frozen"], torch.arange(100_000, dtype=torch.float32))
+        assert torch.equal(out["head"], torch.full((50_000,), float(out["i"] + 1)))
+    manager.cleanup()
+    referenced = set().union(*(pieces.table_of(manager.read_manifest(n)).files for n in names))
+    assert set(packs(manager)) == referenced
