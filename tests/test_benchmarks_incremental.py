@@ -23,5 +23,5 @@ def test_short_incremental_benchmark_reports_both_models_and_modes(tmp_path: Pat
     assert modes == {(0.95, "full"), (0.95, "incremental"), (0.0, "full"), (0.0, "incremental")}
     # what the benchmark measures must be real: incremental saves of a mostly frozen model write less
     assert report["ratios"]["95%"]["bytes_per_save"] < 1.0
-    assert report["ratios"]["0%"]["bytes_per_save"] == 1.0
+    assert report["ratios"]["0%"]["bytes_per_save"] > 0.9  # nothing to share: about a full save
     assert "| 95% | incremental |" in proc.stdout
