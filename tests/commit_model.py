@@ -13,7 +13,10 @@ After every step the invariant is checked through a manager *without* faults:
 The model keeps, per name, the set of values the name may hold: one value after a save that
 returned success; after a failed save or delete, what it held before *or* the new outcome (a
 failure may still have committed). Anything outside that set -- an older version coming back, a
-checkpoint gone, a damaged manifest, a foreign file changed -- fails the test. Used by
+checkpoint gone, a damaged manifest, a foreign file changed -- fails the test. With
+``incremental=True`` every save is incremental (a frozen tensor shared by every checkpoint, the
+value's tensor a piece of its own): then also every piece a committed checkpoint references must
+load, and after a fault-free cleanup no pack file is left that no manifest references. Used by
 tests/test_commit_model.py (bounded, in CI) and tests/commit_model_long.py (the long mode).
 """
 
@@ -30,7 +33,8 @@ import torch
 from faulty_fs import Fault, FaultPlan, register
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lightning_ckpt import CheckpointManager, KeepLatest, NameTakenError, RetryPolicy
+from lightning_ckpt import CheckpointManager, Incremental, KeepLatest, NameTakenError, RetryPolicy
+from lightning_ckpt import pieces
 
 ABSENT = -1
 NAMES = ["a.ckpt", "b.ckpt", "last.ckpt"]
@@ -57,7 +61,11 @@ class Counts:
 Dirs = Callable[[], tuple[str, dict[str, Any], str, dict[str, Any]]]
 
 
-def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
+#: the tensor every checkpoint of an incremental run shares (stored once)
+FROZEN = torch.arange(512, dtype=torch.float32)
+
+
+def machine(make_dir: Dirs, counts: Counts, incremental: bool = False) -> type[RuleBasedStateMachine]:
     """A state machine class over a backend; ``make_dir()`` returns a fresh directory as
     (URL, storage options, the same directory behind faulty://, its options without the plan)."""
 
@@ -72,6 +80,8 @@ def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
             self.writer = CheckpointManager(faulty_url, fopts, retry=ONCE)
             self.second = CheckpointManager(faulty_url, fopts, retry=ONCE)
             self.possible: dict[str, set[int]] = {n: {ABSENT} for n in NAMES}
+            # one shortcut cache per writer, as one per run
+            self.inc = {id(m): Incremental(min_bytes=256) for m in (self.direct, self.writer, self.second)}
             self.step = 0
             counts.sequences += 1
 
@@ -93,9 +103,23 @@ def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
             counts.steps += 1
             return self.step
 
+        def _state(self, value: int) -> dict[str, Any]:
+            if not incremental:
+                return {"v": torch.full((64,), float(value)), "value": value}
+            return {"v": torch.full((64,), float(value)), "value": value, "frozen": FROZEN,
+                    "big": torch.full((128,), float(value))}
+
         def _save(self, mgr: CheckpointManager, name: str, value: int, **kw: Any) -> bool:
+            state = self._state(value)
+            if incremental:
+                job = self.inc[id(mgr)].prepare(state)
+                write = kw.pop("write", None)
+                if write is not None:  # the second writer acts after the pieces, before payload and manifest
+                    original = job.write
+                    job.write = lambda *a: (original(*a), write(None))[0]  # type: ignore[method-assign]
+                state, kw["incremental"] = job.state, job
             try:
-                mgr.save({"v": torch.full((64,), float(value)), "value": value}, name, global_step=value, **kw)
+                mgr.save(state, name, global_step=value, **kw)
             except NameTakenError:
                 raise AssertionError(f"a save of {name} by its only owner was refused") from None
             except Exception:  # noqa: BLE001 - a failed save is allowed, a lost checkpoint is not
@@ -131,7 +155,8 @@ def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
             done: list[bool] = []
 
             def write(stream: Any) -> None:
-                torch.save({"v": torch.full((64,), float(value)), "value": value}, stream)
+                if stream is not None:
+                    torch.save(self._state(value), stream)
                 if what == "cleanup":
                     self.second.cleanup()
                 else:
@@ -206,6 +231,10 @@ def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
             self.direct.cleanup()
             found = self.direct.scan()
             assert found.leftovers == [] and found.in_progress == [], (found.leftovers, found.in_progress)
+            files = {f.name for f in self.direct.storage.list()}
+            referenced = set().union(*(pieces.table_of(m).files for m in found.committed if m.pieces))
+            assert {f for f in files if pieces.is_pack(f)} == referenced, "an unreferenced pack survived cleanup"
+
 
         # -- the invariant ------------------------------------------------------------------
 
@@ -217,9 +246,15 @@ def machine(make_dir: Dirs, counts: Counts) -> type[RuleBasedStateMachine]:
             assert found.damaged == [] and found.orphaned == [], (found.damaged, found.orphaned)
             for name, values in self.possible.items():
                 try:
-                    got = int(self.direct.load(name)["value"])
+                    loaded = self.direct.load(name)
+                    got = int(loaded["value"])
                 except FileNotFoundError:
                     got = ABSENT
+                else:
+                    assert torch.equal(loaded["v"], torch.full((64,), float(got)))
+                    if incremental:  # every piece it references is there and right
+                        assert torch.equal(loaded["frozen"], FROZEN)
+                        assert torch.equal(loaded["big"], torch.full((128,), float(got)))
                 assert got in values, f"{name} holds {got}, but only {sorted(values)} are allowed"
                 self.possible[name] = {got}
             for name, data in FOREIGN.items():

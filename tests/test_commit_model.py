@@ -18,11 +18,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::lightning_ckpt.CheckpointWarnin
 CI = {"memory": (15, 12), "local": (10, 12), "s3": (4, 8)}  # (sequences, steps per sequence)
 
 
-def _run(make: Any, backend: str) -> Counts:
+def _run(make: Any, backend: str, incremental: bool = False) -> Counts:
     counts = Counts()
     examples, steps = CI[backend]
     run_state_machine_as_test(
-        machine(make, counts),
+        machine(make, counts, incremental),
         settings=settings(max_examples=examples, stateful_step_count=steps, deadline=None, derandomize=True,
                           suppress_health_check=list(HealthCheck), database=None),
     )
@@ -41,3 +41,15 @@ def test_commit_protocol_on_a_local_disk(tmp_path: Any) -> None:
 
 def test_commit_protocol_on_s3(s3_bucket_url: tuple[str, dict[str, Any]]) -> None:
     _run(s3_dir(*s3_bucket_url), "s3")
+
+
+def test_incremental_commit_protocol_on_memory() -> None:
+    _run(memory_dir, "memory", incremental=True)
+
+
+def test_incremental_commit_protocol_on_a_local_disk(tmp_path: Any) -> None:
+    _run(local_dir(str(tmp_path)), "local", incremental=True)
+
+
+def test_incremental_commit_protocol_on_s3(s3_bucket_url: tuple[str, dict[str, Any]]) -> None:
+    _run(s3_dir(*s3_bucket_url), "s3", incremental=True)
