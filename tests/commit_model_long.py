@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
 
-def run(backend: str, examples: int, steps: int, seed: int) -> dict[str, object]:
+def run(backend: str, examples: int, steps: int, seed: int, incremental: bool = False) -> dict[str, object]:
     counts = Counts()
     server = None
     start = time.perf_counter()
@@ -44,7 +44,7 @@ def run(backend: str, examples: int, steps: int, seed: int) -> dict[str, object]
         from hypothesis import seed as hseed
 
         test = hseed(seed)(lambda: run_state_machine_as_test(
-            machine(make, counts),
+            machine(make, counts, incremental),
             settings=settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
                               suppress_health_check=list(HealthCheck)),
         ))
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="max steps per sequence (long: 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--incremental", action="store_true", help="every save incremental (shared pieces)")
     args = parser.parse_args(argv)
     examples = args.examples or (400 if args.long else 30)
     steps = args.steps or (40 if args.long else 20)
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["memory", "local", "s3"] if args.backend == "all" else [args.backend]
     reports = []
     for backend in backends:
-        report = run(backend, examples if backend != "s3" else max(1, examples // 4), steps, args.seed)
+        report = run(backend, examples if backend != "s3" else max(1, examples // 4), steps, args.seed,
+                     args.incremental)
         reports.append(report)
         print(f"{backend:<7} {'OK' if report['ok'] else 'FAILED'}: {report['sequences']} sequences, "
               f"{report['steps']} save steps, {sum(report['rules'].values())} rule steps, "  # type: ignore[union-attr]
