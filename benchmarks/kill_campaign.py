@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_ckpt import CheckpointManager, CheckpointWarning
 from lightning_ckpt.integrity import MANIFEST_SUFFIX
-from lightning_ckpt import layout
+from lightning_ckpt import layout, pieces
 
 LANDINGS = ("between_saves", "save_started", "inside_payload_write", "inside_commit")
 
@@ -61,9 +61,10 @@ LANDINGS = ("between_saves", "save_started", "inside_payload_write", "inside_com
 class Run:
     """One attempt: a runner process, started and waited on until it trains."""
 
-    def __init__(self, url: str, steps: int, out: str, options: dict[str, Any], slow: float, pad_mb: float) -> None:
+    def __init__(self, url: str, steps: int, out: str, options: dict[str, Any], slow: float, pad_mb: float,
+                 incremental: bool = False) -> None:
         args = [sys.executable, str(RUNNER), url, str(steps), out, "--options", json.dumps(options),
-                "--slow", str(slow), "--pad-mb", str(pad_mb)]
+                "--slow", str(slow), "--pad-mb", str(pad_mb)] + (["--incremental"] if incremental else [])
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
@@ -138,13 +139,17 @@ def inspect(manager: CheckpointManager) -> dict[str, Any]:
             landing = "inside_commit"  # committed; the old version not yet retired or the marker not removed
         elif physical in files and loads(storage.read_bytes(physical)):
             landing = "inside_commit"  # payload complete, manifest missing or partial
-        elif physical in files or any(t.endswith("." + physical) for t in temps):
-            landing = "inside_payload_write"
+        elif physical in files or any(t.endswith("." + physical) for t in temps) or (
+                marker.token and any(f.endswith(pieces.pack_name(marker.token)) for f in files)):
+            landing = "inside_payload_write"  # (an incremental save's pieces count as its payload)
         else:
             landing = "save_started"
     if not markers and temps:
         landing = "inside_payload_write"
-    leftovers = manager.scan().leftovers  # the writer is dead: exactly what cleanup() removes
+    found = manager.scan()
+    leftovers = list(found.leftovers)  # the writer is dead: exactly what cleanup() removes
+    referenced = set().union(*(pieces.table_of(m).files for m in found.committed if m.pieces))
+    leftovers += [f for f in files if pieces.is_pack(f) and f not in referenced]  # packs of an interrupted save
     return {"landing": landing, "verified": verified, "failed": failed, "leftovers": sorted(set(leftovers)),
             "bad_manifests": bad_manifests}
 
@@ -170,7 +175,7 @@ def identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def campaign(kills: int, backend: str, steps: int, seed: int, slow: float, pad_mb: float,
-             log: Any = print) -> dict[str, Any]:
+             log: Any = print, incremental: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="kill-campaign-"))
     server = None
@@ -190,7 +195,7 @@ def campaign(kills: int, backend: str, steps: int, seed: int, slow: float, pad_m
             server = SeaweedS3().start()
             options = server.storage_options
         ref_out = str(work / "reference.pt")
-        ref = Run(str(work / "reference"), steps, ref_out, {}, 0.0, pad_mb)
+        ref = Run(str(work / "reference"), steps, ref_out, {}, 0.0, pad_mb, incremental)
         ref.wait_ready()
         ref.go()
         ref.kill_after(600)
@@ -207,7 +212,7 @@ def campaign(kills: int, backend: str, steps: int, seed: int, slow: float, pad_m
             while True:
                 last_kill = stats["kills"] >= kills
                 mode = 0.0 if last_kill or rng.random() < 0.5 else slow
-                run = Run(url, steps, out, options, mode, pad_mb)
+                run = Run(url, steps, out, options, mode, pad_mb, incremental)
                 run.wait_ready()
                 stats["attempts"] += 1
                 start = inspect(manager)
@@ -311,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=float, default=0.002, help="seconds per payload write on the slowed view")
     parser.add_argument("--pad-mb", type=float, default=2.0, help="extra payload size (a wider write window)")
     parser.add_argument("--json", help="write the summary as JSON here")
+    parser.add_argument("--incremental", action="store_true", help="incremental saves (the pad is stored once)")
     args = parser.parse_args(argv)
     if args.quick:
         args.kills, args.backend, args.steps = min(args.kills, 5), "local", 12
-    stats = campaign(args.kills, args.backend, args.steps, args.seed, args.slow, args.pad_mb)
+    stats = campaign(args.kills, args.backend, args.steps, args.seed, args.slow, args.pad_mb,
+                     incremental=args.incremental)
     print(table(stats))
     for problem in stats["problems"]:
         print("PROBLEM:", problem)

@@ -26,7 +26,7 @@ import torch
 from exact_run import Net, NoisyData
 from torch.utils.data import DataLoader
 
-from lightning_ckpt import CheckpointCallback
+from lightning_ckpt import CheckpointCallback, Incremental
 
 
 class PaddedNet(Net):
@@ -60,6 +60,7 @@ def storage(dirpath: str, options: dict[str, Any], slow: float) -> tuple[str, di
     register()
     plan = FaultPlan(
         Fault(op="write", kind="slow", delay=slow, path="*.ckpt", times=None),
+        Fault(op="write", kind="slow", delay=slow, path="*~lckpt-pack-*", times=None),  # incremental pieces
         Fault(op="close", kind="slow", delay=slow * 5, path="*.ckpt", times=None),
         Fault(op="close", kind="slow", delay=slow * 5, path="*.manifest.json", times=None),
     )
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}")
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--pad-mb", type=float, default=0.0)
+    parser.add_argument("--incremental", action="store_true", help="incremental saves (the pad is shared)")
     args = parser.parse_args()
     url, options = storage(args.dirpath, json.loads(args.options), args.slow)
     pl.seed_everything(1, workers=True, verbose=False)
@@ -84,7 +86,8 @@ def main() -> None:
     train = DataLoader(NoisyData(), batch_size=8, shuffle=True)
     val = DataLoader(NoisyData(16), batch_size=8)
     cb = CheckpointCallback(dirpath=url, storage_options=options or None, every_n_train_steps=1, save_top_k=-1,
-                            filename="{step}", save_last=True)  # last.ckpt: a name replaced at every step
+                            filename="{step}", save_last=True,  # last.ckpt: a name replaced at every step
+                            incremental=Incremental(min_bytes=1024) if args.incremental else False)
     handshake = Handshake(cb)
     trainer = pl.Trainer(max_steps=args.max_steps, val_check_interval=5, num_sanity_val_steps=0, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
