@@ -75,10 +75,10 @@ class _Reuse:
     """Stands for a tensor the shortcut found unchanged: its piece, and the live tensor as a
     fallback. Copied as itself (the async snapshot must not copy the tensor)."""
 
-    __slots__ = ("live", "ref", "version")
+    __slots__ = ("confirm", "live", "ref", "version")
 
-    def __init__(self, ref: PieceRef, live: torch.Tensor, version: int) -> None:
-        self.ref, self.live, self.version = ref, live, version
+    def __init__(self, ref: PieceRef, live: torch.Tensor, version: int, confirm: bool = False) -> None:
+        self.ref, self.live, self.version, self.confirm = ref, live, version, confirm
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Reuse:
         return self
@@ -139,13 +139,15 @@ class Incremental:
         if (
             seen is not None
             and not seen.untrusted
+            and path not in self._untrusted
             and seen.ptr == t.untyped_storage().data_ptr()
             and seen.version == version
             and seen.key == _key(t)
-            and seen.age + 1 < self.confirm_every
         ):
             job.reused[path] = seen.ref
-            return _Reuse(seen.ref, t, version)
+            # due for confirmation: hashed by the save itself (in the background with async_save),
+            # still without a copy into the snapshot
+            return _Reuse(seen.ref, t, version, confirm=seen.age + 1 >= self.confirm_every)
         return t
 
     def _candidate(self, t: torch.Tensor) -> bool:
@@ -171,7 +173,9 @@ class Incremental:
             if ref is None:
                 continue
             old = self._seen.get(path)
-            if path in job.reused:
+            if path in job.confirmed:
+                age = 0
+            elif path in job.reused:
                 age = (old.age + 1) if old is not None else 0
             elif old is not None and old.ptr == ptr and old.version == version and old.key == key:
                 # a confirmation: the shortcut would have said "unchanged"
@@ -200,6 +204,10 @@ class IncrementalSave:
     #: path -> (the live tensor, its storage address, version, key) at prepare time
     live: dict[Path, tuple[torch.Tensor, int, int, tuple[Any, ...]]] = field(default_factory=dict)
     reused: dict[Path, PieceRef] = field(default_factory=dict)
+    #: paths the shortcut took as unchanged whose bytes this save hashed again (and found equal)
+    confirmed: set[Path] = field(default_factory=set)
+    #: whether the state handed to :meth:`write` is the caller's live state (a synchronous save)
+    live_state: bool = False
     refs_by_path: dict[Path, PieceRef] = field(default_factory=dict)
     table: PieceTable | None = None
     #: bytes of pieces this save wrote, and of pieces it referenced without writing
@@ -216,7 +224,8 @@ class IncrementalSave:
         """Write this save's new pieces into one pack file; return the payload (placeholders in
         place of pieces). ``state`` is ``self.state`` or the async saver's copy of it."""
         pieces.wait_for_collectors(storage, stale_after)
-        files = {f.name for f in storage.list()}
+        sizes = {f.name: f.size for f in storage.list()}
+        files = set(sizes)
         encryption = encryptor.describe() if encryptor is not None else None
         known = pieces.index(committed_manifests, files, encryption)
         id_key = _id_key(encryptor)
@@ -232,6 +241,11 @@ class IncrementalSave:
             return out
 
         def place(t: Any, path: Path) -> Any:
+            if isinstance(t, _Reuse) and t.confirm and (self.live_state or t.live._version == t.version):
+                ref = self._confirm(t, path, id_key, known, writer, encryptor)
+                self.refs_by_path[path] = ref
+                refs.append(ref)
+                return torch.empty(t.live.shape, dtype=t.live.dtype, device="meta")
             if isinstance(t, _Reuse):
                 ref = known.get(t.ref.id)
                 if ref is None:
@@ -260,13 +274,61 @@ class IncrementalSave:
 
         try:
             payload = _rebuild(state, (), {}, visit, reuse=True)
+            moved = self._compact(storage, refs, sizes, writer, str(storage.url))
             writer.close()
         except BaseException:
             writer.abort()
             raise
         self.pack = pack if writer.size else None
-        self.table = PieceTable(tuple(refs), encryption)
+        self.table = PieceTable(tuple(moved.get(r, r) if r is not None else None for r in refs), encryption)
+        self.refs_by_path = {p: moved.get(r, r) for p, r in self.refs_by_path.items()}
         return payload
+
+    def _compact(self, storage: Storage, refs: list[PieceRef | None], sizes: dict[str, int], writer: _PackWriter,
+                 where: str) -> dict[PieceRef, PieceRef]:
+        """Copy forward the pieces this save references in packs it would keep mostly for dead
+        bytes: a pack lives while any of its pieces is referenced, so one whose pieces this save
+        uses make up less than half of it is left to age out with the older checkpoints, and its
+        pieces still in use move into this save's pack (read back, digest checked, copied as
+        stored: ciphertext stays ciphertext). Storage stays within about twice what the newest
+        checkpoint references, plus what retention keeps."""
+        used: dict[str, dict[tuple[int, int], PieceRef]] = {}
+        for ref in refs:
+            if ref is not None and ref.file != writer.name:
+                used.setdefault(ref.file, {})[(ref.offset, ref.size)] = ref
+        moved: dict[PieceRef, PieceRef] = {}
+        for file, distinct in used.items():
+            if 2 * sum(size for _, size in distinct) >= sizes.get(file, 0):
+                continue
+            for ref in distinct.values():
+                data = pieces.read_piece(storage, ref, where)
+                moved[ref] = PieceRef(ref.id, writer.name, writer.write(data), ref.size, ref.digest, ref.device)
+                self.written += ref.size
+                self.shared -= ref.size
+        if moved:  # a piece referenced twice moves once
+            for ref in refs:
+                if ref is not None and ref not in moved and ref.file in used:
+                    twin = next((m for o, m in moved.items() if (o.file, o.offset) == (ref.file, ref.offset)), None)
+                    if twin is not None:
+                        moved[ref] = twin
+        return moved
+
+    def _confirm(self, t: _Reuse, path: Path, id_key: bytes | None, known: dict[str, PieceRef],
+                 writer: _PackWriter, encryptor: Encryptor | None) -> PieceRef:
+        """Hash a tensor the shortcut took as unchanged; store it if it did change after all."""
+        ref = self._store(t.live, path, id_key, known, writer, encryptor)
+        if ref.id == t.ref.id:
+            self.confirmed.add(path)
+            return ref
+        self.owner._untrusted.add(path)  # hashed (from the snapshot) at every save from now on
+        warnings.warn(
+            f"the tensor at {_show(path)} changed without its version counter moving (a write through .data, "
+            "numpy or a custom kernel?); it is hashed on every save from now on", CheckpointWarning, stacklevel=2)
+        if not self.live_state:
+            # a background save: the bytes at the snapshot are unknown, so this checkpoint cannot be exact
+            raise CheckpointError(f"the tensor at {_show(path)} changed without its version counter moving; this "
+                                  "save did not commit (the next one writes it)")
+        return ref
 
     def _store(self, t: torch.Tensor, path: Path, id_key: bytes | None, known: dict[str, PieceRef],
                writer: _PackWriter, encryptor: Encryptor | None) -> PieceRef:
@@ -352,6 +414,7 @@ def plan(incremental: Incremental | IncrementalSave, state: Any) -> tuple[Increm
     (then ``state`` is its state, or the async saver's copy of it)."""
     if isinstance(incremental, Incremental):
         job = incremental.prepare(state)
+        job.live_state = True  # the caller waits for this save: its state is the state to save
         return job, job.state
     if not isinstance(incremental, IncrementalSave):
         raise ConfigurationError(f"incremental={incremental!r} must be an Incremental(...)")

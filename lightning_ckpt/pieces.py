@@ -196,7 +196,7 @@ def index(manifests: Iterable[Any], files: set[str], encryption: Mapping[str, An
     save stores them (same encryption record) and whose pack files exist."""
     found: dict[str, PieceRef] = {}
     wanted = dict(encryption) if encryption else None
-    for manifest in manifests:
+    for manifest in sorted(manifests, key=lambda m: -getattr(m, "created", 0.0)):  # the newest copy of a piece
         try:
             table = table_of(manifest)
         except ValueError:

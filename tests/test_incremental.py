@@ -22,6 +22,7 @@ import torch
 from faulty_fs import Fault, FaultPlan, register
 
 from lightning_ckpt import (
+    CheckpointError,
     CheckpointManager,
     CheckpointWarning,
     ConfigurationError,
@@ -490,3 +491,75 @@ def test_two_processes_share_a_directory_and_lose_nothing(tmp_path: Path) -> Non
     manager.cleanup()
     referenced = set().union(*(pieces.table_of(manager.read_manifest(n)).files for n in names))
     assert set(packs(manager)) == referenced
+
+
+def test_cli_and_export_see_a_complete_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_ckpt import export
+    from lightning_ckpt.cli import main
+
+    manager = CheckpointManager(str(tmp_path / "run"))
+    inc = Incremental()
+    run = Run()
+    manager.save(run.state(), "a.ckpt", global_step=1, incremental=inc)
+    run.step()
+    manager.save(run.state(), "b.ckpt", global_step=2, incremental=inc)
+    url = manager.url_of("b.ckpt")
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    assert main(["inspect", url]) == 0
+    assert "frozen" in capsys.readouterr().out
+    assert main(["diff", manager.url_of("a.ckpt"), url]) == 0
+    out = capsys.readouterr().out
+    assert "state_dict: 4 same, 1 values" in out and "frozen" not in out  # compared in full: only head moved
+    # a standalone .ckpt that stock torch.load reads, weights-only
+    export(url, str(tmp_path / "standalone.ckpt"), format="ckpt")
+    check(torch.load(tmp_path / "standalone.ckpt", weights_only=True), run.expected())
+    assert main(["export", url, "--format", "ckpt", "-o", str(tmp_path / "cli.ckpt")]) == 0
+    check(torch.load(tmp_path / "cli.ckpt", weights_only=True), run.expected())
+    # a damaged shared piece: verify names it and fails
+    pack = sorted(packs(manager))[0]
+    with open(tmp_path / "run" / pack, "r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\x01\x02")
+    assert main(["verify", str(tmp_path / "run")]) != 0
+    assert "digest" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_a_background_save_refuses_a_tensor_changed_behind_the_version_counter(tmp_path: Path) -> None:
+    from lightning_ckpt.async_saver import AsyncSaver
+
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental(confirm_every=1)  # every shortcut tensor is confirmed at every save
+    frozen = torch.randn(256, 256)
+    with AsyncSaver(manager) as saver:
+        saver.save({"w": frozen}, "a.ckpt", incremental=inc).wait()
+        saver.save({"w": frozen}, "b.ckpt", incremental=inc).wait()  # confirmed: same bytes, nothing written
+        assert len(packs(manager)) == 1
+        original = frozen.clone()
+        frozen.data.add_(1)
+        with pytest.warns(CheckpointWarning, match="version counter"):
+            pending = saver.save({"w": frozen}, "c.ckpt", incremental=inc)
+            with pytest.raises(CheckpointError, match="did not commit"):
+                pending.wait()
+        saver.save({"w": frozen}, "d.ckpt", incremental=inc).wait()
+    assert "c.ckpt" not in {m.name for m in manager.manifests()}
+    assert torch.equal(manager.load("d.ckpt")["w"], frozen)
+    assert torch.equal(manager.load("b.ckpt")["w"], original)
+
+
+def test_a_pack_mostly_dead_is_not_kept_alive_by_one_piece(tmp_path: Path) -> None:
+    from lightning_ckpt import KeepLatest
+
+    manager = CheckpointManager(str(tmp_path))
+    inc = Incremental()
+    stable = torch.randn(128, 128)  # 64 KiB, never changes
+    moving = [torch.randn(256, 256) for _ in range(4)]  # 1 MiB that changes every save
+    for i in range(6):
+        for t in moving:
+            t.add_(1)
+        manager.save({"stable": stable, "moving": moving}, f"e{i}.ckpt", global_step=i, incremental=inc)
+        manager.prune(KeepLatest(2))
+    stored = sum(packs(manager).values())
+    # two checkpoints' moving tensors, the stable one (once or twice), never the first save's whole pack
+    assert stored <= 2 * 4 * moving[0].nbytes + 2 * stable.nbytes
+    for name in ("e4.ckpt", "e5.ckpt"):
+        assert torch.equal(manager.load(name)["stable"], stable)
