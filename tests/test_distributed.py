@@ -113,6 +113,23 @@ def test_ddp_resume_is_bit_exact_on_every_rank_also_after_async_saves(tmp_path: 
     assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in full]
 
 
+def test_ddp_incremental_saves_are_written_by_rank_0_and_resume_bit_exact(tmp_path: Path) -> None:
+    from lightning_ckpt import pieces
+
+    # width 2048: the first layer's weight (64 KiB) and its Adam moments are pieces
+    common = {"strategy": "ddp", "rank_seed": True, "width": 2048}
+    every4 = {"save_top_k": -1, "every_n_train_steps": 4, "incremental": True}
+    full = ok(*run(tmp_path, "full", dirpath=str(tmp_path / "full"), callback=every4, **common))
+    ok(*run(tmp_path, "part", max_steps=10, dirpath=str(tmp_path / "ck"), callback={**every4, "async_save": True},
+            **common))
+    resumed = ok(*run(tmp_path, "res", ckpt_path="last", dirpath=str(tmp_path / "ck"), callback=every4, **common))
+    assert resumed[0]["resumed_from"].endswith("epoch=0-step=8.ckpt")
+    assert [r["state_sha"] for r in resumed] == [r["state_sha"] for r in full]
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    assert all(mgr.verify(n).pieces for n in committed(tmp_path / "ck"))
+    assert any(pieces.is_pack(p.name) for p in (tmp_path / "ck").iterdir())
+
+
 def test_ddp_a_failed_periodic_save_warns_on_every_rank_and_training_goes_on(tmp_path: Path) -> None:
     fault = {"op": "close", "path": "*epoch=0-step=8.ckpt"}
     (tmp_path / "ck").mkdir()  # faulty:// over the local disk behaves like an object store: no mkdir
