@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_ckpt import pieces
+from lightning_ckpt import layout, pieces
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, ConfigurationError, CorruptCheckpointError
 from lightning_ckpt.pieces import PieceRef, PieceTable
 
@@ -214,6 +214,7 @@ class IncrementalSave:
     written: int = 0
     shared: int = 0
     pack: str | None = None
+    pack_name: str = ""
     memo: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> IncrementalSave:
@@ -230,7 +231,7 @@ class IncrementalSave:
         known = pieces.index(committed_manifests, files, encryption)
         id_key = _id_key(encryptor)
         refs: list[PieceRef | None] = []
-        pack = pieces.pack_name(token)
+        pack = self.pack_name = pieces.pack_name(token)
         writer = _PackWriter(storage, pack)
         placeholders: dict[int, Any] = {}
 
@@ -272,14 +273,17 @@ class IncrementalSave:
             refs.append(ref)
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
+        stable = _PackWriter(storage, pieces.pack_name(layout.new_token()))
         try:
             payload = _rebuild(state, (), {}, visit, reuse=True)
-            moved = self._compact(storage, refs, sizes, writer, str(storage.url))
+            moved = self._compact(storage, refs, sizes, stable, str(storage.url))
             writer.close()
+            stable.close()
         except BaseException:
             writer.abort()
+            stable.abort()
             raise
-        self.pack = pack if writer.size else None
+        self.pack = pack if writer.size else None  # (and the stable pack, if it moved pieces)
         self.table = PieceTable(tuple(moved.get(r, r) if r is not None else None for r in refs), encryption)
         self.refs_by_path = {p: moved.get(r, r) for p, r in self.refs_by_path.items()}
         return payload
@@ -289,12 +293,12 @@ class IncrementalSave:
         """Copy forward the pieces this save references in packs it would keep mostly for dead
         bytes: a pack lives while any of its pieces is referenced, so one whose pieces this save
         uses make up less than half of it is left to age out with the older checkpoints, and its
-        pieces still in use move into this save's pack (read back, digest checked, copied as
-        stored: ciphertext stays ciphertext). Storage stays within about twice what the newest
-        checkpoint references, plus what retention keeps."""
+        pieces still in use move into ``writer``, a pack of pieces that outlived a save (read
+        back, digest checked, copied as stored: ciphertext stays ciphertext). Such a pack is then
+        fully used by the next save, so a piece moves once, not at every save."""
         used: dict[str, dict[tuple[int, int], PieceRef]] = {}
         for ref in refs:
-            if ref is not None and ref.file != writer.name:
+            if ref is not None and ref.file != self.pack_name:
                 used.setdefault(ref.file, {})[(ref.offset, ref.size)] = ref
         moved: dict[PieceRef, PieceRef] = {}
         for file, distinct in used.items():
