@@ -565,3 +565,27 @@ def test_a_pack_mostly_dead_is_not_kept_alive_by_one_piece(tmp_path: Path) -> No
     assert stored <= 2 * 4 * moving[0].nbytes + 2 * stable.nbytes
     for name in ("e4.ckpt", "e5.ckpt"):
         assert torch.equal(manager.load(name)["stable"], stable)
+
+
+def test_one_run_saving_into_two_directories_never_references_the_other_ones_pieces(tmp_path: Path) -> None:
+    a, b = CheckpointManager(str(tmp_path / "a")), CheckpointManager(str(tmp_path / "b"))
+    inc = Incremental()
+    run = Run()
+    a.save(run.state(), "x.ckpt", incremental=inc)
+    b.save(run.state(), "x.ckpt", incremental=inc)  # the shortcut's pieces are in a/: b writes its own
+    a.delete("x.ckpt")
+    check(b.load("x.ckpt"), run.expected())
+    assert packs(a) == {} and packs(b)
+
+
+def test_an_old_runs_pieces_are_reused_by_content_and_never_deleted_while_referenced(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    run = Run()
+    manager.save(run.state(), "old.ckpt", owner="old-run", incremental=Incremental())
+    before = dict(packs(manager))
+    job = Incremental().prepare(run.state())  # a new process: no shortcut, content hashes find the pieces
+    manager.save(job.state, "new.ckpt", owner="new-run", incremental=job)
+    assert job.written == 0 and packs(manager) == before
+    manager.prune(__import__("lightning_ckpt").KeepLatest(1), owner="old-run")  # keeps its newest: nothing goes
+    manager.delete("old.ckpt")
+    check(manager.load("new.ckpt"), run.expected())
