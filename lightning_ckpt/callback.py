@@ -304,8 +304,11 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
 
     @property
     def _fs(self) -> Any:
-        """The fsspec filesystem of ``dirpath`` with our storage options (ModelCheckpoint's ``_fs``)."""
-        return self.manager.storage.fs
+        """ModelCheckpoint's ``_fs`` (for its inherited helpers): Lightning's filesystem of ``dirpath``
+        with our storage options. Our own code never uses it: all I/O goes through ``manager.storage``."""
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        return get_filesystem(self.manager.url, **self.storage_options)
 
     @property
     def owner(self) -> str:

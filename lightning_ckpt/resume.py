@@ -153,8 +153,7 @@ class _ResumeMixin:
         names = [n for n in self.manager.scan().unmanaged if pattern.match(n)]
         if not names:
             return None
-        fs = self.manager.storage.fs
-        modified = {self.manager.url_of(n): fs.modified(self.manager.url_of(n)).timestamp() for n in names}
+        modified = {self.manager.url_of(n): self.manager.storage.modified(n) for n in names}
         newest = max(modified, key=modified.__getitem__)
         return newest if newer_than is None or modified[newest] > newer_than else None
 

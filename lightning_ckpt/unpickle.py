@@ -159,14 +159,12 @@ def dcp_reader(target: str, options: dict[str, Any], files: Any = None) -> Any:
     DCP swallows an exception raised while reading metadata into an ``AssertionError`` of its
     own; ours is kept on the reader as ``error``, for the caller to raise instead.
     """
-    from fsspec.core import url_to_fs
-    from fsspec.implementations.local import LocalFileSystem
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    from lightning_ckpt.storage import open_regular
+    from lightning_ckpt.storage import Storage, open_regular
 
-    local = isinstance(url_to_fs(target, **options)[0], LocalFileSystem)
+    local = Storage(target, options).is_local
 
     class RestrictedReader(FsspecReader):  # type: ignore[misc]
         error: BaseException | None = None

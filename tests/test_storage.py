@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import ast
+import errno
+import hashlib
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 from backends import backend  # noqa: F401
+from faulty_fs import Fault, FaultPlan, register
 
+import lightning_ckpt
 from lightning_ckpt import CheckpointManager
 from lightning_ckpt.errors import (
     BucketNotFoundError,
     CheckpointNotFoundError,
     ConfigurationError,
+    CorruptCheckpointError,
     StorageError,
     StoragePermissionError,
     UnsupportedURLError,
 )
-from lightning_ckpt.storage import TEMP_MARK, RetryPolicy, Storage, is_transient, split_url
+from lightning_ckpt.storage import TEMP_MARK, Expected, RetryPolicy, Storage, is_transient, split_url
 
 
 def test_write_read_list_delete(backend) -> None:  # noqa: F811
@@ -272,3 +279,91 @@ def test_part_size_schedule() -> None:
     for bad in (0, S3_MAX_PARTS + 1):
         with pytest.raises(ValueError):
             part_size(bad)
+
+
+def test_fetch_checks_size_and_digest_with_the_hasher_it_is_given(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    data = os.urandom(3 * 2**20 + 17)
+    s.write_bytes("a.bin", data)
+    good = Expected(len(data), hashlib.blake2b(data).hexdigest())
+    source = s.fetch("a.bin", shown_as="a.ckpt", expected=good, hasher=hashlib.blake2b)
+    try:
+        assert source.size == len(data)
+        source.file.seek(0)
+        assert source.file.read() == data
+    finally:
+        source.close()
+    with pytest.raises(CorruptCheckpointError, match=r"a\.ckpt does not match the blake2b"):
+        s.fetch("a.bin", shown_as="a.ckpt", expected=Expected(len(data), "0" * 128), hasher=hashlib.blake2b)
+    with pytest.raises(CorruptCheckpointError, match="its manifest says 5 bytes"):
+        s.fetch("a.bin", expected=Expected(5, good.digest), hasher=hashlib.blake2b)
+    with pytest.raises(CheckpointNotFoundError):
+        s.fetch("missing.bin", expected=good)
+
+
+def test_a_fetch_restarted_after_a_transient_read_error_hashes_only_the_new_bytes() -> None:
+    register()
+    plan = FaultPlan()
+    s = Storage(f"faulty://f-{uuid.uuid4().hex[:8]}/d", {"target_protocol": "memory", "plan": plan},
+                retry=RetryPolicy(attempts=3, initial_delay=0.0))
+    data = os.urandom(2 * 8 * 2**20 + 5)  # three blocks: the second read fails
+    s.write_bytes("a.bin", data)
+    fault = plan.add(Fault(op="read", nth=2, exc=ConnectionResetError(errno.ECONNRESET, "reset by peer")))
+    source = s.fetch("a.bin", expected=Expected(len(data), hashlib.sha256(data).hexdigest()))
+    try:
+        assert fault.fired and source.size == len(data)
+        source.file.seek(0)
+        assert source.file.read() == data  # the spool holds the file once, not a failed start + all
+    finally:
+        source.close()
+
+
+def test_what_the_directory_is_and_when_a_file_changed(tmp_path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    assert Storage(str(tmp_path)).kind() == "directory"
+    assert Storage(str(tmp_path / "f")).kind() == "file"
+    assert Storage(str(tmp_path / "nothing")).kind() is None
+    s = Storage(str(tmp_path))
+    assert abs(s.modified("f") - (tmp_path / "f").stat().st_mtime) < 1e-3
+    with pytest.raises(CheckpointNotFoundError):
+        s.modified("nothing")
+
+
+def test_an_outage_is_never_read_as_no_directory() -> None:
+    register()
+    plan = FaultPlan()
+    s = Storage(f"faulty://f-{uuid.uuid4().hex[:8]}/d", {"target_protocol": "memory", "plan": plan},
+                retry=RetryPolicy(attempts=2, initial_delay=0.0))
+    plan.add(Fault(op="info", times=None, exc=OSError(errno.EIO, "I/O error")))
+    with pytest.raises(StorageError, match="I/O error"):
+        s.kind()
+    with pytest.raises(StorageError, match="I/O error"):
+        s.modified("a.bin")
+
+
+def test_the_backend_is_chosen_once_by_the_filesystem() -> None:
+    import s3fs
+
+    from lightning_ckpt.storage.backends import FsspecBackend, LocalBackend, choose
+    from lightning_ckpt.storage.objectstores import S3Backend
+
+    class MyS3(s3fs.S3FileSystem):  # a subclass from another package is still S3
+        pass
+
+    assert type(Storage("memory://x/y").backend) is FsspecBackend
+    assert type(Storage(".").backend) is LocalBackend
+    assert type(choose(MyS3(anon=True, skip_instance_cache=True), RetryPolicy())) is S3Backend
+
+
+def test_only_the_storage_package_imports_fsspec_and_its_modules_are_small() -> None:
+    package = Path(lightning_ckpt.__file__).parent
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        if path.parent.name != "storage":
+            assert not any(m == "fsspec" or m.startswith("fsspec.") for m in imported), path
+            continue
+        assert len(path.read_text().splitlines()) <= 600, path
+        assert "must not" in " ".join((ast.get_docstring(tree) or "").split()).lower() or path.name == "__init__.py", path

@@ -102,11 +102,11 @@ def _load(manager: CheckpointManager, name: str, manifest: Manifest | None) -> A
 def _open_dir(url: str, args: argparse.Namespace) -> tuple[CheckpointManager, DirectoryScan]:
     """The manager of directory ``url`` and a scan of it; a missing directory is a usage error."""
     manager = _manager(url, args)
-    storage = manager.storage
-    if storage.fs.isfile(storage.root):
+    kind = manager.storage.kind()
+    if kind == "file":
         raise UsageError(f"{manager.url} is a file, not a directory (try `lightning-ckpt inspect`)")
     found = manager.scan()
-    if not found.files and not storage.fs.isdir(storage.root):
+    if not found.files and kind is None:
         raise UsageError(f"no such directory: {manager.url}")
     return manager, found
 

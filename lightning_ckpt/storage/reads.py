@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.storage.base import CHUNK, Progress
-from lightning_ckpt.storage.retry import RetryPolicy, is_transient
+from lightning_ckpt.storage.retry import RetryPolicy, call_async
 from lightning_ckpt.storage.uploads import PARTS_IN_FLIGHT
 
 #: ranged GETs of a download, PARTS_IN_FLIGHT at once
@@ -79,23 +80,17 @@ def stream_ranged(fs: Any, path: str, sink: Callable[[memoryview], None], limit:
     pending: list[concurrent.futures.Future[bytes]] = []
 
     async def fetch(start: int) -> bytes:
-        for attempt in range(1, retry.attempts + 1):
-            try:
-                data = await fs._cat_file(path, start=start, end=min(start + RANGE_SIZE, end))
-                if len(data) != min(RANGE_SIZE, end - start):  # replaced by a shorter object meanwhile
-                    raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
-                return bytes(data)
-            except Exception as exc:
-                if attempt >= retry.attempts or not is_transient(exc):
-                    raise
-                await asyncio.sleep(retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        data = await fs._cat_file(path, start=start, end=min(start + RANGE_SIZE, end))
+        if len(data) != min(RANGE_SIZE, end - start):  # replaced by a shorter object meanwhile
+            raise OSError(errno.EIO, f"range at {start} came back with {len(data)} bytes")
+        return bytes(data)
 
     done = 0
     try:
         for i in range(len(starts)):
             while len(pending) < PARTS_IN_FLIGHT and i + len(pending) < len(starts):
-                pending.append(asyncio.run_coroutine_threadsafe(fetch(starts[i + len(pending)]), fs.loop))
+                request = functools.partial(fetch, starts[i + len(pending)])
+                pending.append(asyncio.run_coroutine_threadsafe(call_async(retry, request), fs.loop))
             data = pending.pop(0).result()
             sink(memoryview(data))
             done += len(data)

@@ -4,16 +4,18 @@ Owns :class:`RetryPolicy` (how often and how long to retry), :func:`is_transient
 a retry: resets, timeouts, throttling, 5xx; never a refusal, a missing bucket or a full disk),
 :func:`translate` (a backend's raw exception -> our :class:`~lightning_ckpt.errors.CheckpointError`
 tree: only a real "not found" becomes :class:`~lightning_ckpt.errors.CheckpointNotFoundError`) and
-:func:`call`, the one retry loop of synchronous operations. Must not do I/O of its own or import
-fsspec; backends and the facade call into it, never the other way round.
+:func:`call` and :func:`call_async`, the retry loops of whole operations and of single requests
+(a part of an upload, a range of a download). Must not do I/O of its own or import fsspec;
+backends and the facade call into it, never the other way round.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -150,4 +152,17 @@ def call(policy: RetryPolicy, what: str, target: str, fn: Callable[[], T], retry
                 time.sleep(policy.delay(attempt))
                 continue
             raise translate(exc, what, target) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def call_async(policy: RetryPolicy, fn: Callable[[], Awaitable[T]]) -> T:
+    """Await ``fn()``, retrying transient failures as ``policy`` says (one request of a transfer:
+    a part of an upload, a range of a download). Errors are raised as they are, untranslated."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await fn()
+        except Exception as exc:
+            if attempt >= policy.attempts or not is_transient(exc):
+                raise
+            await asyncio.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")  # pragma: no cover

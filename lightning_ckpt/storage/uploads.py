@@ -16,11 +16,11 @@ import errno
 import io
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lightning_ckpt.storage.base import Progress
-from lightning_ckpt.storage.retry import RetryPolicy, is_transient
+from lightning_ckpt.storage.retry import RetryPolicy, call_async
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -197,18 +197,15 @@ class S3Upload:
 
     async def _retrying(self, method: str, **kwargs: Any) -> Any:
         body = kwargs.pop("Body", None)
-        for attempt in range(1, self._retry.attempts + 1):
+
+        def attempt() -> Awaitable[Any]:
             if body is not None:
                 # a fresh reader per attempt (rewound); aiohttp would copy a bytearray body twice.
                 # Buffers are never resized: the HTTP client may hold a view of one for a while
                 kwargs["Body"] = _BufferReader(body)
-            try:
-                return await self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
-            except Exception as exc:
-                if attempt >= self._retry.attempts or not is_transient(exc):
-                    raise
-                await asyncio.sleep(self._retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+            return self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)  # type: ignore[no-any-return]
+
+        return await call_async(self._retry, attempt)
 
     def _send_part(self) -> None:
         if self._upload_id is None:
@@ -286,14 +283,7 @@ class AzureUpload(S3Upload):
 
     async def _retrying(self, method: str, **kwargs: Any) -> Any:
         body = kwargs.pop("Body", None)
-        for attempt in range(1, self._retry.attempts + 1):
-            try:
-                return await self._azure(method, body, **kwargs)
-            except Exception as exc:
-                if attempt >= self._retry.attempts or not is_transient(exc):
-                    raise
-                await asyncio.sleep(self._retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await call_async(self._retry, lambda: self._azure(method, body, **kwargs))
 
     async def _azure(self, method: str, body: memoryview | None, **kwargs: Any) -> Any:
         if method == "put_object":
