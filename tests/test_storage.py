@@ -367,3 +367,14 @@ def test_only_the_storage_package_imports_fsspec_and_its_modules_are_small() -> 
             continue
         assert len(path.read_text().splitlines()) <= 600, path
         assert "must not" in " ".join((ast.get_docstring(tree) or "").split()).lower() or path.name == "__init__.py", path
+
+
+def test_read_range(backend) -> None:  # noqa: F811
+    url, options = backend
+    s = Storage(url, options)
+    s.write_bytes("a.bin", b"0123456789")
+    assert s.read_range("a.bin", 2, 3) == b"234"
+    assert s.read_range("a.bin", 8, 5) == b"89"  # fewer where the file is shorter
+    assert s.read_range("a.bin", 4, 0) == b""
+    with pytest.raises(CheckpointNotFoundError):
+        s.read_range("missing.bin", 0, 1)

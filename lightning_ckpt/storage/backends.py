@@ -53,6 +53,9 @@ class Backend(Protocol):
     def read_small(self, path: str, limit: int | None) -> bytes:
         """The content of a small file; with ``limit``, at most ``limit + 1`` bytes of it."""
 
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        """``size`` (> 0) bytes of ``path`` from ``offset``; fewer where the file is shorter."""
+
     def stream(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
                restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int]) -> int:
         """Read ``path`` from the start into ``sink`` (see :meth:`Storage.stream`)."""
@@ -120,6 +123,9 @@ class FsspecBackend:
             if int(self.fs.info(path).get("size") or 0) == 0:
                 return b""
             raise
+
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        return bytes(self.fs.cat_file(path, start=offset, end=offset + size))
 
     def stream(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
                restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int]) -> int:
@@ -227,6 +233,11 @@ class LocalBackend(FsspecBackend):
     def read_small(self, path: str, limit: int | None) -> bytes:
         with open_regular(path) as f:
             return f.read() if limit is None else f.read(limit + 1)
+
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        with open_regular(path) as f:
+            f.seek(offset)
+            return f.read(size)
 
     @contextlib.contextmanager
     def open_write(self, path: str, url: str, root: str, progress: Progress | None) -> Iterator[IO[bytes]]:

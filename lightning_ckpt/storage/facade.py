@@ -206,13 +206,7 @@ class Storage:
         path = self.path(name)
 
         def op() -> bytes:
-            if size == 0:
-                return b""
-            if self.is_local:
-                with open_regular(path) as f:
-                    f.seek(offset)
-                    return f.read(size)
-            return bytes(self.fs.cat_file(path, start=offset, end=offset + size))
+            return self.backend.read_range(path, offset, size) if size else b""
 
         return self._call("read", name, op)
 
