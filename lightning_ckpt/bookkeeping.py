@@ -18,7 +18,16 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from lightning_ckpt.integrity import Manifest
-from lightning_ckpt.policies import KeepAll, KeepTopK, KeepUnion, RetentionPolicy, best_of, rank_value
+from lightning_ckpt.policies import (
+    KeepAll,
+    KeepTopK,
+    RetentionPolicy,
+    best_of,
+    doomed,
+    newest,
+    rank_value,
+    recency,
+)
 
 __all__ = ["ADOPTED", "Bookkeeping", "Standing"]
 
@@ -74,15 +83,13 @@ class Bookkeeping:
         """Our checkpoints that committed (a background save still persisting may yet fail)."""
         return [r for r in self.records if r.name not in persisting]
 
-    def _kept(self, records: list[Manifest], extra: Collection[str] = ()) -> set[str]:
-        # the policy `lightning-ckpt prune` applies too: ours, plus the newest of our checkpoints
-        return KeepUnion((self.retention,)).keep(records) | self.protected | set(extra)
+    def _dropped(self, records: list[Manifest], extra: Collection[str] = ()) -> list[str]:
+        # the decision `lightning-ckpt prune` and the manager apply too: ours, plus the newest of ours
+        return doomed(self.retention, records, self.protected | set(extra))
 
     def to_drop(self, persisting: Collection[str] = ()) -> list[str]:
         """Committed checkpoints retention no longer keeps (never a protected or persisting one)."""
-        committed = self.committed(persisting)
-        keep = self._kept(committed, persisting)
-        return [r.name for r in committed if r.name not in keep]
+        return self._dropped(self.committed(persisting), persisting)
 
     def admits(self, score: float, persisting: Collection[str] = ()) -> tuple[bool, bool]:
         """Whether ``score`` earns a place: (among every record, among committed ones only).
@@ -112,15 +119,15 @@ class Bookkeeping:
         records = self.records if provisional is not None else self.committed(persisting)
         if provisional is not None:
             records = [r for r in records if r.name != provisional.name] + [provisional]
-            keep = self._kept(records, {provisional.name})
-            records = [r for r in records if r.name in keep]
+            dropped = set(self._dropped(records, {provisional.name}))
+            records = [r for r in records if r.name not in dropped]
         if self.monitor is None:
             if not records:
                 return Standing()
-            return Standing(best=max(records, key=lambda r: (r.global_step or 0, r.created)).name)
+            return Standing(best=newest(records).name)  # type: ignore[union-attr]  # records is not empty
         monitor, mode = self.monitor, self.mode
         ranked = KeepTopK(len(records), monitor, mode).ranked(records)
-        in_order = sorted(ranked, key=lambda r: (r.global_step or 0, r.created))  # Lightning's insertion order
+        in_order = sorted(ranked, key=recency)  # Lightning's insertion order
         top_k = {r.name: rank_value(r.metrics.get(monitor), mode) for r in in_order}
         if not ranked:
             return Standing(top_k=top_k)

@@ -34,8 +34,8 @@ from lightning_ckpt.errors import (
     NameTakenError,
     StorageError,
 )
-from lightning_ckpt.integrity import PENDING_SUFFIX, HashingWriter, Manifest, manifest_name, versions
-from lightning_ckpt.layout import History
+from lightning_ckpt.integrity import HashingWriter, Manifest, versions
+from lightning_ckpt.layout import History, manifest_name, pending_name
 
 if TYPE_CHECKING:
     from lightning_ckpt.incremental import Incremental, IncrementalSave
@@ -457,7 +457,7 @@ class CommitProtocol:
         except BaseException:
             self.abandon_directory(dst)
             raise
-        self.storage.delete(dst + PENDING_SUFFIX)
+        self.storage.delete(pending_name(dst))
         self._release(dst)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
 
@@ -496,10 +496,10 @@ class CommitProtocol:
         """Delete committed checkpoint ``name`` (marker, manifest, payload, marker)."""
         manifest = self.read_manifest(name)  # only ever delete what we committed
         if manifest.sharded:
-            self.storage.write_bytes(name + PENDING_SUFFIX, self._sharded_marker(name, "delete"))
+            self.storage.write_bytes(pending_name(name), self._sharded_marker(name, "delete"))
             self.storage.delete(manifest_name(name))
             self.storage.delete_tree(name)
-            self.storage.delete(name + PENDING_SUFFIX)
+            self.storage.delete(pending_name(name))
             self._forget(name)
             return
         token = layout.new_token()
@@ -537,7 +537,7 @@ class CommitProtocol:
     def _begin_sharded(self, name: str) -> None:
         # a directory cannot be written under a fresh name and renamed on object stores: a sharded
         # checkpoint is still replaced in place (decommitted first)
-        self.storage.write_bytes(name + PENDING_SUFFIX, self._sharded_marker(name, "save"))
+        self.storage.write_bytes(pending_name(name), self._sharded_marker(name, "save"))
         self.storage.delete(manifest_name(name))
         self._forget(name)
 
@@ -549,7 +549,7 @@ class CommitProtocol:
     def commit(self, manifest: Manifest) -> None:
         """Commit a checkpoint whose files are all durable: write its manifest, drop the marker."""
         self._write_manifest(manifest)
-        self.storage.delete(manifest.name + PENDING_SUFFIX)
+        self.storage.delete(pending_name(manifest.name))
         self._release(manifest.name)
 
     def abandon_directory(self, name: str) -> None:
@@ -557,7 +557,7 @@ class CommitProtocol:
         try:
             self.storage.delete(manifest_name(name))
             self.storage.delete_tree(name)
-            self.storage.delete(name + PENDING_SUFFIX)
+            self.storage.delete(pending_name(name))
         except CheckpointError as exc:
             log.warning("could not remove %s after a failed save (%s); cleanup will retry", name, exc)
         finally:

@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from lightning_ckpt.layout import (  # re-exported: the names live in layout
+from lightning_ckpt.layout import (  # the names live in layout (these three re-exported)
     MANIFEST_SUFFIX,
     PENDING_SUFFIX,
+    logical_name,
     manifest_name,
 )
 
@@ -420,7 +421,7 @@ def _payload_of(payload: Any, name: str) -> bool:
         isinstance(payload, str)
         and "/" not in payload
         and "\\" not in payload
-        and (payload == name or (payload.startswith(name + "~lckpt-") and len(payload) == len(name) + 23))
+        and (payload == name or logical_name(payload) == name)
     )
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "marker_name",
     "may_replace",
     "new_token",
+    "pending_name",
     "physical_name",
     "scan",
     "temp_name",
@@ -109,6 +110,11 @@ def new_token() -> str:
 def manifest_name(name: str) -> str:
     """The manifest file that commits checkpoint ``name``."""
     return name + MANIFEST_SUFFIX
+
+
+def pending_name(name: str) -> str:
+    """``NAME.pending``: the marker of a sharded save or delete of ``name`` (and of older versions' saves)."""
+    return name + PENDING_SUFFIX
 
 
 def physical_name(name: str, token: str) -> str:

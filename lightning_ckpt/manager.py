@@ -52,14 +52,8 @@ from lightning_ckpt.errors import (
     TamperedCheckpointError,
     UncommittedCheckpointError,
 )
-from lightning_ckpt.integrity import (
-    MAX_MANIFEST_BYTES,
-    PENDING_SUFFIX,
-    Manifest,
-    manifest_name,
-    parse_manifest,
-)
-from lightning_ckpt.layout import DirectoryScan
+from lightning_ckpt.integrity import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from lightning_ckpt.layout import PENDING_SUFFIX, DirectoryScan, manifest_name, pending_name
 from lightning_ckpt.payload import MapLocation, check_device, deserialize
 from lightning_ckpt.policies import KeepTopK, RetentionPolicy, best_of, recency
 from lightning_ckpt.security import Encryptor, Signer
@@ -181,7 +175,7 @@ class CheckpointManager(CommitProtocol):
 
     def is_pending(self, name: str) -> bool:
         """Whether a save (or delete) of ``name`` by us was begun and has not finished (or was interrupted)."""
-        return self.storage.exists(name + PENDING_SUFFIX) or bool(self._marker_files(name))
+        return self.storage.exists(pending_name(name)) or bool(self._marker_files(name))
 
     def read_manifest(self, name: str) -> Manifest:
         """The manifest of committed ``name``; raises if absent or uncommitted."""

@@ -267,6 +267,8 @@ JUNK: dict[str, Any] = {
     "versions is a string": lambda r: r.update(versions="1.0"),
     "encryption record is junk": lambda r: r["extra"].update(encryption={"alg": [], "chunk": "big"}),
     "format_version is a bool": lambda r: r.update(format_version=True),
+    "payload is another checkpoint's version": lambda r: r.update(payload="a.ckpt~lckpt-0123456789abcdef"),
+    "payload token is not hex": lambda r: r.update(payload="c.ckpt~lckpt-" + "z" * 16),
     "a traversing files entry": lambda r: r.update(
         format_version=2, files={"../../../../etc/hostname": {"size": 1, "sha256": "0" * 64}}),
 }
