@@ -353,7 +353,7 @@ def test_the_backend_is_chosen_once_by_the_filesystem() -> None:
 
     assert type(Storage("memory://x/y").backend) is FsspecBackend
     assert type(Storage(".").backend) is LocalBackend
-    assert type(choose(MyS3(anon=True, skip_instance_cache=True), RetryPolicy())) is S3Backend
+    assert type(choose(MyS3(anon=True, skip_instance_cache=True))) is S3Backend
 
 
 def test_only_the_storage_package_imports_fsspec_and_its_modules_are_small() -> None:

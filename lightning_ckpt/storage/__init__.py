@@ -1,11 +1,20 @@
 """Storage: the only package that talks to fsspec.
 
 :class:`Storage` (:mod:`.facade`) is what the rest of lightning_ckpt uses: one directory URL with
-crash-safe writes and honest errors. Underneath, :mod:`.retry` owns retries and error
-translation, :mod:`.uploads` the object-store writers, :mod:`.reads` opening and streaming, :mod:`.sources`
-fetching a payload into an open, checked file, and
-:mod:`.base` the shared names. Nothing outside this package imports fsspec or reaches the
-filesystem object itself.
+crash-safe writes, honest errors, and :meth:`Storage.fetch`, which hands the manager a payload
+opened (local) or spooled (remote) and checked against an expected size and digest. Underneath:
+
+- :mod:`.backends` -- the :class:`~.backends.Backend` protocol, chosen once per ``Storage`` by
+  :func:`~.backends.choose`; local disks and generic fsspec filesystems;
+- :mod:`.objectstores` -- S3, GCS and Azure Blob (ranged downloads, our uploads, leftovers);
+- :mod:`.retry` -- retries and error translation, for every call;
+- :mod:`.uploads` -- the S3/Azure parallel writers and the stream wrappers of every write;
+- :mod:`.reads` -- opening regular files only, block and ranged reads;
+- :mod:`.sources` -- fetching into an open, checked :class:`~.sources.Source`; memfds, spools;
+- :mod:`.base` -- the shared names (``FileInfo``, ``split_url``, ``Progress``).
+
+Nothing outside this package imports fsspec or reaches the filesystem object itself; nothing
+inside it knows the commit protocol or what a checkpoint contains.
 """
 
 from __future__ import annotations

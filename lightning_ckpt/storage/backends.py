@@ -57,10 +57,13 @@ class Backend(Protocol):
         """``size`` (> 0) bytes of ``path`` from ``offset``; fewer where the file is shorter."""
 
     def stream(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
-               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int]) -> int:
-        """Read ``path`` from the start into ``sink`` (see :meth:`Storage.stream`)."""
+               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int],
+               retry: RetryPolicy) -> int:
+        """Read ``path`` from the start into ``sink`` (see :meth:`Storage.stream`); ``run`` is the
+        facade's error handling, ``retry`` its policy for single requests."""
 
-    def open_write(self, path: str, url: str, root: str, progress: Progress | None) -> contextlib.AbstractContextManager[IO[bytes]]:
+    def open_write(self, path: str, url: str, root: str, progress: Progress | None,
+                   retry: RetryPolicy) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A stream whose content appears at ``path`` whole when the context exits, or not at all."""
 
     def rename(self, src: str, dst: str, root: str) -> None:
@@ -88,9 +91,8 @@ class FsspecBackend:
     #: block size of fsspec's streamed uploads
     write_block = CHUNK
 
-    def __init__(self, fs: Any, retry: RetryPolicy) -> None:
+    def __init__(self, fs: Any) -> None:
         self.fs = fs
-        self.retry = retry
 
     def normalize_root(self, root: str) -> str:
         return root.rstrip("/")
@@ -128,7 +130,8 @@ class FsspecBackend:
         return bytes(self.fs.cat_file(path, start=offset, end=offset + size))
 
     def stream(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
-               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int]) -> int:
+               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int],
+               retry: RetryPolicy) -> int:
         attempts = [0]
 
         def op() -> int:
@@ -141,7 +144,8 @@ class FsspecBackend:
         return run(op, restart is not None)
 
     @contextlib.contextmanager
-    def open_write(self, path: str, url: str, root: str, progress: Progress | None) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str, url: str, root: str, progress: Progress | None,
+                   retry: RetryPolicy) -> Iterator[IO[bytes]]:
         # object stores have no directories; s3fs's makedirs would even *create a missing bucket*
         # (a typo in the URL would silently make a new one), so nothing is created there
         try:
@@ -240,7 +244,8 @@ class LocalBackend(FsspecBackend):
             return f.read(size)
 
     @contextlib.contextmanager
-    def open_write(self, path: str, url: str, root: str, progress: Progress | None) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str, url: str, root: str, progress: Progress | None,
+                   retry: RetryPolicy) -> Iterator[IO[bytes]]:
         with self._atomic(path, url, root) as f:
             counted = CountingWriter(f, progress) if progress is not None else None
             yield counted if counted is not None else f  # type: ignore[misc]  # a write-only stream
@@ -306,23 +311,23 @@ class LocalBackend(FsspecBackend):
         self.fs.rm(path, recursive=True)
 
 
-def choose(fs: Any, retry: RetryPolicy) -> Backend:
+def choose(fs: Any) -> Backend:
     """The backend for filesystem ``fs``: decided here, once, by the filesystem's class."""
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem):
-        return LocalBackend(fs, retry)
+        return LocalBackend(fs)
     from lightning_ckpt.storage import objectstores
 
     s3fs = sys.modules.get("s3fs")  # an S3FileSystem exists only once s3fs is imported: never import it
     if s3fs is not None and isinstance(fs, s3fs.S3FileSystem):
-        return objectstores.S3Backend(fs, retry)
+        return objectstores.S3Backend(fs)
     package = type(fs).__module__.split(".")[0]
     if package == "gcsfs":
-        return objectstores.GcsBackend(fs, retry)
+        return objectstores.GcsBackend(fs)
     if package == "adlfs":
-        return objectstores.AzureBackend(fs, retry)
-    return FsspecBackend(fs, retry)
+        return objectstores.AzureBackend(fs)
+    return FsspecBackend(fs)
 
 
 def fsync_dir(path: str) -> None:

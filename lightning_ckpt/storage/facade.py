@@ -67,7 +67,7 @@ class Storage:
         except ValueError as exc:
             raise UnsupportedURLError(f"cannot open {url!r}: {exc}") from exc
         #: what differs between stores, chosen here once (:func:`.backends.choose`)
-        self.backend: Backend = choose(fs, self.retry)
+        self.backend: Backend = choose(fs)
         self.fs = fs  # the one filesystem object: only this package (and tests) may use it
         #: paths are this machine's (renames are atomic, files can be hashed in place)
         self.is_local = self.backend.local
@@ -254,7 +254,7 @@ class Storage:
         after every block. Blocks are views of one reused buffer: ``sink`` must copy what it keeps.
         """
         return self.backend.stream(self.path(name), sink, limit, restart, progress,
-                                   lambda op, retry: self._call("read", name, op, retry=retry))
+                                   lambda op, retry: self._call("read", name, op, retry=retry), self.retry)
 
     #: ``fetch(name, *, shown_as=, expected=, hasher=, progress=, spool_dir=)``: ``name`` as an
     #: open, size-and-digest-checked :class:`~lightning_ckpt.storage.sources.Source`
@@ -274,7 +274,7 @@ class Storage:
         The stream itself is not retried: a failed write is raised.
         ``progress(bytes_written, None)`` is called as blocks are written.
         """
-        with self.backend.open_write(self.path(name), self.url_of(name), self.root, progress) as f:
+        with self.backend.open_write(self.path(name), self.url_of(name), self.root, progress, self.retry) as f:
             yield f
 
     def write_bytes(self, name: str, data: bytes) -> None:

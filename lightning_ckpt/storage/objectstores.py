@@ -19,7 +19,7 @@ from typing import IO, Any
 from lightning_ckpt.storage.backends import FsspecBackend, Runner
 from lightning_ckpt.storage.base import Progress
 from lightning_ckpt.storage.reads import stream_ranged
-from lightning_ckpt.storage.retry import translate
+from lightning_ckpt.storage.retry import RetryPolicy, translate
 from lightning_ckpt.storage.uploads import GCS_CHUNK, AzureUpload, S3Upload
 
 
@@ -27,8 +27,9 @@ class _RangedReads(FsspecBackend):
     """A store with an async client: downloads are ranged GETs, each retried on its own."""
 
     def stream(self, path: str, sink: Callable[[memoryview], None], limit: int | None,
-               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int]) -> int:
-        return run(lambda: stream_ranged(self.fs, path, sink, limit, progress, self.retry), False)
+               restart: Callable[[], None] | None, progress: Progress | None, run: Runner[int],
+               retry: RetryPolicy) -> int:
+        return run(lambda: stream_ranged(self.fs, path, sink, limit, progress, retry), False)
 
 
 class GcsBackend(_RangedReads):
@@ -49,8 +50,9 @@ class S3Backend(_RangedReads):
     upload = S3Upload
 
     @contextlib.contextmanager
-    def open_write(self, path: str, url: str, root: str, progress: Progress | None) -> Iterator[IO[bytes]]:
-        upload = self.upload(self.fs, path, self.retry, lambda exc, what: translate(exc, what, url), progress)
+    def open_write(self, path: str, url: str, root: str, progress: Progress | None,
+                   retry: RetryPolicy) -> Iterator[IO[bytes]]:
+        upload = self.upload(self.fs, path, retry, lambda exc, what: translate(exc, what, url), progress)
         try:
             yield upload  # type: ignore[misc]
             upload.close()
