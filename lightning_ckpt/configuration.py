@@ -20,7 +20,15 @@ from lightning_ckpt import policies
 from lightning_ckpt.errors import ConfigurationError
 from lightning_ckpt.naming import validate_template
 
-__all__ = ["SAVE_LAST_MODES", "Keeping", "Schedule", "check_arguments", "keeping", "schedule"]
+__all__ = [
+    "SAVE_LAST_MODES",
+    "Keeping",
+    "Schedule",
+    "check_arguments",
+    "incremental_of",
+    "keeping",
+    "schedule",
+]
 
 #: what ``save_last`` accepts: Lightning's values plus ``"copy"`` (two independent files)
 SAVE_LAST_MODES = (None, True, False, "link", "copy")

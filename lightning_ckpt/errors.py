@@ -62,6 +62,7 @@ __all__ = [
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "UnsupportedURLError",
+    "adopt_lightning_base",
 ]
 
 

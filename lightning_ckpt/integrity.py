@@ -41,7 +41,10 @@ __all__ = [
     "SHARDED_FORMAT_VERSION",
     "HashingWriter",
     "Manifest",
+    "is_safe_name",
     "manifest_name",
+    "metrics_to_floats",
+    "parse_json",
     "parse_manifest",
     "versions",
 ]

@@ -40,7 +40,23 @@ from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, Corr
 if TYPE_CHECKING:
     from lightning_ckpt.storage import Storage
 
-__all__ = ["PACK_PREFIX", "PieceRef", "PieceTable", "collect", "is_pack", "pack_name", "parse_table", "reclaim"]
+__all__ = [
+    "PACK_PREFIX",
+    "PieceRef",
+    "PieceTable",
+    "collect",
+    "digest",
+    "index",
+    "is_pack",
+    "missing",
+    "pack_name",
+    "parse_table",
+    "read_piece",
+    "reclaim",
+    "table_of",
+    "verify_table",
+    "wait_for_collectors",
+]
 
 log = logging.getLogger("lightning_ckpt")
 

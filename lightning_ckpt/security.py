@@ -41,7 +41,7 @@ from lightning_ckpt.errors import (
     TamperedCheckpointError,
 )
 
-__all__ = ["DecryptingWriter", "Encryptor", "Signer", "key_id"]
+__all__ = ["DecryptingWriter", "EncryptingWriter", "Encryptor", "Signer", "canonical", "decrypt", "key_id"]
 
 ALG_HMAC = "HMAC-SHA256"
 ALG_AES = "AES-256-GCM"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from lightning_ckpt import layout
 from lightning_ckpt.errors import ConfigurationError
 
+__all__ = ["FileInfo", "split_url"]
+
 #: ``progress(bytes_done, bytes_total_or_None)``, called at block granularity during a transfer.
 Progress = Callable[[int, "int | None"], None]
 

@@ -37,6 +37,8 @@ from lightning_ckpt.storage.base import CHUNK, FileInfo, Progress
 from lightning_ckpt.storage.reads import read_blocks, readinto
 from lightning_ckpt.storage.retry import RetryPolicy
 
+__all__ = ["Storage"]
+
 T = TypeVar("T")
 
 

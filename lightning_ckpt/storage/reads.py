@@ -23,6 +23,8 @@ from lightning_ckpt.storage.base import CHUNK, Progress
 from lightning_ckpt.storage.retry import RetryPolicy, call_async
 from lightning_ckpt.storage.uploads import PARTS_IN_FLIGHT
 
+__all__ = ["open_regular", "read_blocks", "readinto", "stream_ranged"]
+
 #: ranged GETs of a download, PARTS_IN_FLIGHT at once
 RANGE_SIZE = 8 * 2**20
 

@@ -28,6 +28,17 @@ from lightning_ckpt.errors import (
     StoragePermissionError,
 )
 
+__all__ = [
+    "RetryPolicy",
+    "bucket_missing",
+    "call",
+    "causes",
+    "is_transient",
+    "missing_bucket",
+    "refused",
+    "translate",
+]
+
 T = TypeVar("T")
 
 # how S3 (NoSuchBucket) and Azure (ContainerNotFound) word a missing bucket or container

@@ -27,6 +27,8 @@ from lightning_ckpt.storage.base import Progress
 from lightning_ckpt.storage.reads import open_regular, read_blocks
 from lightning_ckpt.storage.retry import translate
 
+__all__ = ["Expected", "Source", "fd_path", "fetch", "hash_file", "memory_file", "stamp"]
+
 if TYPE_CHECKING:
     from lightning_ckpt.storage.facade import Storage
 

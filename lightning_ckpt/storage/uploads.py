@@ -22,6 +22,8 @@ from typing import Any
 from lightning_ckpt.storage.base import Progress
 from lightning_ckpt.storage.retry import RetryPolicy, call_async
 
+__all__ = ["AzureUpload", "CountingWriter", "S3Upload", "TranslatingWriter", "discard", "part_size"]
+
 log = logging.getLogger("lightning_ckpt")
 
 #: chunk of a GCS resumable upload: each is one request, sent one after the other, so larger
