@@ -24,6 +24,8 @@ from lightning_ckpt.storage.reads import open_regular, read_blocks
 from lightning_ckpt.storage.retry import RetryPolicy, bucket_missing, causes, missing_bucket, translate
 from lightning_ckpt.storage.uploads import CountingWriter, TranslatingWriter, discard
 
+__all__ = ["Backend", "FsspecBackend", "LocalBackend", "choose", "fsync_dir"]
+
 T = TypeVar("T")
 #: ``run(op, retry)``: the facade's error handling (retries, translation) around one operation
 Runner = Callable[[Callable[[], T], bool], T]

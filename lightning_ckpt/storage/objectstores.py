@@ -22,6 +22,8 @@ from lightning_ckpt.storage.reads import stream_ranged
 from lightning_ckpt.storage.retry import RetryPolicy, translate
 from lightning_ckpt.storage.uploads import GCS_CHUNK, AzureUpload, S3Upload
 
+__all__ = ["AzureBackend", "GcsBackend", "S3Backend"]
+
 
 class _RangedReads(FsspecBackend):
     """A store with an async client: downloads are ranged GETs, each retried on its own."""

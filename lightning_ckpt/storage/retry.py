@@ -32,6 +32,7 @@ __all__ = [
     "RetryPolicy",
     "bucket_missing",
     "call",
+    "call_async",
     "causes",
     "is_transient",
     "missing_bucket",
