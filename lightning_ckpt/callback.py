@@ -59,7 +59,7 @@ from lightning_ckpt.resume import _make_train_loader_stateful, _mute_last_hint, 
 from lightning_ckpt.save_names import _SaveNamesMixin
 from lightning_ckpt.saving import _InFlight, _SavingMixin
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import RetryPolicy, Storage
+from lightning_ckpt.storage import RetryPolicy
 
 __all__ = ["CheckpointCallback"]
 
@@ -232,10 +232,10 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         self.dirpath: str | None = None
         self._dirpath_arg = os.fspath(dirpath) if dirpath is not None else None
         self._resumed_earlier_version: str | None = None  # see _earlier_version_checkpoint
+        self._manager: CheckpointManager | None = None
         if self._dirpath_arg is not None:
             # parse the URL now: an unknown protocol or a missing fsspec backend fails here
-            self.dirpath = Storage(self._dirpath_arg, self.storage_options, retry).url
-        self._manager: CheckpointManager | None = None
+            self._open_directory(self._dirpath_arg)
 
         # Lightning-compatible bookkeeping
         self.best_k_models: dict[str, torch.Tensor] = {}
@@ -315,6 +315,12 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         """The tag written into manifests so retention only ever touches this callback's files."""
         return f"{type(self).__name__}{{monitor={self.monitor},mode={self.mode},filename={self.filename}}}"
 
+    def _open_directory(self, path: str) -> None:
+        """``dirpath`` parsed once: its manager (the one Storage of it) says its URL."""
+        self._manager = CheckpointManager(path, self.storage_options, self.retry,
+                                          signer=self.signer, encryptor=self.encryptor)
+        self.dirpath = self._manager.url
+
     @property
     def manager(self) -> CheckpointManager:
         """The manager of ``dirpath`` (available once the trainer set the callback up)."""
@@ -349,7 +355,7 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
             if self._decision_group is None or self._decision_group[0] is not world:
                 self._decision_group = (world, distributed.decision_group(self.decision_timeout))
         if self.dirpath is None:
-            self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
+            self._open_directory(self._resolve_dirpath(trainer))
         io = self._install_io(trainer)
         io.model = pl_module
         if _lightning.bypasses_checkpoint_io(trainer.strategy):

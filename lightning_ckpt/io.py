@@ -124,6 +124,8 @@ class SaveTicket:
     """
 
     request: SaveRequest
+    #: where ``trainer.save_checkpoint`` was asked to write: only a save to it is the request's
+    url: str = ""
     outcome: SaveOutcome = None
     error: CheckpointError | None = None
     handled: bool = False
@@ -186,6 +188,12 @@ class ManagedCheckpointIO(CheckpointIO):
         *without* our storage options; for a bucket reached only through them that stat would
         fail and Lightning would silently start fresh. It stats this local pointer instead and
         hands it back to :meth:`load_checkpoint`, which follows it to ``url``.
+
+        Why a file, not something cleaner: Lightning's ``_parse_ckpt_path`` keeps only candidates
+        that ``get_filesystem(path).exists(path)`` finds and picks the newest by ``modified``, with
+        no way to pass storage options or to skip the stat (and a sharded checkpoint is a directory,
+        which object stores cannot stat). The pointer lives only from ``_find_last_checkpoints`` to
+        the load in the same ``fit`` call, which removes it.
         """
         path = os.path.join(tempfile.gettempdir(), f"lightning-ckpt-resume-{uuid.uuid4().hex[:8]}.ckpt")
         with open(path, "w") as f:
@@ -195,10 +203,14 @@ class ManagedCheckpointIO(CheckpointIO):
 
     @contextlib.contextmanager
     def handing_over(self, request: SaveRequest) -> Iterator[SaveTicket]:
-        """For the duration of one ``trainer.save_checkpoint`` call: save the checkpoint it brings as ``request``."""
+        """For the duration of one ``trainer.save_checkpoint`` call: save the checkpoint it brings as ``request``.
+
+        Yields the ticket the outcome lands on; call ``trainer.save_checkpoint(ticket.url, ...)``.
+        """
         if self._ticket is not None:
             raise CheckpointError(f"a save of {self._ticket.request.name} is being handed over already")
-        ticket = self._ticket = SaveTicket(request)
+        url = self.manager_of(request.directory).url_of(request.name)
+        ticket = self._ticket = SaveTicket(request, url)
         try:
             yield ticket
         finally:
@@ -207,7 +219,8 @@ class ManagedCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Lightning's entry: inside :meth:`handing_over` the request's save, otherwise a plain one to ``path``."""
         ticket = self._ticket
-        if ticket is None:
+        if ticket is None or ticket.handled or not _same_target(path, ticket.url):
+            # not the save handed over (a strategy of the user's may write more than one file)
             manager, name = self.manager_for(str(path))
             manager.save(checkpoint, name)
             return
@@ -358,6 +371,11 @@ class ManagedCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         manager, name = self.manager_for(str(path))
         manager.delete(name)
+
+
+def _same_target(path: Any, url: str) -> bool:
+    """Whether Lightning's ``path`` is ``url`` (FSDP hands it back as a ``pathlib.Path``)."""
+    return str(path) == url or ("://" not in url and os.path.abspath(str(path)) == os.path.abspath(url))
 
 
 def attach_sharded(strategy: Any, io: ManagedCheckpointIO) -> None:

@@ -57,7 +57,7 @@ class _ResumeMixin:
         if trainer.state.fn == TrainerFn.FITTING:
             self._install_signals(trainer)  # verifying a large checkpoint takes a while
         if self.dirpath is None:
-            self.dirpath = Storage(self._resolve_dirpath(trainer), self.storage_options, self.retry).url
+            self._open_directory(self._resolve_dirpath(trainer))
         io = self._install_io(trainer)
         managers = [self.manager] + ([self._fallback_manager(io)] if self._has_fallback else [])
         found = []
@@ -355,8 +355,8 @@ class _ResumeMixin:
             saved = f"epoch {self._loaded_epoch}, " if isinstance(self._loaded_epoch, int) else ""
             rank_zero_info(f"lightning-ckpt: resuming from {loaded} ({saved}step {trainer.global_step}); "
                            f"training continues in epoch {trainer.current_epoch}")
-        directory, name = split_url(loaded)
-        if Storage(directory, self.storage_options).url == self.dirpath:
+        manager, name = io.manager_for(loaded)  # type: ignore[union-attr]  # loaded: io is ours
+        if manager is self.manager:
             # resuming this callback's own run: continue its bookkeeping from what storage holds,
             # and never let retention delete the checkpoint we resumed from
             self._book.protected = {name}

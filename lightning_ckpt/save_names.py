@@ -23,7 +23,7 @@ from lightning_ckpt.integrity import manifest_name
 from lightning_ckpt.layout import History
 from lightning_ckpt.naming import EXTENSION, LAST_NAME, format_checkpoint_name, versioned_name
 from lightning_ckpt.policies import is_last_copy
-from lightning_ckpt.storage import Storage, split_url
+from lightning_ckpt.storage import split_url
 
 __all__: list[str] = []  # a part of CheckpointCallback: nothing to import from here
 
@@ -105,7 +105,7 @@ class _SaveNamesMixin:
     def _drop_previous_last(self, previous: str) -> None:
         """A templated ``CHECKPOINT_NAME_LAST`` made a new last file: delete our previous one."""
         directory, name = split_url(previous)
-        if Storage(directory, self.storage_options).url != self.dirpath:
+        if not self._same_dir(directory):
             return
         try:
             manifest = self.manager.read_manifest(name)

@@ -334,7 +334,13 @@ class _SavingMixin:
             strategy.barrier("lightning_ckpt.save_sharded" if sharded else "lightning_ckpt.save_full")
             return outcome, error
         with io.handing_over(request) as ticket:
-            trainer.save_checkpoint(io.manager_of(request.directory).url_of(request.name), request.weights_only)
+            trainer.save_checkpoint(ticket.url, request.weights_only)
+        if trainer.is_global_zero and not ticket.handled and "bypassed" not in self._inexact_warned:
+            # the strategy wrote (or a test's mock skipped) the file without asking its CheckpointIO
+            self._inexact_warned.add("bypassed")
+            rank_zero_warn(f"lightning-ckpt: {type(strategy).__name__}.save_checkpoint wrote {ticket.url} without "
+                           "lightning-ckpt's CheckpointIO: it has no manifest, so it is neither verified nor "
+                           "committed, and retention and 'last' do not see it", category=CheckpointWarning)
         return ticket.outcome, ticket.error
 
     def _warn_if_not_exact(self, trainer: pl.Trainer) -> None:
