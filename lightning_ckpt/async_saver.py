@@ -18,6 +18,9 @@ caller's stream; the caller's stream then waits (on the GPU, not the CPU) for th
 kernels that update the weights in place cannot race it. ``overlap=True`` drops that GPU-side wait
 so the copy overlaps the next forward/backward; the caller must then call
 :meth:`AsyncSaver.wait_snapshot` before anything mutates the saved tensors (e.g. the optimizer).
+
+Owns: the snapshot buffers and the one background thread. Must not: decide whether a save is due
+or what to keep, or import Lightning.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from lightning_ckpt.resume import _make_train_loader_stateful, _mute_last_hint, 
 from lightning_ckpt.save_names import _SaveNamesMixin
 from lightning_ckpt.saving import _InFlight, _SavingMixin
 from lightning_ckpt.security import Encryptor, Signer
-from lightning_ckpt.storage import RetryPolicy
+from lightning_ckpt.storage import RetryPolicy, Storage
 
 __all__ = ["CheckpointCallback"]
 
@@ -234,8 +234,8 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         self._resumed_earlier_version: str | None = None  # see _earlier_version_checkpoint
         self._manager: CheckpointManager | None = None
         if self._dirpath_arg is not None:
-            # parse the URL now: an unknown protocol or a missing fsspec backend fails here
-            self._open_directory(self._dirpath_arg)
+            # parse the URL now: an unknown protocol or a missing backend fails here (manager: on first use)
+            self.dirpath = Storage(self._dirpath_arg, self.storage_options, retry).url
 
         # Lightning-compatible bookkeeping
         self.best_k_models: dict[str, torch.Tensor] = {}

@@ -3,6 +3,9 @@
 Everything here is a no-op (or the trivial answer) in a single process, so code above it reads
 the same with and without a process group. Lightning is not imported: the sharded checkpointer
 and the RNG capture use these; the callback talks to Lightning's strategy for everything else.
+
+Owns: the package's own process groups (decision, background). Must not: decide anything, or
+import Lightning.
 """
 
 from __future__ import annotations

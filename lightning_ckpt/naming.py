@@ -4,6 +4,9 @@
 slashes (``{val/loss}``); a key absent from the metrics formats as 0, as in Lightning. Slashes in
 the *result* would create sub-directories on some stores and not on others, so they are replaced
 by underscores.
+
+Owns: templates to names, ``-vN`` versions. Must not: look at storage (which names are taken is
+:mod:`lightning_ckpt.save_names`'s question).
 """
 
 from __future__ import annotations

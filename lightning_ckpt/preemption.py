@@ -6,6 +6,9 @@ budget and what to do; :class:`SignalLatch` only records that a signal arrived (
 nothing more), and the callback acts at the next safe point. :func:`plan_save` decides, from the
 time left and measured save costs, whether the full checkpoint still fits, or a copy to a faster
 local directory, or only the weights — and says which, so the log explains what was kept.
+
+Owns: the policy, the latch and the plan (no Lightning here; the Trainer glue is
+:mod:`lightning_ckpt.preempting`). Must not: save, exit or touch Lightning's signal handling.
 """
 
 from __future__ import annotations

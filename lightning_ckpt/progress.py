@@ -7,6 +7,8 @@ when standard error is a terminal and the transfer is worth watching: larger tha
 (64 MiB) or still running after ``min_seconds`` (2 s). In a batch job, a notebook's captured
 stream, CI or a redirected log it prints nothing. It draws with ``rich`` (which Lightning's
 ``RichProgressBar`` uses) and falls back to ``tqdm``, then to nothing.
+
+Owns: drawing. Must not: change what is transferred or fail a transfer.
 """
 
 from __future__ import annotations

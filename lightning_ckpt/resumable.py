@@ -7,6 +7,8 @@ the epoch's data over (or on a new shuffle). :func:`make_stateful` rebuilds it a
 resumed run continues with the next batch of the same permutation (workers included) without
 recomputing the consumed ones. :func:`model_mismatch` and :func:`optimizer_mismatch` name what
 differs between a checkpoint and the objects it is about to be loaded into.
+
+Owns: loader conversion and structure checks. Must not: import Lightning or read storage.
 """
 
 from __future__ import annotations

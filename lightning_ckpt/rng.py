@@ -6,6 +6,8 @@ iterator is created, so restoring it also restores the seeds of workers started 
 The captured state holds only tensors, ints, floats, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)``. CUDA states saved on a GPU machine are skipped, with a note in
 the log, where this process has no CUDA (a GPU checkpoint resumed on a CPU-only machine).
+
+Owns: capture and restore of the streams. Must not: decide when they are restored (the callback does).
 """
 
 from __future__ import annotations
