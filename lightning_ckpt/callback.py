@@ -41,12 +41,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_ckpt import _lightning, distributed
 from lightning_ckpt.bookkeeping import Bookkeeping
 from lightning_ckpt.configuration import check_arguments, incremental_of, keeping, schedule
-from lightning_ckpt.incremental import Incremental
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
     ConfigurationError,
 )
+from lightning_ckpt.incremental import Incremental
 from lightning_ckpt.integrity import Manifest
 from lightning_ckpt.io import ManagedCheckpointIO, attach_sharded
 from lightning_ckpt.layout import History
@@ -223,7 +223,7 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         self.overhead_budget = budget
         self._every_n_epochs = when.every_n_epochs
         self.trigger: SaveTrigger | None = when.trigger
-        self._clocked_trigger = when.clocked  # being due depends on the wall clock: rank 0 decides
+        self._schedule = when  # being due depends on the wall clock (when.clocked): rank 0 decides
         self._provisional: Manifest | None = None
         # the budget's clock both times saves and says when one is due (injectable in tests)
         self._clock: Callable[[], float] = budget.clock if budget is not None else time.monotonic
@@ -292,14 +292,13 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
         return type(self).__qualname__ + repr(self._state_key_fields())
 
     def _state_key_fields(self) -> dict[str, Any]:
-        budget = {} if self.overhead_budget is None else {"overhead_budget": self.overhead_budget.budget}
         return {
             "monitor": self.monitor,
             "mode": self.mode,
             "every_n_train_steps": self._every_n_train_steps,
             "every_n_epochs": self._every_n_epochs,
             "train_time_interval": self._train_time_interval,
-            **budget,
+            **self._schedule.key_fields(),
         }
 
     @property
@@ -372,14 +371,6 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
             if removed:
                 rank_zero_info(f"lightning-ckpt: removed leftovers of interrupted saves: {', '.join(removed)}")
 
-    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = logger.save_dir or trainer.default_root_dir
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
-        return os.path.join(trainer.default_root_dir, "checkpoints")
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit_before_training(trainer)
         self._continue_after_load(trainer)
@@ -431,7 +422,7 @@ class CheckpointCallback(_ResumeMixin, _SavingMixin, _SaveNamesMixin, _Preemptio
                 self._maybe_preempt(trainer)
             return
         due = self.trigger.due_on_step(trainer.global_step, self._clock(), self._last_time_saved)
-        if self._clocked_trigger:
+        if self._schedule.clocked:
             due = bool(trainer.strategy.broadcast(due))  # ranks' clocks differ; rank 0 decides
         if not due:
             if not later:

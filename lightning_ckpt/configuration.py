@@ -74,6 +74,18 @@ class Schedule:
     #: whether being due depends on the wall clock (every rank then follows rank 0's decision)
     clocked: bool
 
+    def key_fields(self) -> dict[str, Any]:
+        """What joins the callback's state key beyond ModelCheckpoint's fields: a budget, a trigger of ours
+        no keyword stands for (by its repr) or a user's (by its class: a repr may hold an address)."""
+        fields: dict[str, Any] = {} if self.budget is None else {"overhead_budget": self.budget.budget}
+        if not isinstance(self.trigger, _KEYWORD_TRIGGERS) and self.trigger is not None:
+            ours = type(self.trigger).__module__ == policies.__name__
+            fields["trigger"] = repr(self.trigger) if ours else type(self.trigger).__qualname__
+        return fields
+
+
+_KEYWORD_TRIGGERS = (policies.EveryNSteps, policies.EveryNEpochs, policies.EveryInterval, policies.OverheadBudget)
+
 
 def schedule(
     every_n_epochs: int | None,

@@ -52,6 +52,15 @@ __all__: list[str] = []  # a part of CheckpointCallback: nothing to import from 
 class _ResumeMixin:
     """Resume and reconcile (see the module docstring); state lives on the callback."""
 
+    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        """Lightning's default ``dirpath``: ``<log_dir>/checkpoints`` (of the first logger)."""
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         """Lightning's hook for ``ckpt_path="last"``: the newest checkpoint that verifies."""
         if trainer.state.fn == TrainerFn.FITTING:

@@ -108,3 +108,20 @@ def test_a_union_of_policies_keeps_what_any_keeps(tmp_path: Path) -> None:
 def test_something_that_is_no_retention_policy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not a retention policy"):
         CheckpointCallback(dirpath=tmp_path, retention="top3")  # type: ignore[arg-type]
+
+
+def test_a_trigger_no_keyword_stands_for_joins_the_state_key_stably(tmp_path: Path) -> None:
+    class Mine:
+        def due_on_step(self, step: int, now: float, last_save_time: float) -> bool:
+            return step % 7 == 0
+
+        def due_on_epoch(self, epoch: int) -> bool:
+            return False
+
+    any_of = policies.AnyOf((policies.EveryNSteps(5), policies.EveryNEpochs(2)))
+    keys = {CheckpointCallback(dirpath=tmp_path, trigger=t).state_key for t in (any_of, Mine(), None)}
+    assert len(keys) == 3  # two such callbacks in one Trainer do not collide
+    # the same settings give the same key in another process: no object address in it
+    assert CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key == \
+        CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key
+    assert "0x" not in CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key
