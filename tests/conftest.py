@@ -12,7 +12,7 @@ GCS and Azure Blob work the same way: ``gcs_server`` (fake-gcs-server, tests/gcs
 ``azure_container_url`` give each test a fresh bucket / container. Their tests are marked ``gcs``
 and ``azure``; a missing binary skips them with the reason, or fails them on CI.
 
-``saved`` is a run directory with one committed checkpoint ``a.ckpt`` (tests/checkpoints.py's
+``memory_dir`` is a fresh ``memory://`` directory, removed afterwards. ``saved`` is a run directory with one committed checkpoint ``a.ckpt`` (tests/checkpoints.py's
 ``small_payload()``). ``faulty`` is a fresh directory on the fault-injecting filesystem (tests/faulty_fs.py) over
 ``memory://``: ``(url, storage_options, plan)``, faults added to ``plan`` as a test goes.
 
@@ -187,6 +187,18 @@ def faulty() -> tuple[str, dict[str, Any], FaultPlan]:
 
 
 # ------------------------------------------------------------------------- small checkpoints
+@pytest.fixture
+def memory_dir() -> Iterator[str]:
+    """``memory://t-<fresh>``: a directory in fsspec's in-memory filesystem, removed afterwards."""
+    import fsspec
+
+    url = f"memory://t-{uuid.uuid4().hex[:12]}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> CheckpointManager:
     """A run directory with ``a.ckpt`` (``small_payload()``, step 8, val_loss 0.5) committed."""

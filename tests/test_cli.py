@@ -11,8 +11,6 @@ import pickle
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -86,16 +84,11 @@ def _plain_console(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(params=["local", "memory"])
-def run_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+def run_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """A not-yet-existing run directory on a local disk or in ``memory://``."""
     if request.param == "local":
-        yield str(tmp_path / "run")
-        return
-    root = f"memory://cli-{uuid.uuid4().hex[:10]}/run"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+        return str(tmp_path / "run")
+    return request.getfixturevalue("memory_dir") + "/run"
 
 
 @pytest.fixture
@@ -542,9 +535,10 @@ def test_export_tied_and_view_tensors(capsys: pytest.CaptureFixture[str], tmp_pa
     torch.testing.assert_close(tensors["t"], shared.t())
 
 
-def test_export_to_a_url_and_plain_state_dict(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+def test_export_to_a_url_and_plain_state_dict(capsys: pytest.CaptureFixture[str], tmp_path: Any,
+                                              memory_dir: str) -> None:
     CheckpointManager(str(tmp_path)).save({"w": torch.ones(2, 2), "b": torch.zeros(2)}, "plain.ckpt")
-    target = f"memory://cli-{uuid.uuid4().hex[:10]}/export/w.safetensors"
+    target = f"{memory_dir}/export/w.safetensors"
     code, _, err = cli(capsys, "export", str(tmp_path / "plain.ckpt"), "-o", target, "--dtype", "float16")
     assert code == 0, err
     data = fsspec.filesystem("memory").cat_file(target.removeprefix("memory://"))

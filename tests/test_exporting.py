@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import fsspec
@@ -45,8 +44,8 @@ def test_export_ckpt_is_the_whole_checkpoint_as_one_plain_file(saved: Checkpoint
     assert sorted(p.name for p in out.parent.iterdir()) == ["standalone.ckpt"]  # no manifest: a plain file
 
 
-def test_export_torch_weights_to_a_url(saved: CheckpointManager) -> None:
-    target = f"memory://export-{uuid.uuid4().hex[:10]}/out/w.pt"
+def test_export_torch_weights_to_a_url(saved: CheckpointManager, memory_dir: str) -> None:
+    target = f"{memory_dir}/out/w.pt"
     result = export(saved.url_of("a.ckpt"), target, format="torch", storage_options={})
     assert result.url.endswith(target.removeprefix("memory://")) and result.format == "torch"
     with fsspec.open(target, "rb") as f:
@@ -123,7 +122,7 @@ def test_an_exported_ckpt_resumes_training_with_stock_lightning(tmp_path: Path) 
     standalone = tmp_path / "handed-over" / "run.ckpt"
     export(str(tmp_path / "run" / "last.ckpt"), str(standalone), format="ckpt")
     # a Trainer without lightning-ckpt's callback or IO: the file is an ordinary Lightning checkpoint
-    resumed, model = fit(ModelCheckpoint(dirpath=str(tmp_path / "stock")), max_epochs=3, ckpt_path=str(standalone))
+    resumed, _ = fit(ModelCheckpoint(dirpath=str(tmp_path / "stock")), max_epochs=3, ckpt_path=str(standalone))
     assert resumed.global_step == 24 and resumed.current_epoch == 3
     saved = torch.load(standalone, weights_only=True)
     assert saved["global_step"] == trainer.global_step == 16 and saved["optimizer_states"]

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,9 @@ def test_contents_is_what_inspect_json_prints(saved: CheckpointManager, capsys: 
     assert body["hyper_parameters"] == {"hidden": 4}
 
 
-def test_contents_through_an_open_manager_and_on_memory(saved: CheckpointManager) -> None:
+def test_contents_through_an_open_manager_and_on_memory(saved: CheckpointManager, memory_dir: str) -> None:
     assert contents("a.ckpt", manager=saved) == contents(saved.url_of("a.ckpt"))
-    url = f"memory://summary-{uuid.uuid4().hex[:10]}/run"
+    url = f"{memory_dir}/run"
     CheckpointManager(url).save(small_payload(16), "b.ckpt", global_step=16)
     assert contents(f"{url}/b.ckpt")["payload"]["lightning"]["global_step"] == 16
 
