@@ -174,8 +174,7 @@ class CommitProtocol:
                     extra=extra,
                     payload=None if physical == name else physical,
                     token=token,
-                    run=history.run if history is not None else None,
-                    lineage=[[r, s] for r, s in history.lineage] if history is not None else [],
+                    **(history.fields() if history is not None else {}),
                     **(job.manifest_fields() if job is not None else {}),
                 )
                 commit(manifest)
@@ -431,11 +430,8 @@ class CommitProtocol:
             physical = self._begin_save(dst, token, current, old)
             with self._committing(dst, token, physical, current) as commit:
                 self.storage.copy(self._payload_name(manifest), physical, link=link)
-                fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time(),
-                          "payload": None if physical == dst else physical, "token": token}
-                if history is not None:
-                    fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
-                copied = Manifest(**fields)
+                copied = _copy_of(manifest, dst, history, changes, payload=None if physical == dst else physical,
+                                  token=token)
                 commit(copied)
             self._retire(copied, old, current is not None)
         return SaveResult(copied, self.url_of(dst), time.perf_counter() - start)
@@ -449,10 +445,7 @@ class CommitProtocol:
             source, target = self.storage.child(src), self.storage.child(dst)
             for path in manifest.files:
                 source.copy_to(path, target)
-            fields = {**manifest.__dict__, **changes, "name": dst, "created": time.time()}
-            if history is not None:
-                fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
-            copied = Manifest(**fields)
+            copied = _copy_of(manifest, dst, history, changes)
             self._write_manifest(copied)
         except BaseException:
             self.abandon_directory(dst)
@@ -562,6 +555,15 @@ class CommitProtocol:
             log.warning("could not remove %s after a failed save (%s); cleanup will retry", name, exc)
         finally:
             self._release(name)
+
+
+def _copy_of(manifest: Manifest, dst: str, history: History | None, changes: Mapping[str, Any],
+             **fields: Any) -> Manifest:
+    """The manifest of ``dst``, a copy of ``manifest`` (with ``changes``), made now, in ``history``."""
+    copied = {**manifest.__dict__, **changes, "name": dst, "created": time.time(), **fields}
+    if history is not None:
+        copied.update(history.fields())
+    return Manifest(**copied)
 
 
 class _ErrorLatch:

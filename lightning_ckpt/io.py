@@ -253,7 +253,7 @@ class ManagedCheckpointIO(CheckpointIO):
         fields.pop("incremental", None)  # sharded checkpoints stay full
         history = fields.pop("history", None)
         if history is not None:  # a directory is replaced in place: the history is recorded, not checked
-            fields.update(run=history.run, lineage=[[r, s] for r, s in history.lineage])
+            fields.update(history.fields())
         manager = self.manager_of(request.directory)
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})

@@ -314,6 +314,10 @@ class History:
         inherited = tuple((r, int(s)) for r, s in (getattr(manifest, "lineage", None) or []))
         return History(self.run, (*inherited, (getattr(manifest, "run", None), int(manifest.global_step or 0))))
 
+    def fields(self) -> dict[str, Any]:
+        """The manifest fields that record this history."""
+        return {"run": self.run, "lineage": [[r, s] for r, s in self.lineage]}
+
     def contains(self, manifest: Any) -> bool:
         run, step = getattr(manifest, "run", None), int(manifest.global_step or 0)
         if run is not None and run == self.run:

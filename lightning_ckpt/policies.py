@@ -291,8 +291,8 @@ class KeepLatest:
 
 
 @dataclass(frozen=True)
-class KeepTopK:
-    """Keep the ``k`` best checkpoints by ``monitor`` under ``mode`` (``save_top_k=k``)."""
+class _KeepK:
+    """The ``k`` first of ``ranked(checkpoints)`` (best first) by ``monitor`` under ``mode``."""
 
     k: int
     monitor: str
@@ -300,17 +300,25 @@ class KeepTopK:
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise ConfigurationError(f"KeepTopK(k={self.k}) must not be negative")
+            raise ConfigurationError(f"{type(self).__name__}(k={self.k}) must not be negative")
         if self.mode not in MODES:
             raise ConfigurationError(f"mode={self.mode!r} must be one of {MODES}")
+
+    def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
+        raise NotImplementedError
+
+    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
+        return {m.name for m in self.ranked(checkpoints)[: self.k]}
+
+
+@dataclass(frozen=True)
+class KeepTopK(_KeepK):
+    """Keep the ``k`` best checkpoints by ``monitor`` under ``mode`` (``save_top_k=k``)."""
 
     def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
         """Checkpoints that carry the monitored value, best first (a NaN value ranks last)."""
         scored = [m for m in checkpoints if m.monitor == self.monitor and self.monitor in m.metrics]
         return sorted(scored, key=_sort_key(self.mode, self.monitor))
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        return {m.name for m in self.ranked(checkpoints)[: self.k]}
 
     def admits(self, score: float, checkpoints: Sequence[Manifest]) -> bool:
         """Whether a new checkpoint scoring ``score`` would enter the top k (as Lightning decides).
@@ -336,25 +344,12 @@ def _ranked_by(checkpoints: Iterable[Manifest], monitor: str, mode: str) -> list
 
 
 @dataclass(frozen=True)
-class KeepBestBy:
+class KeepBestBy(_KeepK):
     """:class:`KeepTopK` over a metric every manifest logged, whatever monitor it recorded."""
-
-    k: int
-    monitor: str
-    mode: str = "min"
-
-    def __post_init__(self) -> None:
-        if self.k < 0:
-            raise ConfigurationError(f"KeepBestBy(k={self.k}) must not be negative")
-        if self.mode not in MODES:
-            raise ConfigurationError(f"mode={self.mode!r} must be one of {MODES}")
 
     def ranked(self, checkpoints: Iterable[Manifest]) -> list[Manifest]:
         """Checkpoints that logged ``monitor``, best first (ties: the newer first)."""
         return _ranked_by(list(checkpoints), self.monitor, self.mode)
-
-    def keep(self, checkpoints: Sequence[Manifest]) -> set[str]:
-        return {m.name for m in self.ranked(checkpoints)[: self.k]}
 
 
 @dataclass(frozen=True)
