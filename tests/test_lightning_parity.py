@@ -11,6 +11,8 @@ except where marked:
   user of our callback observes; or one that needs processes this machine cannot spare.
 
 Directory listings ignore our sidecar files (README: "sidecar files") through :func:`listdir`.
+What the ported bodies repeated is written once: :func:`quiet_trainer` (no logger, progress bar or
+model summary), :func:`fit_boring` and :func:`assert_callback_state`; nothing they check changed.
 """
 
 from __future__ import annotations
@@ -71,9 +73,16 @@ def _same(a, b) -> bool:
 
 
 def quiet_trainer(**kwargs) -> Trainer:
-    """``Trainer(**kwargs, logger=False, enable_progress_bar=False, enable_model_summary=False)``, the
-    arguments most of Lightning's tests repeat (written once here; the only change to their bodies)."""
+    """``Trainer(**kwargs, logger=False, enable_progress_bar=False, enable_model_summary=False)``."""
     return Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def fit_boring(tmp_path, callback, max_epochs) -> Trainer:
+    """``quiet_trainer(max_epochs, one train and one val batch, tmp_path, [callback]).fit(BoringModel())``."""
+    trainer = quiet_trainer(max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=1,
+                            default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(BoringModel())
+    return trainer
 
 
 def assert_callback_state(chk, checkpoint, monitor, score) -> None:
@@ -1026,14 +1035,7 @@ def test_ckpt_version_after_rerun_new_trainer(tmp_path):
     epochs = 2
     for i in range(epochs):
         mc = CheckpointCallback(dirpath=tmp_path, save_top_k=-1, monitor="epoch", filename="{epoch}")
-        trainer = quiet_trainer(
-            max_epochs=epochs,
-            limit_train_batches=1,
-            limit_val_batches=1,
-            default_root_dir=tmp_path,
-            callbacks=[mc],
-        )
-        trainer.fit(BoringModel())
+        fit_boring(tmp_path, mc, max_epochs=epochs)
         expected = {"epoch=0-v1.ckpt", "epoch=1-v1.ckpt"} if i else {"epoch=0.ckpt", "epoch=1.ckpt"}
         assert {Path(f).name for f in mc.best_k_models} == expected
     actual = set(listdir(tmp_path))
@@ -1043,14 +1045,7 @@ def test_ckpt_version_after_rerun_new_trainer(tmp_path):
 def test_ckpt_version_after_rerun_same_trainer(tmp_path):
     mc = CheckpointCallback(dirpath=tmp_path, save_top_k=-1, monitor="epoch", filename="test")
     mc.STARTING_VERSION = 9
-    trainer = quiet_trainer(
-        max_epochs=2,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-        callbacks=[mc],
-    )
-    trainer.fit(BoringModel())
+    trainer = fit_boring(tmp_path, mc, max_epochs=2)
     trainer.fit_loop.max_epochs = 4
     trainer.fit(BoringModel())
     ckpt_range = range(mc.STARTING_VERSION, trainer.max_epochs + mc.STARTING_VERSION - 1)
@@ -1070,14 +1065,7 @@ def test_ckpt_version_counter_disabled_after_rerun_new_trainer(tmp_path):
             filename="{epoch}",
             enable_version_counter=False,
         )
-        trainer = quiet_trainer(
-            max_epochs=epochs,
-            limit_train_batches=1,
-            limit_val_batches=1,
-            default_root_dir=tmp_path,
-            callbacks=[mc],
-        )
-        trainer.fit(BoringModel())
+        fit_boring(tmp_path, mc, max_epochs=epochs)
         assert {Path(f).name for f in mc.best_k_models} == {"epoch=0.ckpt", "epoch=1.ckpt"}
         assert Path(mc.last_model_path).name == "last.ckpt"
     assert set(listdir(tmp_path)) == {"epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"}
