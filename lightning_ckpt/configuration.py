@@ -96,7 +96,7 @@ def schedule(
 ) -> Schedule:
     """The save trigger from the keywords, or from ``trigger=`` (then no trigger keyword may be given)."""
     for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if value is not None and (not isinstance(value, int) or value < 0):
             raise ConfigurationError(f"{arg}={value!r} must be a non-negative integer")
     if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
         raise ConfigurationError("train_time_interval must be a datetime.timedelta")
@@ -138,7 +138,8 @@ def schedule(
 
 
 def _from_trigger(trigger: policies.SaveTrigger) -> Schedule:
-    if not (callable(getattr(trigger, "due_on_step", None)) and callable(getattr(trigger, "due_on_epoch", None))):
+    if isinstance(trigger, type) or not (callable(getattr(trigger, "due_on_step", None))
+                                         and callable(getattr(trigger, "due_on_epoch", None))):
         raise ConfigurationError(f"trigger={trigger!r} is not a save trigger: it needs due_on_step(step, now, "
                                  "last_save_time) and due_on_epoch(epoch) (see lightning_ckpt.policies)")
     if isinstance(trigger, policies.OverheadBudget):
@@ -178,7 +179,7 @@ def keeping(save_top_k: int, monitor: str | None, mode: str, retention: policies
     repeat what the policy says; anything else contradicts it.
     """
     if retention is None:
-        if not isinstance(save_top_k, int) or isinstance(save_top_k, bool) or save_top_k < -1:
+        if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ConfigurationError(f"save_top_k={save_top_k!r} must be an integer >= -1")
         if monitor is None and save_top_k not in (-1, 0, 1):
             raise ConfigurationError(
@@ -192,7 +193,7 @@ def keeping(save_top_k: int, monitor: str | None, mode: str, retention: policies
         else:
             policy = policies.KeepTopK(save_top_k, monitor, mode)
         return Keeping(policy, monitor, mode, save_top_k)
-    if not callable(getattr(retention, "keep", None)):
+    if isinstance(retention, type) or not callable(getattr(retention, "keep", None)):
         raise ConfigurationError(f"retention={retention!r} is not a retention policy: it needs keep(checkpoints) "
                                  "(see lightning_ckpt.policies)")
 

@@ -66,9 +66,10 @@ def test_a_trigger_and_a_trigger_keyword_is_a_clear_error(tmp_path: Path, keywor
         CheckpointCallback(dirpath=tmp_path, trigger=policies.EveryNSteps(3), **keyword)
 
 
-def test_something_that_is_no_trigger_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trigger", [5, policies.EveryNSteps, policies.KeepAll()])
+def test_something_that_is_no_trigger_is_refused(tmp_path: Path, trigger) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigurationError, match="not a save trigger"):
-        CheckpointCallback(dirpath=tmp_path, trigger=5)  # type: ignore[arg-type]
+        CheckpointCallback(dirpath=tmp_path, trigger=trigger)
 
 
 def test_retention_top_k_is_save_top_k_monitor_and_mode(tmp_path: Path) -> None:
@@ -105,9 +106,10 @@ def test_a_union_of_policies_keeps_what_any_keeps(tmp_path: Path) -> None:
     assert os.path.basename(callback.best_model_path) == "epoch=1-step=8.ckpt"
 
 
-def test_something_that_is_no_retention_policy_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("retention", ["top3", policies.KeepAll, policies.EveryNSteps(3)])
+def test_something_that_is_no_retention_policy_is_refused(tmp_path: Path, retention) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigurationError, match="not a retention policy"):
-        CheckpointCallback(dirpath=tmp_path, retention="top3")  # type: ignore[arg-type]
+        CheckpointCallback(dirpath=tmp_path, retention=retention)
 
 
 def test_a_trigger_no_keyword_stands_for_joins_the_state_key_stably(tmp_path: Path) -> None:
