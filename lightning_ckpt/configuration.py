@@ -12,6 +12,7 @@ state, import Lightning, or know how the callback uses the policies.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -76,12 +77,24 @@ class Schedule:
 
     def key_fields(self) -> dict[str, Any]:
         """What joins the callback's state key beyond ModelCheckpoint's fields: a budget, a trigger of ours
-        no keyword stands for (by its repr) or a user's (by its class: a repr may hold an address)."""
+        no keyword stands for (by its repr, or its class where the repr holds an address: the key must
+        be the same in the process that resumes)."""
         fields: dict[str, Any] = {} if self.budget is None else {"overhead_budget": self.budget.budget}
         if not isinstance(self.trigger, _KEYWORD_TRIGGERS) and self.trigger is not None:
-            ours = type(self.trigger).__module__ == policies.__name__
-            fields["trigger"] = repr(self.trigger) if ours else type(self.trigger).__qualname__
+            fields["trigger"] = _stable_name(self.trigger)
         return fields
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable_name(trigger: Any) -> str:
+    text = repr(trigger)
+    if not _ADDRESS.search(text):
+        return text
+    if isinstance(trigger, policies.AnyOf):
+        return f"AnyOf({', '.join(_stable_name(t) for t in trigger.triggers)})"
+    return str(type(trigger).__qualname__)
 
 
 _KEYWORD_TRIGGERS = (policies.EveryNSteps, policies.EveryNEpochs, policies.EveryInterval, policies.OverheadBudget)

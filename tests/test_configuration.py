@@ -127,3 +127,26 @@ def test_a_trigger_no_keyword_stands_for_joins_the_state_key_stably(tmp_path: Pa
     assert CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key == \
         CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key
     assert "0x" not in CheckpointCallback(dirpath=tmp_path, trigger=Mine()).state_key
+
+
+def test_a_users_trigger_inside_any_of_keeps_the_state_key_stable(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    class Plain:  # its repr holds an object address
+        def due_on_step(self, step: int, now: float, last_save_time: float) -> bool:
+            return False
+
+        def due_on_epoch(self, epoch: int) -> bool:
+            return False
+
+    @dataclass(frozen=True)
+    class Every(Plain):
+        n: int
+
+    def key(trigger) -> str:  # type: ignore[no-untyped-def]
+        return CheckpointCallback(dirpath=tmp_path, trigger=trigger).state_key
+
+    wrapped = policies.AnyOf((policies.EveryNSteps(5), Plain()))
+    assert key(wrapped) == key(policies.AnyOf((policies.EveryNSteps(5), Plain())))  # found again on resume
+    assert "0x" not in key(wrapped)
+    assert key(Every(3)) != key(Every(7))  # two callbacks with differently set triggers do not collide
