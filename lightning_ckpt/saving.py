@@ -141,6 +141,10 @@ class _SavingMixin:
         name = self._free_name(trainer, self._unique_name(trainer, candidates, replaceable), self.owner)
         chain = None
         if self.async_save and self.save_last:
+            # the previous save and its copy to last.ckpt end first, as _save would wait for them anyway:
+            # named while that copy is still being written, last.ckpt would pass for another's file
+            self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer)
+                         or _lightning.is_sharded(trainer.strategy))
             last = self._free_name(trainer, self._last_name(trainer, candidates), self._last_owner)
             chain = self._copy_to_last(name, last)
         # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
