@@ -342,6 +342,20 @@ def test_an_outage_is_never_read_as_no_directory() -> None:
         s.modified("a.bin")
 
 
+def test_a_bare_protocol_names_no_file_and_its_root_joins_names_as_urls() -> None:
+    for url in ("memory://", "memory:///", "s3://"):
+        with pytest.raises(ConfigurationError, match="does not name a file"):
+            split_url(url)  # not a local file called "memory:" in the working directory
+    root = Storage("memory://")
+    name = f"a16-{uuid.uuid4().hex}.bin"
+    root.write_bytes(name, b"x")
+    url = root.url_of(name)
+    assert url == f"memory://{name}"  # a URL the user can pass back to us
+    directory, file = split_url(url)
+    assert Storage(directory).read_bytes(file) == b"x"
+    root.delete(name)
+
+
 def test_the_backend_is_chosen_once_by_the_filesystem() -> None:
     import s3fs
 

@@ -37,10 +37,10 @@ class FileInfo:
 
 def split_url(url: str) -> tuple[str, str]:
     """Split a file URL into (directory URL, file name)."""
-    url = str(url).rstrip("/")
+    given, url = str(url), str(url).rstrip("/")
     head, _, name = url.rpartition("/")
-    if not name:
-        raise ConfigurationError(f"{url!r} does not name a file")
+    if not name or not head and given.startswith(name + "//"):  # "memory://": a store's root, not a file "memory:"
+        raise ConfigurationError(f"{given!r} does not name a file")
     if not head:
         head = "."
     elif head.endswith((":/", ":")):  # "memory://x" -> ("memory://", "x")

@@ -92,6 +92,8 @@ class Storage:
 
     def url_of(self, name: str) -> str:
         """The URL a user would pass back to us for ``name``."""
+        if self.url.endswith("://"):  # a store's root ("memory://"): "memory://NAME", not "memory:/NAME"
+            return self.url + name
         return f"{self.url.rstrip('/')}/{name}" if self.url != "/" else f"/{name}"
 
     # -- error handling ---------------------------------------------------------------------
