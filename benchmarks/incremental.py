@@ -16,7 +16,7 @@ after the last save and its retention. Figures are medians over the saves after 
 first incremental save writes everything). Nothing here is asserted; ``--short`` is the smoke
 run of ``tests/test_benchmarks_incremental.py``.
 
-    python benchmarks/incremental.py                       # 20 layers of 768x768 (45 MiB), 10 saves
+    python benchmarks/incremental.py                       # 20 layers of 1536x1536 (180 MiB), 10 saves
     python benchmarks/incremental.py --short --json out.json
 """
 
@@ -112,7 +112,7 @@ def run(mode: str, frozen: float, args: argparse.Namespace, root: str) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1536)
     parser.add_argument("--saves", type=int, default=10)
     parser.add_argument("--keep", type=int, default=3, help="retention: keep the newest K checkpoints")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",

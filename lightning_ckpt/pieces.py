@@ -274,6 +274,8 @@ def collect(storage: Storage, stale_after: float = layout.STALE_AFTER) -> list[s
     Does nothing while any other live writer's marker is in the directory, or while a manifest
     there cannot be read (it might reference a pack). See the module docstring for the handshake.
     """
+    if not any(is_pack(f.name) for f in storage.list()):
+        return []  # nothing to reclaim (and nothing written: a fresh directory may not exist yet)
     token = layout.new_token()
     marker = layout.Marker.mine(COLLECTOR, token, "gc")
     marker_file = layout.marker_name(COLLECTOR, token)

@@ -589,3 +589,11 @@ def test_an_old_runs_pieces_are_reused_by_content_and_never_deleted_while_refere
     manager.prune(__import__("lightning_ckpt").KeepLatest(1), owner="old-run")  # keeps its newest: nothing goes
     manager.delete("old.ckpt")
     check(manager.load("new.ckpt"), run.expected())
+
+
+def test_cleanup_of_a_directory_not_yet_created_writes_nothing(tmp_path: Path) -> None:
+    # found by the kill campaign: the collector wrote its marker into a directory that did not exist
+    register()
+    manager = CheckpointManager(f"faulty://{tmp_path}/absent", {"target_protocol": "file"})
+    assert manager.cleanup() == []
+    assert not (tmp_path / "absent").exists()
