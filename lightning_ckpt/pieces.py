@@ -67,6 +67,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 COLLECTOR = ".lckpt-pieces"
 #: how long a writer waits for a live collector to finish before giving up (seconds)
 COLLECTOR_WAIT = 120.0
+#: a collector stops deleting this long after it listed, so a collector's marker this old (a
+#: collector on another host that crashed) no longer holds writers back (seconds)
+COLLECTOR_MAX = 300.0
+COLLECTOR_STALE = 2 * COLLECTOR_MAX
 MAX_REFS = 1_000_000
 MAX_SIZE = 2**50
 _DEVICE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[0-9]{1,6})?$")
@@ -249,7 +253,7 @@ def wait_for_collectors(storage: Storage, stale_after: float, timeout: float = C
     deadline = time.monotonic() + timeout
     while True:
         names = [f.name for f in storage.list()]
-        live = _live_markers(storage, names, stale_after, collectors=True, mine=None)
+        live = _live_markers(storage, names, min(stale_after, COLLECTOR_STALE), collectors=True, mine=None)
         if not live:
             return
         if time.monotonic() > deadline:
@@ -283,6 +287,7 @@ def collect(storage: Storage, stale_after: float = layout.STALE_AFTER) -> list[s
     try:
         storage.write_bytes(marker_file, marker.to_json())
         try:
+            listed = time.monotonic()
             names = [f.name for f in storage.list()]
             if not any(is_pack(f) for f in names):
                 return []
@@ -304,9 +309,13 @@ def collect(storage: Storage, stale_after: float = layout.STALE_AFTER) -> list[s
                 except (ValueError, UnicodeDecodeError):
                     return []  # cannot prove what it references: reclaim nothing
             doomed = sorted(f for f in names if is_pack(f) and f not in referenced)
+            deleted = []
             for fname in doomed:
+                if time.monotonic() - listed > COLLECTOR_MAX:
+                    break  # writers stop waiting for a marker this old: the rest waits for the next collection
                 storage.delete(fname)
-            return doomed
+                deleted.append(fname)
+            return deleted
         finally:
             storage.delete(marker_file)
     finally:

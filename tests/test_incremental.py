@@ -597,3 +597,19 @@ def test_cleanup_of_a_directory_not_yet_created_writes_nothing(tmp_path: Path) -
     manager = CheckpointManager(f"faulty://{tmp_path}/absent", {"target_protocol": "file"})
     assert manager.cleanup() == []
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_crashed_collector_on_another_host_holds_writers_back_for_minutes_not_hours(tmp_path: Path) -> None:
+    import time as _time
+
+    manager = CheckpointManager(str(tmp_path))
+    token = layout.new_token()
+    marker = layout.Marker(pieces.COLLECTOR, token, "gc", host="0badc0de", pid=1, started=_time.time() - 60)
+    manager.storage.write_bytes(layout.marker_name(pieces.COLLECTOR, token), marker.to_json())
+    with pytest.raises(StorageError, match="reclaiming"):
+        pieces.wait_for_collectors(manager.storage, layout.STALE_AFTER, timeout=0.1)  # a minute old: live
+    old = layout.Marker(pieces.COLLECTOR, token, "gc", host="0badc0de", pid=1,
+                        started=_time.time() - pieces.COLLECTOR_STALE - 1)
+    manager.storage.write_bytes(layout.marker_name(pieces.COLLECTOR, token), old.to_json())
+    pieces.wait_for_collectors(manager.storage, layout.STALE_AFTER, timeout=0.1)  # ten minutes: abandoned
+    manager.save(Run().state(), "a.ckpt", incremental=Incremental())
