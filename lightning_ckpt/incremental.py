@@ -21,8 +21,14 @@ DLPack views, by custom kernels, in ``inference_mode``) would fool it, so it is 
 alone: every tensor is hashed again (a content hash, then written only if its bytes are new) after
 at most ``confirm_every`` shortcut saves (staggered, so each save confirms about
 1/``confirm_every`` of them), and on every save where the cache has no entry (the first save of a
-process, after a resume). A tensor the confirmation finds changed is written and hashed on every
-save from then on, with a warning.
+process, after a resume). A confirmation reads the live tensor inside the save (in the background
+thread with ``async_save``: still no snapshot copy). A tensor it finds changed is hashed on every
+save from then on, with a warning; a synchronous save writes its new bytes, a background one
+fails (its bytes at the snapshot are unknown) and the next save writes them.
+
+A pack lives while any of its pieces is referenced; pieces that outlive the pack they were
+written into (a frozen layer in the first save's pack of mostly trained tensors) are copied once
+into a pack of their own, so dead bytes do not pile up (:meth:`IncrementalSave._compact`).
 
 Owns: choosing pieces, the shortcut cache, splitting a state into payload + pieces, and joining
 them on load. Must not: touch storage beyond :mod:`lightning_ckpt.pieces` and the manager's
