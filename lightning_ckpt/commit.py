@@ -34,7 +34,8 @@ from lightning_ckpt.errors import (
     NameTakenError,
     StorageError,
 )
-from lightning_ckpt.integrity import HashingWriter, Manifest, versions
+from lightning_ckpt import digest as digests
+from lightning_ckpt.integrity import DIGEST_FORMAT_VERSION, HashingWriter, Manifest, versions
 from lightning_ckpt.layout import History, manifest_name, pending_name
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class CommitProtocol:
 
             job, state = plan(incremental, state)
         # fields no reader would accept are refused before anything is touched
-        self._check_manifest(Manifest(name=name, size=0, sha256="0" * 64, epoch=epoch, global_step=global_step,
+        self._check_manifest(Manifest(name=name, size=0, digest="0" * 64, epoch=epoch, global_step=global_step,
                                       metrics=dict(metrics or {}), monitor=monitor, mode=mode, owner=owner,
                                       weights_only=weights_only, extra=dict(extra or {})))
         token = layout.new_token()
@@ -134,7 +135,8 @@ class CommitProtocol:
             with self._committing(name, token, physical, current) as commit:
                 with self._progress("saving", name, progress) as bar, self.storage.open_write(physical, progress=bar) as f:
                     latch = _ErrorLatch(f)
-                    writer = HashingWriter(latch)  # type: ignore[arg-type]  # a write-only stream suffices
+                    algorithm = digests.algorithm_for(signed=self.signer is not None)
+                    writer = HashingWriter(latch, algorithm)  # type: ignore[arg-type]  # a write-only stream suffices
                     stream: Any = writer if self.encryptor is None else self.encryptor.writer(writer)  # type: ignore[arg-type]
                     try:
                         if job is not None:
@@ -156,13 +158,16 @@ class CommitProtocol:
                         if latch.error is not None:
                             raise latch.error
                         raise
+                    finally:
+                        writer.close()
                 extra = dict(extra or {})
                 if self.encryptor is not None:
                     extra["encryption"] = self.encryptor.describe()
                 manifest = Manifest(
                     name=name,
                     size=writer.size,
-                    sha256=writer.sha256,
+                    digest=writer.digest,
+                    digest_algorithm=algorithm,
                     epoch=epoch,
                     global_step=global_step,
                     metrics=dict(metrics or {}),
@@ -175,7 +180,7 @@ class CommitProtocol:
                     payload=None if physical == name else physical,
                     token=token,
                     **(history.fields() if history is not None else {}),
-                    **(job.manifest_fields() if job is not None else {}),
+                    **{**(job.manifest_fields() if job is not None else {}), "format_version": DIGEST_FORMAT_VERSION},
                 )
                 commit(manifest)
             self._retire(manifest, old, current is not None)

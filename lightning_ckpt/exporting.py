@@ -159,7 +159,7 @@ def _export_metadata(payload: Any, manifest: Manifest | None, source: str) -> di
         if value is not None:
             meta[key] = str(_plain(value))
     if manifest is not None:
-        meta["sha256"] = manifest.sha256
+        meta["digest"] = f"{manifest.digest_algorithm}:{manifest.digest}"
     return meta
 
 

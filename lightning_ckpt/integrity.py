@@ -1,10 +1,18 @@
 """Integrity: the manifest that commits a checkpoint, and the hashing that verifies it.
 
 A checkpoint ``NAME`` is *committed* when ``NAME.manifest.json`` exists beside it. The manifest is
-written last, after the payload is durable, and records the payload's size and sha256 together
-with what a reader needs without opening the payload: epoch, global step, logged metrics, the
-monitored key, which callback wrote it, and library versions. :func:`verify` checks a payload
-against its manifest while streaming it, so a damaged file is named before ``torch.load`` sees it.
+written last, after the payload is durable, and records the payload's size and digest (with the
+digest's algorithm, see :mod:`lightning_ckpt.digest`) together with what a reader needs without
+opening the payload: epoch, global step, logged metrics, the monitored key, which callback wrote
+it, and library versions. The manager checks a payload against its manifest while streaming it,
+so a damaged file is named before ``torch.load`` returns anything.
+
+Formats: 1 (single file, ``sha256``), 2 (sharded: a table of files with their sha256), 3
+(incremental: a piece table), 4 (single file or incremental, ``digest`` + ``digest_algorithm``,
+one of :data:`lightning_ckpt.digest.ALGORITHMS`). A format-4 manifest naming an algorithm outside
+that set is malformed (a :class:`CorruptCheckpointError`): format 4 fixes the set, a new
+algorithm comes with a new format.
+A signed manifest must rest on a collision-resistant digest (:func:`parse_manifest`).
 
 This module owns the manifest's schema and :func:`parse_manifest`, the one parser of its bytes
 (limits, every field checked, signature and encryption checks); everything that reads a manifest
@@ -22,9 +30,10 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import Any
 
-from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from lightning_ckpt.digest import ALGORITHMS, COLLISION_RESISTANT, SHA256, HashingWriter
+from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, TamperedCheckpointError
 from lightning_ckpt.layout import (  # the names live in layout (these three re-exported)
     MANIFEST_SUFFIX,
     PENDING_SUFFIX,
@@ -39,6 +48,7 @@ __all__ = [
     "PENDING_SUFFIX",
     "INCREMENTAL_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
+    "DIGEST_FORMAT_VERSION",
     "HashingWriter",
     "Manifest",
     "is_safe_name",
@@ -52,14 +62,15 @@ __all__ = [
 FORMAT = "lightning-ckpt"
 #: The newest layout this version reads. Bumped when a reader of an older version could misread a
 #: checkpoint: single-file checkpoints are still written as 1, sharded (directory) ones as 2.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: The layout of a sharded checkpoint: a directory whose every file is listed in ``Manifest.files``.
 SHARDED_FORMAT_VERSION = 2
 #: An incremental checkpoint (``Manifest.pieces``): its payload holds placeholders that only a
 #: reader which knows the piece table can fill, so older readers must refuse it.
 INCREMENTAL_FORMAT_VERSION = 3
-#: Largest single write handed to the storage, so that uploads fill their parts block by block.
-WRITE_BLOCK = 8 * 2**20
+#: single-file checkpoints (incremental ones too) whose manifest names its digest's algorithm
+#: (``digest`` + ``digest_algorithm``) instead of a ``sha256``
+DIGEST_FORMAT_VERSION = 4
 
 
 def versions() -> dict[str, str]:
@@ -84,7 +95,8 @@ class Manifest:
 
     name: str
     size: int
-    sha256: str
+    #: hex digest of the payload (of the file table, for a sharded checkpoint)
+    digest: str
     epoch: int | None = None
     global_step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -108,6 +120,8 @@ class Manifest:
     lineage: list[list[Any]] = field(default_factory=list)
     #: an incremental checkpoint's piece table (see :mod:`lightning_ckpt.pieces`); empty otherwise
     pieces: dict[str, Any] = field(default_factory=dict)
+    #: the algorithm of ``digest`` (:data:`lightning_ckpt.digest.ALGORITHMS`); sha256 before format 3
+    digest_algorithm: str = SHA256
     format: str = FORMAT
     format_version: int = 1
 
@@ -136,11 +150,21 @@ class Manifest:
         }
         digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
         total = sum(int(size) for size, _ in files.values())
-        return cls(name=name, size=total, sha256=digest, files=table, format_version=SHARDED_FORMAT_VERSION, **fields)
+        return cls(name=name, size=total, digest=digest, files=table, format_version=SHARDED_FORMAT_VERSION, **fields)
+
+    def to_fields(self) -> dict[str, Any]:
+        """The JSON fields of this manifest as its format writes them (formats 1 and 2: ``sha256``)."""
+        out = asdict(self)
+        if self.format_version < DIGEST_FORMAT_VERSION:
+            if self.digest_algorithm != SHA256:
+                raise ValueError(f"format {self.format_version} records sha256 only, not {self.digest_algorithm}")
+            out["sha256"] = out.pop("digest")
+            del out["digest_algorithm"]
+        return out
 
     def to_json(self) -> bytes:
         """Serialize (stable key order, so identical states give identical manifests)."""
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+        return json.dumps(self.to_fields(), sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
@@ -169,7 +193,10 @@ class Manifest:
         try:
             return cls._checked(raw, version)
         except _Invalid as exc:
-            raise CorruptCheckpointError(f"manifest of {where} is malformed: {exc}") from None
+            error = CorruptCheckpointError(f"manifest of {where} is malformed: {exc}")
+            #: a digest algorithm we do not know: never a reason to start afresh (see the manager)
+            error.unknown_algorithm = getattr(exc, "algorithm", None)  # type: ignore[attr-defined]
+            raise error from None
 
     @classmethod
     def _checked(cls, raw: dict[str, Any], version: int) -> Manifest:
@@ -179,10 +206,21 @@ class Manifest:
         files = _file_table(raw.get("files", {}))
         if files and version < SHARDED_FORMAT_VERSION:
             raise _Invalid(f"a file table in format {version}")
-        size, sha256 = _size(raw.get("size"), "size"), _sha256(raw.get("sha256"), "sha256")
+        size = _size(raw.get("size"), "size")
+        if version >= DIGEST_FORMAT_VERSION:
+            algorithm = raw.get("digest_algorithm")
+            if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+                invalid = _Invalid(
+                    f"digest_algorithm {_short(algorithm)} is not one this lightning-ckpt knows ({', '.join(sorted(ALGORITHMS))})"
+                )
+                invalid.algorithm = _short(algorithm)  # type: ignore[attr-defined]
+                raise invalid
+            digest = _hex(raw.get("digest"), "digest", ALGORITHMS[algorithm])
+        else:
+            algorithm, digest = SHA256, _sha256(raw.get("sha256"), "sha256")
         if files:
-            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-            if size != sum(f["size"] for f in files.values()) or sha256 != digest:
+            table_digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            if size != sum(f["size"] for f in files.values()) or algorithm != SHA256 or digest != table_digest:
                 raise _Invalid("size or sha256 do not match its file table")
         created = raw.get("created", 0.0)
         if not _is_number(created) or not 0 <= created <= MAX_CREATED:
@@ -224,7 +262,7 @@ class Manifest:
         return cls(
             name=name,
             size=size,
-            sha256=sha256,
+            digest=digest,
             epoch=_count(raw.get("epoch"), "epoch"),
             global_step=_count(raw.get("global_step"), "global_step"),
             metrics={k: float(v) for k, v in metrics.items()},
@@ -241,6 +279,7 @@ class Manifest:
             run=_text(raw.get("run"), "run"),
             lineage=_lineage(raw.get("lineage", [])),
             pieces=pieces,
+            digest_algorithm=algorithm,
             format=FORMAT,
             format_version=version,
         )
@@ -276,6 +315,12 @@ def parse_manifest(data: bytes, where: str, *, signer: Any = None, encryptor: An
     manifest = Manifest.from_fields(raw, where)
     if signer is not None:
         signer.check(raw, f"the manifest of {where}")
+        if manifest.digest_algorithm not in COLLISION_RESISTANT:
+            # a signature over a checksum anyone can match proves nothing about the payload
+            raise TamperedCheckpointError(
+                f"the manifest of {where} is signed over a {manifest.digest_algorithm} checksum, not a "
+                "collision-resistant digest; a signed checkpoint must use BLAKE3 or sha256 (refusing it)"
+            )
     if encryptor is not None:
         encryptor.check_encrypted(manifest.extra.get("encryption"), where)
     return manifest
@@ -356,8 +401,12 @@ def _size(value: Any, what: str) -> int:
 
 
 def _sha256(value: Any, what: str) -> str:
-    if not isinstance(value, str) or len(value) != 64 or not _HEX.issuperset(value):
-        raise _Invalid(f"{what} {_short(value)} is not 64 lowercase hex digits")
+    return _hex(value, what, 64)
+
+
+def _hex(value: Any, what: str, length: int) -> str:
+    if not isinstance(value, str) or len(value) != length or not _HEX.issuperset(value):
+        raise _Invalid(f"{what} {_short(value)} is not {length} lowercase hex digits")
     return value
 
 
@@ -439,37 +488,3 @@ def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return out
-
-
-class HashingWriter:
-    """A write-only stream that forwards to ``sink`` while computing size and sha256.
-
-    ``hashlib`` releases the GIL on large updates, so hashing does not stall a training thread
-    when this runs in the background.
-    """
-
-    def __init__(self, sink: IO[bytes]) -> None:
-        self._sink = sink
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        # torch.save hands over each tensor in one call; feeding the sink in blocks lets object
-        # stores upload part by part instead of buffering a whole tensor as one part
-        for start in range(0, view.nbytes, WRITE_BLOCK):
-            block = view[start : start + WRITE_BLOCK]
-            self._sink.write(block)
-            self._hash.update(block)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self._sink.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()

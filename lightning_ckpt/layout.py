@@ -353,6 +353,8 @@ class DirectoryScan:
     #: (name, key seen) for damaged ones refused only for want of a configured key: signed with
     #: another key (its id), ``"unsigned"`` under a signer, ``"unencrypted"`` under an encryptor
     unverifiable: list[tuple[str, str]] = field(default_factory=list)
+    #: (name, algorithm) for manifests whose digest algorithm this version does not know
+    unknown_algorithms: list[tuple[str, str]] = field(default_factory=list)
     #: markers and files of saves whose writer is still alive (never removed)
     in_progress: list[str] = field(default_factory=list)
     #: files that abandoned saves were writing: on S3 their unfinished uploads are aborted by cleanup
@@ -416,6 +418,8 @@ def scan(
                 found.damaged.append((name, str(exc)))
                 if getattr(exc, "key_seen", None) is not None:
                     found.unverifiable.append((name, exc.key_seen))  # type: ignore[attr-defined]
+                if getattr(exc, "unknown_algorithm", None) is not None:
+                    found.unknown_algorithms.append((name, exc.unknown_algorithm))  # type: ignore[attr-defined]
                 continue
             if manifest.name != name:
                 found.damaged.append((name, f"its manifest describes {manifest.name!r}"))

@@ -5,13 +5,14 @@ checkpoint ``NAME`` in the directory is::
 
     NAME.pending          written first: "a save (or delete) of NAME by us is in progress"
     NAME                  the payload, a plain ``torch.save`` file, written whole or not at all
-    NAME.manifest.json    written last: size, sha256, epoch, step, metrics -> NAME is committed
+    NAME.manifest.json    written last: size, digest, epoch, step, metrics -> NAME is committed
     (NAME.pending removed)
 
 With a :class:`~lightning_ckpt.security.Signer` every manifest carries an HMAC signature that
 readers check; with an :class:`~lightning_ckpt.security.Encryptor` the payload is encrypted
 while it streams (torch.save -> encrypting writer -> hashing writer -> storage), and the manifest
-records the ciphertext's size and sha256, so verifying needs no key.
+records the ciphertext's size and digest, so verifying needs no key. Digests are xxh3-128, or
+BLAKE3 under a signer (why: :mod:`lightning_ckpt.digest`); manifests of sha256 still verify.
 
 Readers see only committed checkpoints. A crash leaves at most a ``.pending`` marker and a
 payload without a manifest; :meth:`CheckpointManager.cleanup` removes exactly those (the marker
@@ -30,7 +31,7 @@ best), verifying, loading, pruning and cleaning. It must not import Lightning, t
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import logging
 import os
 import sys
@@ -219,7 +220,7 @@ class CheckpointManager(CommitProtocol):
     # -- verifying and loading --------------------------------------------------------------
 
     def verify(self, name: str, keep: bool = False, progress: Progress | None = None) -> Manifest:
-        """Stream ``name`` and check size and sha256 against its manifest.
+        """Stream ``name`` and check size and digest against its manifest.
 
         With ``keep=True`` the verified payload is kept for the next :meth:`load` of ``name``, so
         resolving ``"last"`` and loading it read the payload once: a local file stays open (the
@@ -252,10 +253,14 @@ class CheckpointManager(CommitProtocol):
 
     def _fetch(self, name: str, manifest: Manifest | None, progress: Progress | None = None) -> Source:
         """The payload of ``name`` opened by the storage, checked against ``manifest`` (size and
-        sha256) as it streams; unchecked without one."""
-        expected = None if manifest is None else Expected(manifest.size, manifest.sha256)
-        physical = name if manifest is None else self._payload_name(manifest)
-        return self.storage.fetch(physical, shown_as=name, expected=expected, hasher=hashlib.sha256,
+        digest) as it streams; unchecked without one."""
+        if manifest is None:
+            expected, physical, algorithm = None, name, digests.XXH3_128  # nothing is hashed
+        else:
+            expected = Expected(manifest.size, manifest.digest, manifest.digest_algorithm)
+            physical, algorithm = self._payload_name(manifest), manifest.digest_algorithm
+        hasher = functools.partial(digests.new, algorithm)
+        return self.storage.fetch(physical, shown_as=name, expected=expected, hasher=hasher,
                                   progress=progress, spool_dir=self.spool_dir)
 
     def load(
@@ -374,7 +379,15 @@ class CheckpointManager(CommitProtocol):
 
     def _none_left(self, found: DirectoryScan, which: str) -> None:
         """``None`` ("no checkpoint yet"), unless checkpoints exist that only a key we lack could
-        accept: then starting afresh would overwrite a run saved under another key, so refuse."""
+        accept: then starting afresh would overwrite a run saved under another key, so refuse.
+        Likewise for checkpoints whose digest algorithm this version does not know."""
+        if found.unknown_algorithms:
+            names = ", ".join(f"{n} ({a})" for n, a in found.unknown_algorithms)
+            raise IncompatibleCheckpointError(
+                f"no checkpoint in {self.url} verifies, and {names} name a digest algorithm this lightning-ckpt "
+                f"does not know. Refusing to resolve {which!r} (a fresh start would overwrite them): upgrade "
+                "lightning-ckpt, or remove them"
+            )
         if not found.unverifiable or found.committed:
             return None
         seen = sorted({key for _, key in found.unverifiable})

@@ -302,7 +302,7 @@ class _ResumeMixin:
                 value = float(score)
             except (TypeError, ValueError, RuntimeError):
                 continue  # not a score: nothing to rank it by
-            adopted.append(Manifest(name=name, size=0, sha256="", global_step=0, created=float(order),
+            adopted.append(Manifest(name=name, size=0, digest="", global_step=0, created=float(order),
                                     metrics={self.monitor: value}, monitor=self.monitor, mode=self.mode,
                                     owner=self.owner, extra={ADOPTED: True}))
         if adopted:

@@ -150,7 +150,7 @@ class _SavingMixin:
         # as Lightning, the checkpoint's own callback state already counts it (best, top-k, score)
         before = (self._best_model_path, self.best_model_score, self.best_k_models, self.kth_best_model_path,
                   self.kth_value, self.current_score)
-        self._provisional = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
+        self._provisional = Manifest(name=name, size=0, digest="", epoch=trainer.current_epoch,
                                      global_step=trainer.global_step, metrics=candidates, monitor=self.monitor,
                                      owner=self.owner)
         self._refresh_bookkeeping()
@@ -283,7 +283,7 @@ class _SavingMixin:
         # save (skipping would be a decision every rank must share, and DCP runs one at a time)
         sharded = _lightning.is_sharded(trainer.strategy)
         self._settle(trainer, wait=self.when_busy == "wait" or _is_final_save(trainer) or sharded)
-        record = Manifest(name=name, size=0, sha256="", epoch=trainer.current_epoch,
+        record = Manifest(name=name, size=0, digest="", epoch=trainer.current_epoch,
                           global_step=trainer.global_step, metrics=candidates, monitor=self.monitor, owner=owner)
         background = self.async_save and not sync
         request = SaveRequest(

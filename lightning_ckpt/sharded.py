@@ -46,6 +46,7 @@ from lightning_ckpt.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+from lightning_ckpt.digest import SHA256
 from lightning_ckpt.integrity import HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
 from lightning_ckpt.unpickle import dcp_planner, dcp_reader, refused_global
@@ -389,7 +390,7 @@ def _digest_share(directory: Any, index: int, count: int) -> dict[str, tuple[int
 
 def _write_meta(directory: Any, extras: Mapping[str, Any]) -> tuple[int, str]:
     with directory.open_write(META_FILE) as f:
-        writer = HashingWriter(f)
+        writer = HashingWriter(f, SHA256)  # sharded file tables record sha256
         torch.save(dict(extras), writer)  # type: ignore[arg-type]
     return writer.size, writer.sha256
 

@@ -28,7 +28,7 @@ def small_payload(step: int = 8) -> dict[str, Any]:
 
 
 def flip_byte(url: str, name: str) -> None:
-    """Invert the middle byte of ``name`` (same size, different sha256)."""
+    """Invert the middle byte of ``name`` (same size, different digest)."""
     storage = Storage(url)
     data = bytearray(storage.read_bytes(name))
     data[len(data) // 2] ^= 0xFF

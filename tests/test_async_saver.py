@@ -172,7 +172,7 @@ def test_payload_is_byte_identical_to_a_synchronous_save(savers) -> None:
     pending = saver.save(checkpoint, "async.ckpt")
     assert pending is not None
     synced = manager.save(reference, "sync.ckpt")
-    assert pending.wait(WAIT).manifest.sha256 == synced.manifest.sha256
+    assert pending.wait(WAIT).manifest.digest == synced.manifest.digest
 
 
 def test_plain_values_containers_and_metadata_survive(savers) -> None:

@@ -13,7 +13,7 @@ from lightning_ckpt.policies import KeepAll, KeepLatest, KeepTopK
 
 def rec(name: str, step: int, loss: float | None = None, owner: str = "cb") -> Manifest:
     metrics = {} if loss is None else {"loss": loss}
-    return Manifest(name=name, size=1, sha256="", global_step=step, created=float(step), metrics=metrics,
+    return Manifest(name=name, size=1, digest="", global_step=step, created=float(step), metrics=metrics,
                     monitor="loss" if loss is not None else None, owner=owner)
 
 

@@ -162,11 +162,12 @@ def test_ls_verify_names_the_damaged_checkpoint(capsys: pytest.CaptureFixture[st
     flip_byte(run, NAMES[2])
     code, out, _ = cli(capsys, "ls", run, "--verify")
     assert code == 1
-    assert "NO:" in line_of(out, NAMES[2]) and "sha256" in out
+    assert "NO:" in line_of(out, NAMES[2]) and "xxh3-128 digest" in out
     assert line_of(out, NAMES[0]).rstrip().endswith("yes")
     rows = json.loads(cli(capsys, "ls", run, "--verify", "--json")[1])
     assert [r["name"] for r in rows if not r["verified"]] == [NAMES[2]]
-    assert "sha256" in next(r["problem"] for r in rows if r["name"] == NAMES[2])
+    assert "xxh3-128 digest" in next(r["problem"] for r in rows if r["name"] == NAMES[2])
+    assert {r["digest_algorithm"] for r in rows} == {"xxh3-128"}
 
 
 def test_ls_notes_leftovers_and_foreign_files(capsys: pytest.CaptureFixture[str], run: str) -> None:
@@ -224,7 +225,7 @@ def test_unknown_protocol_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_inspect(capsys: pytest.CaptureFixture[str], run: str) -> None:
     code, out, err = cli(capsys, "inspect", f"{run}/{NAMES[1]}")
     assert code == 0, err
-    for text in ["step      16", "val_loss = 0.4", "sha256", "verified  yes", "lightning_ckpt",
+    for text in ["step      16", "val_loss = 0.4", "digest    xxh3-128 ", "verified  yes", "lightning_ckpt",
                  "epoch 1, global_step 16, pytorch-lightning_version 2.6.6", "lr=0.05, hidden=8",
                  "5 tensors", "float32 x4, int64 x1", "net.0.weight  [8, 4]  float32  128 B",
                  "1 param group(s), lr 0.025", "exp_avg, exp_avg_sq, step", "step 16",
@@ -237,7 +238,8 @@ def test_inspect_json(capsys: pytest.CaptureFixture[str], run: str) -> None:
     assert code == 0
     report = json.loads(out)
     assert report["verified"] is True and report["error"] is None
-    assert report["manifest"]["global_step"] == 24 and len(report["manifest"]["sha256"]) == 64
+    assert report["manifest"]["global_step"] == 24 and len(report["manifest"]["digest"]) == 32
+    assert report["manifest"]["digest_algorithm"] == "xxh3-128"
     payload = report["payload"]
     assert payload["lightning"] == {"epoch": 2, "global_step": 24, "pytorch-lightning_version": "2.6.6"}
     assert payload["hyper_parameters"] == {"lr": 0.05, "hidden": 8}
@@ -257,8 +259,8 @@ def test_inspect_damaged_exits_1(capsys: pytest.CaptureFixture[str], run: str, d
     damage(run, NAMES[1])
     code, out, _ = cli(capsys, "inspect", f"{run}/{NAMES[1]}")
     assert code == 1
-    assert "sha256" in out  # the manifest is still shown
-    assert re.search(r"verified\s+NO: .*(sha256|bytes)", out)
+    assert "xxh3-128" in out  # the manifest is still shown
+    assert re.search(r"verified\s+NO: .*(xxh3-128 digest|bytes)", out)
     report = json.loads(cli(capsys, "inspect", f"{run}/{NAMES[1]}", "--json")[1])
     assert report["verified"] is False and report["payload"] is None and report["error"]
 
@@ -345,7 +347,7 @@ def test_verify_names_every_damaged_file(capsys: pytest.CaptureFixture[str], run
     leave_pending(run)
     code, out, _ = cli(capsys, "verify", run)
     assert code == 1
-    assert line_of(out, NAMES[0]) == f"BAD {NAMES[0]}: {NAMES[0]} does not match the sha256 in its manifest (damaged)"
+    assert line_of(out, NAMES[0]) == f"BAD {NAMES[0]}: {NAMES[0]} does not match the xxh3-128 digest in its manifest (damaged)"
     assert re.fullmatch(rf"BAD {re.escape(NAMES[1])}: .* is 100 bytes; its manifest says \d+ bytes .*",
                         line_of(out, NAMES[1]))  # fmt: skip
     assert line_of(out, NAMES[2]).startswith(f"BAD {NAMES[2]}: no manifest")
@@ -366,7 +368,7 @@ def test_verify_one_file(capsys: pytest.CaptureFixture[str], run: str) -> None:
     assert cli(capsys, "verify", f"{run}/{NAMES[0]}")[:2] == (0, f"ok {NAMES[0]}\n1 ok, 0 bad\n")
     flip_byte(run, NAMES[0])
     code, out, _ = cli(capsys, "verify", f"{run}/{NAMES[0]}")
-    assert code == 1 and out.startswith(f"BAD {NAMES[0]}: ") and "sha256" in out
+    assert code == 1 and out.startswith(f"BAD {NAMES[0]}: ") and "xxh3-128 digest" in out
     Storage(run).delete(manifest_name(NAMES[1]))
     code, out, _ = cli(capsys, "verify", f"{run}/{NAMES[1]}")
     assert code == 1 and "has no lightning-ckpt manifest" in out
@@ -427,7 +429,7 @@ def test_diff_identical(capsys: pytest.CaptureFixture[str], run: str) -> None:
 def test_diff_damaged_exits_1(capsys: pytest.CaptureFixture[str], run: str) -> None:
     flip_byte(run, NAMES[0])
     code, _, err = cli(capsys, "diff", f"{run}/{NAMES[0]}", f"{run}/{NAMES[1]}")
-    assert code == 1 and "sha256" in err and err.startswith("error:")
+    assert code == 1 and "xxh3-128 digest" in err and err.startswith("error:")
 
 
 # prune -----------------------------------------------------------------------------------------
@@ -693,7 +695,7 @@ def test_verify_checks_signatures_with_the_signing_key(capsys: pytest.CaptureFix
     assert f"BAD {NAMES[2]}: the signature of the manifest of {NAMES[2]} does not match its manifest (tampered)" in out
     code, out, _ = cli(capsys, "verify", f"{secure_run}/{NAMES[2]}", "--signing-key-file", keys["sign"])
     assert code == 1 and f"BAD {NAMES[2]}" in out and "tampered" in out
-    # without the key only sizes and sha256 are checked: the edited manifest goes unnoticed
+    # without the key only sizes and digests are checked: the edited manifest goes unnoticed
     code, out, _ = cli(capsys, "verify", secure_run)
     assert code == 0
 

@@ -420,7 +420,7 @@ def test_the_checkpoint_resumed_from_is_never_replaced_by_name(tmp_path) -> None
     assert resumed.global_step == 4
     cb = CheckpointCallback(**kw)
     fit(cb, max_epochs=1, val_check_interval=0.5, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
-    assert cb.manager.read_manifest("epoch=0.ckpt").sha256 == resumed.sha256
+    assert cb.manager.read_manifest("epoch=0.ckpt").digest == resumed.digest
     assert cb.best_model_path == str(tmp_path / "epoch=0-v1.ckpt")
 
 

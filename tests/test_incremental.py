@@ -102,7 +102,7 @@ def test_a_frozen_tensor_is_stored_once_and_every_checkpoint_loads_complete(tmp_
     # a stock reader of the payload alone gets placeholders, never silently wrong values
     raw = torch.load(tmp_path / "e3.ckpt", weights_only=True)
     assert raw["state_dict"]["frozen"].device.type == "meta"
-    assert json.loads((tmp_path / manifest_name("e3.ckpt")).read_bytes())["format_version"] == 3
+    assert json.loads((tmp_path / manifest_name("e3.ckpt")).read_bytes())["format_version"] == 4  # incremental (3) with a named digest (4)
 
 
 def test_the_shortcut_skips_copy_and_hash_of_unchanged_tensors(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from lightning_ckpt.policies import (
 
 def m(name: str, step: int, loss: float | None = None, created: float = 0.0) -> Manifest:
     metrics = {} if loss is None else {"val_loss": loss}
-    return Manifest(name=name, size=1, sha256="0" * 64, global_step=step, metrics=metrics,
+    return Manifest(name=name, size=1, digest="0" * 64, global_step=step, metrics=metrics,
                     monitor="val_loss", created=created)
 
 
@@ -149,7 +149,7 @@ def test_keep_top_k_min_and_max() -> None:
 
 
 def test_top_k_ignores_other_monitors_and_ranks_nan_last() -> None:
-    other = Manifest(name="o", size=1, sha256="0" * 64, metrics={"acc": 1.0}, monitor="acc")
+    other = Manifest(name="o", size=1, digest="0" * 64, metrics={"acc": 1.0}, monitor="acc")
     ckpts = [m("a", 1, math.nan), m("b", 2, 0.3), other]
     # as Lightning, which replaces NaN with inf (min) / -inf (max)
     assert [x.name for x in KeepTopK(5, "val_loss").ranked(ckpts)] == ["b", "a"]
@@ -195,7 +195,7 @@ def test_is_improvement() -> None:
 
 
 def owned(name: str, step: int, owner: str, **metrics: float) -> Manifest:
-    return Manifest(name=name, size=1, sha256="0" * 64, global_step=step, metrics=metrics, monitor="val_loss",
+    return Manifest(name=name, size=1, digest="0" * 64, global_step=step, metrics=metrics, monitor="val_loss",
                     owner=owner, created=float(step))
 
 

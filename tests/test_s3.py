@@ -321,7 +321,7 @@ def test_a_flipped_byte_is_caught_while_streaming(
     fs.pipe_file(key, bytes(data))
     with pytest.raises(CorruptCheckpointError, match="a.ckpt") as info:
         CheckpointManager(url, s3_bucket_url[1]).load("a.ckpt")
-    assert "sha256" in str(info.value)
+    assert "xxh3-128 digest" in str(info.value)
     with pytest.raises(CorruptCheckpointError):
         manager.verify("a.ckpt")
     assert fs.cat_file(key) == bytes(data)  # nothing was deleted or rewritten

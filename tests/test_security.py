@@ -53,7 +53,7 @@ def test_a_modified_payload_is_refused(tmp_path: Path) -> None:
     data = bytearray((tmp_path / "a.ckpt").read_bytes())
     data[-100] ^= 1
     (tmp_path / "a.ckpt").write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match="sha256"):
+    with pytest.raises(CorruptCheckpointError, match="blake3 digest"):
         m.load("a.ckpt")
 
 
@@ -72,14 +72,14 @@ def test_a_modified_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_payload_swapped_with_its_manifest_rehashed_is_refused(tmp_path: Path) -> None:
-    # an attacker replaces the payload and updates size/sha256 but cannot re-sign
+    # an attacker replaces the payload and updates size/digest (and its algorithm) but cannot re-sign
     m = CheckpointManager(str(tmp_path), signer=Signer(K1))
     m.save(state(), "a.ckpt")
     CheckpointManager(str(tmp_path / "evil")).save({"w": torch.zeros(3)}, "a.ckpt")
     (tmp_path / "a.ckpt").write_bytes((tmp_path / "evil" / "a.ckpt").read_bytes())
     evil = json.loads((tmp_path / "evil" / "a.ckpt.manifest.json").read_bytes())
     raw = json.loads((tmp_path / "a.ckpt.manifest.json").read_bytes())
-    raw.update(size=evil["size"], sha256=evil["sha256"])
+    raw.update(size=evil["size"], digest=evil["digest"], digest_algorithm=evil["digest_algorithm"])
     (tmp_path / "a.ckpt.manifest.json").write_text(json.dumps(raw))
     with pytest.raises(TamperedCheckpointError):
         m.load("a.ckpt")
@@ -203,7 +203,7 @@ def test_rotated_encryption_keys(tmp_path: Path) -> None:
 
 def tamper(tmp_path: Path, edit) -> CheckpointManager:
     """Apply ``edit`` to the ciphertext and re-hash the manifest, so only GCM can notice."""
-    import hashlib
+    from lightning_ckpt.digest import hash_chunks
 
     m = CheckpointManager(str(tmp_path), encryptor=Encryptor(K1, chunk=1024))
     m.save(state(), "a.ckpt")
@@ -211,7 +211,7 @@ def tamper(tmp_path: Path, edit) -> CheckpointManager:
     (tmp_path / "a.ckpt").write_bytes(data)
     path = tmp_path / "a.ckpt.manifest.json"
     raw = json.loads(path.read_bytes())
-    raw.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    raw.update(size=len(data), digest=hash_chunks(raw["digest_algorithm"], [data])[1])
     path.write_text(json.dumps(raw))
     return m
 

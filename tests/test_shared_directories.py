@@ -99,12 +99,12 @@ def test_resuming_from_best_never_replaces_the_original_runs_later_checkpoints(t
     ck = str(tmp_path / "ck")
     fit(CheckpointCallback(dirpath=ck, save_top_k=-1, save_last=True), max_epochs=3)
     mgr = CheckpointManager(ck)
-    before = {m.name: m.sha256 for m in mgr.manifests()}
+    before = {m.name: m.digest for m in mgr.manifests()}
     assert {"epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt", "last.ckpt"} <= set(before)
     cb = CheckpointCallback(dirpath=ck, save_top_k=-1, save_last=True)
     with pytest.warns(CheckpointWarning, match=r"holds a checkpoint of another run.*saving as"):
         fit(cb, max_epochs=3, ckpt_path=str(Path(ck) / "epoch=0-step=8.ckpt"), seed=1)
-    after = {m.name: m.sha256 for m in mgr.manifests()}
+    after = {m.name: m.digest for m in mgr.manifests()}
     for name, sha in before.items():
         assert after[name] == sha, f"{name} of the original history was replaced"
     assert {"epoch=1-step=16-v1.ckpt", "epoch=2-step=24-v1.ckpt", "last-v1.ckpt"} <= set(after)
@@ -113,10 +113,10 @@ def test_resuming_from_best_never_replaces_the_original_runs_later_checkpoints(t
 def test_a_fresh_run_into_a_used_directory_warns_and_keeps_the_other_runs_files(tmp_path: Path) -> None:
     ck = str(tmp_path / "ck")
     fit(CheckpointCallback(dirpath=ck, save_last=True), max_epochs=1)
-    before = {m.name: m.sha256 for m in CheckpointManager(ck).manifests()}
+    before = {m.name: m.digest for m in CheckpointManager(ck).manifests()}
     with pytest.warns(CheckpointWarning, match="is not empty"):
         fit(CheckpointCallback(dirpath=ck, save_last=True), max_epochs=1, seed=3)
-    after = {m.name: m.sha256 for m in CheckpointManager(ck).manifests()}
+    after = {m.name: m.digest for m in CheckpointManager(ck).manifests()}
     assert all(after[n] == s for n, s in before.items())
     assert "epoch=0-step=8-v1.ckpt" in after and "last-v1.ckpt" in after
 

@@ -56,6 +56,7 @@ def cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
             "best": m.name in best,
             "metrics": m.metrics,
             "size": m.size,
+            "digest_algorithm": m.digest_algorithm,
             "created": m.created,
             "age_seconds": round(now - m.created, 3),
             "owner": m.owner,

@@ -119,7 +119,7 @@ def _damaged(found: DirectoryScan, manager: CheckpointManager) -> list[tuple[str
 
 
 def _check(manager: CheckpointManager, name: str) -> str | None:
-    """None if ``name`` verifies (size and sha256 streamed), else the reason it does not."""
+    """None if ``name`` verifies (size and digest streamed), else the reason it does not."""
     try:
         manager.verify(name)
     except (CorruptCheckpointError, IncompatibleCheckpointError, CheckpointNotFoundError) as exc:

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "ls", cmd_ls, parents=[storage, signing, monitor], help="list the committed checkpoints of a directory")
     p.add_argument("url", help="checkpoint directory (path or URL)")
     p.add_argument("--json", action="store_true", help="a JSON list for scripts")
-    p.add_argument("--verify", action="store_true", help="stream every payload and check size and sha256")
+    p.add_argument("--verify", action="store_true", help="stream every payload and check size and digest")
 
     p = _command(sub, "inspect", cmd_inspect, parents=[storage, signing, encryption], help="show a checkpoint's manifest and contents")
     p.add_argument("path", help="checkpoint file (path or URL)")

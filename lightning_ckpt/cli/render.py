@@ -126,7 +126,7 @@ def _print_inspect(out: Console, report: dict[str, Any]) -> None:
             grid.add_row("monitor", f"{monitor} = {_number(manifest['metrics'].get(monitor))}")
         grid.add_row("metrics", ", ".join(f"{k}={_number(v)}" for k, v in manifest["metrics"].items()) or "-")
         grid.add_row("size", f"{human_size(manifest['size'])} ({manifest['size']} bytes)")
-        grid.add_row("sha256", manifest["sha256"])
+        grid.add_row("digest", f"{manifest['digest_algorithm']} {manifest['digest']}")
         grid.add_row("created", f"{_iso(manifest['created'])} ({human_age(time.time() - manifest['created'])})")
         if manifest["owner"]:
             grid.add_row("owner", Text(manifest["owner"]))
@@ -143,7 +143,7 @@ def _print_inspect(out: Console, report: dict[str, Any]) -> None:
             grid.add_row("signature", Text(f"{report['signature']} (HMAC-SHA256, checked with the given key)",
                                            style="green"))
         if report["error"] is None:
-            grid.add_row("verified", Text("yes (size and sha256 match)", style="green"))
+            grid.add_row("verified", Text(f"yes (size and {manifest['digest_algorithm']} digest match)", style="green"))
     if report["error"] is not None:
         grid.add_row("verified", Text(f"NO: {report['error']}", style="bold red"))
     out.print(Text("manifest", style="bold underline"))

@@ -43,6 +43,8 @@ class Expected:
 
     size: int
     digest: str
+    #: the digest's algorithm, as named in messages (see :mod:`lightning_ckpt.digest`)
+    algorithm: str = "sha256"
 
 
 @dataclass
@@ -197,8 +199,7 @@ def _check(url: str, n: int, digest: Any, expected: Expected) -> None:
             f"{expected.size} bytes (truncated or overwritten)"
         )
     if digest.hexdigest() != expected.digest:
-        algorithm = getattr(digest, "name", "digest")
-        raise CorruptCheckpointError(f"{url} does not match the {algorithm} in its manifest (damaged)")
+        raise CorruptCheckpointError(f"{url} does not match the {expected.algorithm} digest in its manifest (damaged)")
 
 
 def _open_local(storage: Storage, name: str, url: str) -> Source:

@@ -1,0 +1,184 @@
+"""Digests: the algorithms, the pipelined hashers, and the manifest format that names them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import blake3
+import pytest
+import torch
+import xxhash
+
+from lightning_ckpt import CheckpointManager
+from lightning_ckpt.digest import (
+    ALGORITHMS,
+    BLAKE3,
+    SHA256,
+    XXH3_128,
+    ChunkHasher,
+    HashingWriter,
+    UnknownAlgorithmError,
+    algorithm_for,
+    hash_chunks,
+    new,
+)
+from lightning_ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, TamperedCheckpointError
+from lightning_ckpt.integrity import Manifest
+from lightning_ckpt.security import Signer
+
+GOLDEN = Path(__file__).parent / "golden" / "format_main_2026_11"  # sha256 manifests, format 1
+KEY = b"k" * 32
+REFERENCE = {XXH3_128: lambda d: xxhash.xxh3_128(d).hexdigest(), BLAKE3: lambda d: blake3.blake3(d).hexdigest(),
+             SHA256: lambda d: hashlib.sha256(d).hexdigest()}
+
+
+def blob(n: int) -> bytes:
+    return bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)).numpy())
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_each_algorithm_matches_its_reference_implementation(algorithm: str) -> None:
+    data = blob(3 * 2**20 + 17)
+    assert new(algorithm).__class__ is not None
+    assert hash_chunks(algorithm, [data[:5], data[5 : 2**20], data[2**20 :]]) == (len(data), REFERENCE[algorithm](data))
+    assert len(REFERENCE[algorithm](data)) == ALGORITHMS[algorithm]
+
+
+def test_an_unknown_algorithm_is_refused_by_name() -> None:
+    with pytest.raises(UnknownAlgorithmError, match="md5"):
+        new("md5")
+
+
+def test_signed_manifests_get_a_collision_resistant_digest() -> None:
+    assert algorithm_for(signed=True) == BLAKE3 and algorithm_for(signed=False) == XXH3_128
+
+
+class Sink(io.RawIOBase):
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.data, self.fail_at = bytearray(), fail_at
+
+    def write(self, b) -> int:  # noqa: ANN001
+        if self.fail_at is not None and len(self.data) + len(b) > self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.data += bytes(b)
+        return len(b)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_the_hashing_writer_forwards_every_byte_and_hashes_what_it_forwarded(algorithm: str, overlap: bool) -> None:
+    data = blob(20 * 2**20 + 3)  # more than two write blocks, and small writes between
+    sink = Sink()
+    writer = HashingWriter(sink, algorithm, overlap=overlap)  # type: ignore[arg-type]
+    for part in (data[:10], data[10 : 9 * 2**20], data[9 * 2**20 :]):
+        writer.write(bytearray(part))  # a buffer the caller reuses once write returns
+    assert (writer.size, writer.digest) == (len(data), REFERENCE[algorithm](data))
+    assert bytes(sink.data) == data
+    with pytest.raises(ValueError, match="already taken"):
+        writer.write(b"x")
+
+
+def test_the_hashing_writer_raises_the_sinks_error_and_stops_its_thread() -> None:
+    before = threading.active_count()
+    writer = HashingWriter(Sink(fail_at=12 * 2**20), XXH3_128)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="No space"):
+        writer.write(blob(20 * 2**20))
+    writer.close()
+    assert threading.active_count() == before
+
+
+def test_the_chunk_hasher_hashes_in_order_and_restarts_clean() -> None:
+    data = blob(5 * 2**20)
+    hasher = ChunkHasher(BLAKE3, window=2)
+    hasher.feed(b"junk from a first attempt")
+    hasher.reset()
+    for start in range(0, len(data), 2**20):
+        hasher.feed(data[start : start + 2**20])
+    assert hasher.result() == (len(data), REFERENCE[BLAKE3](data))
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(1000, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_new_manifests_name_their_algorithm_in_format_4(tmp_path: Path) -> None:
+    CheckpointManager(str(tmp_path)).save(state(), "plain.ckpt")
+    CheckpointManager(str(tmp_path), signer=Signer(KEY)).save(state(), "signed.ckpt")
+    for name, algorithm in (("plain.ckpt", XXH3_128), ("signed.ckpt", BLAKE3)):
+        raw = json.loads((tmp_path / f"{name}.manifest.json").read_bytes())
+        assert (raw["format_version"], raw["digest_algorithm"]) == (4, algorithm)
+        assert raw["digest"] == REFERENCE[algorithm]((tmp_path / name).read_bytes()) and "sha256" not in raw
+
+
+def test_sha256_manifests_written_before_format_4_load_and_verify(tmp_path: Path) -> None:
+    shutil.copytree(GOLDEN, tmp_path / "ck")
+    manager = CheckpointManager(str(tmp_path / "ck"))
+    for name in ("last.ckpt", "epoch=0-step=8.ckpt"):
+        manifest = manager.verify(name)
+        assert (manifest.digest_algorithm, manifest.format_version) == (SHA256, 1)
+        assert manager.load(name, weights_only=False)["global_step"] == manifest.global_step
+    data = bytearray((tmp_path / "ck" / "last.ckpt").read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / "ck" / "last.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="sha256 digest"):
+        manager.load("last.ckpt", weights_only=False)
+
+
+def test_an_old_manifest_rewritten_keeps_its_format(tmp_path: Path) -> None:
+    raw = json.loads((GOLDEN / "last.ckpt.manifest.json").read_bytes())
+    manifest = Manifest.from_fields(raw, "golden")
+    assert json.loads(manifest.to_json())["sha256"] == raw["sha256"]
+    with pytest.raises(ValueError, match="sha256 only"):
+        Manifest(name="a", size=1, digest="0" * 32, digest_algorithm=XXH3_128).to_json()
+
+
+def edit_manifest(path: Path, **fields) -> None:  # noqa: ANN003
+    raw = json.loads(path.read_bytes())
+    raw.update(fields)
+    path.write_text(json.dumps(raw))
+
+
+def test_an_unknown_algorithm_is_a_corrupt_checkpoint_not_a_fresh_start(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.save(state(), "a.ckpt")
+    edit_manifest(tmp_path / "a.ckpt.manifest.json", digest_algorithm="md5")
+    with pytest.raises(CorruptCheckpointError, match="digest_algorithm 'md5'"):
+        manager.load("a.ckpt")
+    with pytest.raises(IncompatibleCheckpointError, match="md5"), pytest.warns(Warning):
+        manager.latest()
+
+
+def test_a_digest_swapped_for_a_weaker_algorithm_under_a_signer_is_tampering(tmp_path: Path) -> None:
+    """An attacker rewrites the payload and recomputes the manifest's digest -- in the strong
+    algorithm, or switching to a checksum they can forge -- but cannot re-sign."""
+    manager = CheckpointManager(str(tmp_path), signer=Signer(KEY))
+    manager.save(state(), "a.ckpt")
+    evil = io.BytesIO()
+    torch.save(state(1), evil)
+    (tmp_path / "a.ckpt").write_bytes(evil.getvalue())
+    for algorithm in (BLAKE3, XXH3_128):
+        edit_manifest(tmp_path / "a.ckpt.manifest.json", size=len(evil.getvalue()), digest_algorithm=algorithm,
+                      digest=REFERENCE[algorithm](evil.getvalue()))
+        with pytest.raises(TamperedCheckpointError):
+            manager.load("a.ckpt")
+
+
+def test_a_signed_checksum_manifest_is_refused(tmp_path: Path) -> None:
+    """A validly signed manifest over an xxh3 checksum is not tamper evidence: refused."""
+    from lightning_ckpt.security import canonical  # noqa: F401  (the signer signs canonical fields)
+
+    manager = CheckpointManager(str(tmp_path), signer=Signer(KEY))
+    manager.save(state(), "a.ckpt")
+    path = tmp_path / "a.ckpt.manifest.json"
+    raw = json.loads(path.read_bytes())
+    raw.pop("signature")
+    raw.update(digest_algorithm=XXH3_128, digest=REFERENCE[XXH3_128]((tmp_path / "a.ckpt").read_bytes()))
+    raw["signature"] = Signer(KEY).sign(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(TamperedCheckpointError, match="xxh3-128"):
+        manager.load("a.ckpt")
