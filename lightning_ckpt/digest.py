@@ -195,15 +195,17 @@ class HashingWriter:
 class ChunkHasher:
     """Hashes chunks in a worker thread, in the order they are fed, while the feeder goes on.
 
-    ``feed`` takes immutable chunks (``bytes``) or buffers the caller will not change until
-    :meth:`result`; at most ``window`` chunks wait at once (``feed`` blocks beyond that), so
-    memory stays bounded when hashing falls behind the download. :meth:`result` returns (size,
-    hex digest); :meth:`reset` forgets everything fed (a download that restarts).
+    ``feed`` takes immutable chunks (``bytes``, or views of them) -- a buffer that will be reused
+    is hashed in the caller's thread instead, before ``feed`` returns; at most ``window`` chunks
+    wait at once (``feed`` blocks beyond that), so memory stays bounded when hashing falls behind
+    the download. :meth:`hexdigest` (or :meth:`result`, with the size) waits for the last one;
+    :meth:`reset` forgets everything fed (a download that restarts). ``algorithm`` is a name of
+    :data:`ALGORITHMS` or a function returning a fresh hasher.
     """
 
-    def __init__(self, algorithm: str, window: int = 8) -> None:
-        self.algorithm = algorithm
-        self._hash = new(algorithm)
+    def __init__(self, algorithm: str | Callable[[], Hasher], window: int = 8) -> None:
+        self._new: Callable[[], Hasher] = (lambda: new(algorithm)) if isinstance(algorithm, str) else algorithm
+        self._hash = self._new()
         self._worker: _Worker | None = _Worker()
         self._slots = threading.Semaphore(window)
         self._pending: list[Future[None]] = []
@@ -213,6 +215,11 @@ class ChunkHasher:
         if self._worker is None:
             raise ValueError("feed after result()")
         view = memoryview(chunk).cast("B")
+        if not isinstance(view.obj, bytes) or view.nbytes < _OVERLAP_MIN:
+            self._drain()  # keep the order: everything fed before is hashed first
+            self._hash.update(view)
+            self.size += view.nbytes
+            return
         self._slots.acquire()
 
         def update(hasher: Hasher = self._hash) -> None:
@@ -227,13 +234,19 @@ class ChunkHasher:
 
     def reset(self) -> None:
         self._drain()
-        self._hash = new(self.algorithm)
+        self._hash = self._new()
         self.size = 0
 
     def _drain(self) -> None:
         for future in self._pending:
             future.result()
         self._pending = []
+
+    def hexdigest(self) -> str:
+        return self.result()[1]
+
+    def update(self, chunk: Any) -> None:
+        self.feed(chunk)
 
     def result(self) -> tuple[int, str]:
         if self._worker is not None:

@@ -182,3 +182,84 @@ def test_a_signed_checksum_manifest_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     with pytest.raises(TamperedCheckpointError, match="xxh3-128"):
         manager.load("a.ckpt")
+
+
+# -- the pipelined read: damage and failures met while ranges are hashed in a worker -------------
+
+import uuid  # noqa: E402
+from typing import Any  # noqa: E402
+
+from faulty_fs import Fault, FaultPlan, register  # noqa: E402
+
+from lightning_ckpt import RetryPolicy  # noqa: E402
+from lightning_ckpt.errors import StorageError  # noqa: E402
+
+FAST = RetryPolicy(attempts=3, initial_delay=0.0)
+
+
+@pytest.fixture
+def faulty() -> tuple[CheckpointManager, FaultPlan]:
+    register()
+    plan = FaultPlan()
+    manager = CheckpointManager(f"faulty://d-{uuid.uuid4().hex[:8]}/ck", {"target_protocol": "memory", "plan": plan},
+                                retry=FAST)
+    manager.save({"w": torch.arange(6 * 2**20, dtype=torch.float32)}, "a.ckpt")  # 24 MiB: several blocks
+    return manager, plan
+
+
+def test_a_read_failing_midway_restarts_the_hash_and_loads_the_right_bytes(faulty) -> None:  # noqa: ANN001
+    manager, plan = faulty
+    plan.add(Fault("read", path="*a.ckpt", nth=2, exc=ConnectionResetError(104, "reset")))  # a blip mid-read
+    assert torch.equal(manager.load("a.ckpt")["w"], torch.arange(6 * 2**20, dtype=torch.float32))
+    assert plan.count("read", "*a.ckpt") > 3  # it failed, then read again from the start
+
+
+def test_a_read_failing_every_time_is_a_storage_error_not_damage(faulty) -> None:  # noqa: ANN001
+    manager, plan = faulty
+    plan.add(Fault("read", path="*a.ckpt", nth=2, times=None, exc=ConnectionResetError(104, "reset")))
+    with pytest.raises(StorageError):
+        manager.load("a.ckpt")
+
+
+def test_damage_and_truncation_are_found_by_the_pipelined_read(faulty) -> None:  # noqa: ANN001
+    manager, plan = faulty
+    fs = manager.storage.fs
+    path = manager.storage.path("a.ckpt")
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 1
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt")
+    fs.pipe_file(path, bytes(data[: len(data) // 2]))
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        manager.load("a.ckpt")
+    data[len(data) // 2] ^= 1
+    fs.pipe_file(path, bytes(data))  # intact again
+    plan.add(Fault("read", kind="short", path="*a.ckpt", nth=2))  # one read silently loses half its bytes
+    with pytest.raises(CorruptCheckpointError, match="a.ckpt"):
+        manager.load("a.ckpt")
+    assert torch.equal(manager.load("a.ckpt")["w"], torch.arange(6 * 2**20, dtype=torch.float32))
+
+
+@pytest.mark.s3
+def test_s3_ranged_reads_survive_failing_ranges_and_refuse_damage(s3_server: Any, s3_bucket_url: Any) -> None:
+    from s3_proxy import FaultyProxy, every
+
+    url, options = s3_bucket_url
+    state = {"w": torch.arange(10 * 2**20, dtype=torch.float32)}  # 40 MiB: five 8 MiB ranges
+    CheckpointManager(url + "/run", options).save(state, "big.ckpt")
+    with FaultyProxy(s3_server.endpoint_url, every(3, "reset", methods=("GET",))) as proxy:
+        manager = CheckpointManager(url + "/run", proxy.storage_options(options),
+                                    retry=RetryPolicy(attempts=6, initial_delay=0.01, max_delay=0.05))
+        assert torch.equal(manager.load("big.ckpt")["w"], state["w"])
+        assert proxy.faulted("reset") >= 2, proxy.requests  # ranges really failed, and were retried alone
+    with FaultyProxy(s3_server.endpoint_url, lambda n, method, path: "500" if method == "GET" and n > 2 else None) as proxy:
+        failing = CheckpointManager(url + "/run", proxy.storage_options(options), retry=FAST)
+        with pytest.raises(StorageError):
+            failing.load("big.ckpt")
+    fs, key = s3_server.filesystem(), f"{url.removeprefix('s3://')}/run/big.ckpt"
+    data = bytearray(fs.cat_file(key))
+    data[-3 * 2**20] ^= 1  # in the last range: found only once every range was hashed
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        CheckpointManager(url + "/run", options).load("big.ckpt")

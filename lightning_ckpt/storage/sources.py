@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lightning_ckpt.digest import ChunkHasher
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 from lightning_ckpt.storage.base import Progress
 from lightning_ckpt.storage.reads import open_regular, read_blocks
@@ -88,12 +89,25 @@ def fd_path(f: Any) -> str | None:
     return path if os.path.exists(path) else None
 
 
-def memory_file() -> Any:
+def memory_budget() -> int:
+    """The largest download held in memory rather than spooled to disk: half the memory the
+    kernel reports available now (``MemAvailable``), 0 where it reports none (no memfd there)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_file(label: str = "lckpt-plaintext") -> Any:
     """A growable in-memory file: a memfd (Linux, mappable by torch.load) or a BytesIO."""
     create = getattr(os, "memfd_create", None)
     if create is not None:
         with contextlib.suppress(OSError):
-            f = os.fdopen(create("lckpt-plaintext", getattr(os, "MFD_CLOEXEC", 0)), "w+b")
+            f = os.fdopen(create(label, getattr(os, "MFD_CLOEXEC", 0)), "w+b")
             if fd_path(f) is not None:
                 return f
             f.close()
@@ -137,10 +151,12 @@ def fetch(
 ) -> Source:
     """File ``name`` of ``storage`` as an open :class:`Source`, checked against ``expected``.
 
-    A local file is hashed in place and kept open; a remote one is downloaded into an anonymous
-    temporary spool file in ``spool_dir`` while it is hashed. Either way only one block is in
-    memory at a time. Messages name ``shown_as`` (the checkpoint's name) rather than ``name``.
-    Without ``expected`` nothing is hashed or checked.
+    A local file is hashed in place and kept open. A remote one is downloaded (ranged reads, several
+    in flight) into memory -- a memfd that ``torch.load`` then maps, so the download is the only
+    copy -- when ``expected.size`` is at most :func:`memory_budget`, else into an anonymous
+    temporary spool file in ``spool_dir``; its ranges are hashed in a worker thread, in order,
+    while the next ones download and are written. Messages name ``shown_as`` (the checkpoint's
+    name) rather than ``name``. Without ``expected`` nothing is hashed or checked.
     """
     url = storage.url_of(shown_as or name)
     digest = hasher() if expected is not None else None
@@ -160,26 +176,32 @@ def fetch(
     else:
         source = _spool(storage, name, url, expected, spool_dir)
         spool = source.file
+        if digest is not None:
+            digest = ChunkHasher(hasher)  # ranges arrive as bytes: hashed in a worker, in order
 
         def sink(block: memoryview) -> None:
+            if digest is not None:
+                digest.feed(block)
             try:
                 spool.write(block)
             except OSError as exc:  # the local spool, not the storage, failed
-                where = spool_dir or tempfile.gettempdir()
+                where = "memory" if source.path else spool_dir or tempfile.gettempdir()
                 raise StorageError(exc.errno or errno.EIO, f"could not spool {url} to {where}: {exc}") from exc
-            if digest is not None:
-                digest.update(block)
 
         def restart() -> None:
-            nonlocal digest
             spool.seek(0)
             spool.truncate()
-            digest = hasher() if expected is not None else None
+            if digest is not None:
+                digest.reset()
 
         try:
             n = storage.stream(name, sink, limit=limit, restart=restart, progress=progress)
             spool.flush()
+            if digest is not None:
+                digest.result()
         except BaseException:
+            if digest is not None:
+                digest.close()
             source.close()
             raise
     source.size = n
@@ -233,6 +255,12 @@ def _spool(storage: Storage, name: str, url: str, expected: Expected | None, spo
             raise CorruptCheckpointError(
                 f"{url} is {stored} bytes; its manifest says {expected.size} bytes (truncated or overwritten)"
             )
+        if expected.size <= memory_budget():
+            memory = memory_file("lckpt-download")
+            path = fd_path(memory)
+            if path is not None:  # a memfd: torch maps it, the download stays the only copy
+                return Source(file=memory, path=path)
+            memory.close()
         try:
             free = shutil.disk_usage(where).free
         except OSError:
