@@ -48,13 +48,27 @@ def deserialize(
     translate: Callable[[BaseException], Exception],
 ) -> Any:
     """The objects in verified ``source`` (closed on return); decrypted first when ``manifest``
-    says it is encrypted. ``translate`` turns an OS error reading ``source`` into our own."""
+    says it is encrypted. ``translate`` turns an OS error reading ``source`` into our own.
+
+    A source whose digest is still being checked (``source.pending``) is deserialized meanwhile
+    only by the weights-only unpickler, and nothing is returned before the check passed; a full
+    unpickle (``weights_only=False``) or a decryption waits for the check first (the rule in
+    :mod:`lightning_ckpt.digest`). A failed load of a damaged payload reports the damage.
+    """
     try:
         if not source.size:
             raise CorruptCheckpointError(f"{url} is empty")
         info = manifest.extra.get("encryption") if manifest is not None else None
+        if not weights_only or info:
+            source.check()
         if not info:
-            return _torch_load(url, source, map_location, weights_only)
+            try:
+                out = _torch_load(url, source, map_location, weights_only)
+            except BaseException:
+                source.check()  # damage, if that is why torch failed, is the error to report
+                raise
+            source.check()
+            return out
         plain = _decrypt(url, info, source, encryptor, translate)
         try:
             return _torch_load(url, plain, map_location, weights_only)

@@ -263,3 +263,61 @@ def test_s3_ranged_reads_survive_failing_ranges_and_refuse_damage(s3_server: Any
     fs.pipe_file(key, bytes(data))
     with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
         CheckpointManager(url + "/run", options).load("big.ckpt")
+
+
+# -- the overlapped local load: torch may map the file while its digest is computed -------------
+
+
+class _Marker:
+    """Unpickling this runs code: it creates ``path`` (the proof that a full unpickle happened)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.path, "w"))
+
+
+def test_a_damaged_local_payload_is_reported_as_damage_and_nothing_is_returned(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"w": torch.arange(4 * 2**20, dtype=torch.float32)}, "a.ckpt")
+    data = bytearray((tmp_path / "a.ckpt").read_bytes())
+    data[len(data) // 2] ^= 1  # inside the tensor's bytes: torch alone would load it
+    (tmp_path / "a.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt")
+    data[len(data) // 2] ^= 1
+    data[40] ^= 0xFF  # in the zip's first header: torch fails too, the digest is what is reported
+    (tmp_path / "a.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt")
+    (tmp_path / "a.ckpt").write_bytes(bytes(data) + b"more")
+    with pytest.raises(CorruptCheckpointError, match="truncated or overwritten"):
+        manager.load("a.ckpt")
+
+
+def test_a_full_unpickle_never_sees_a_payload_before_its_digest_matched(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"w": torch.zeros(3)}, "a.ckpt")
+    marker = tmp_path / "code-ran"
+    evil = io.BytesIO()
+    torch.save({"w": _Marker(str(marker))}, evil)
+    (tmp_path / "a.ckpt").write_bytes(evil.getvalue())
+    edit_manifest(tmp_path / "a.ckpt.manifest.json", size=len(evil.getvalue()))  # the size fits; the digest not
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt", weights_only=False)
+    assert not marker.exists()
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt")  # weights-only: may parse while hashing, still refuses
+    assert not marker.exists()
+
+
+def test_the_overlapped_load_returns_what_was_saved_and_leaves_no_thread(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path))
+    state = {"w": torch.randn(2**20), "step": 3}
+    manager.save(state, "a.ckpt")
+    before = threading.active_count()
+    for _ in range(3):
+        out = manager.load("a.ckpt")
+        assert torch.equal(out["w"], state["w"]) and out["step"] == 3
+    assert threading.active_count() == before

@@ -260,7 +260,7 @@ class Storage:
         return self.backend.stream(self.path(name), sink, limit, restart, progress,
                                    lambda op, retry: self._call("read", name, op, retry=retry), self.retry)
 
-    #: ``fetch(name, *, shown_as=, expected=, hasher=, progress=, spool_dir=)``: ``name`` as an
+    #: ``fetch(name, *, shown_as=, expected=, hasher=, progress=, spool_dir=, overlap=, in_memory=)``: ``name`` as an
     #: open, size-and-digest-checked :class:`~lightning_ckpt.storage.sources.Source`
     #: (:func:`.sources.fetch`)
     fetch = sources.fetch

@@ -11,6 +11,7 @@ and the hash function) nor unpickle anything: the bytes it returns are only chec
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -18,13 +19,14 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt.digest import ChunkHasher
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
-from lightning_ckpt.storage.base import Progress
+from lightning_ckpt.storage.base import CHUNK, Progress
 from lightning_ckpt.storage.reads import open_regular, read_blocks
 from lightning_ckpt.storage.retry import translate
 
@@ -57,8 +59,20 @@ class Source:
     path: str | None = None
     stamp: tuple[int, ...] | None = None
     size: int = 0
+    #: the check of a local file still being hashed in a worker thread (``fetch(..., overlap=True)``)
+    pending: concurrent.futures.Future[None] | None = None
+
+    def check(self) -> None:
+        """Wait for a check still running (``overlap=True``); raise what it found."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def close(self) -> None:
+        if self.pending is not None:  # the worker reads this descriptor: never close it under it
+            with contextlib.suppress(Exception):
+                self.pending.result()
+            self.pending = None
         with contextlib.suppress(OSError):
             self.file.close()
 
@@ -148,8 +162,17 @@ def fetch(
     hasher: Hasher = hashlib.sha256,
     progress: Progress | None = None,
     spool_dir: str | None = None,
+    overlap: bool = False,
+    in_memory: bool = True,
 ) -> Source:
     """File ``name`` of ``storage`` as an open :class:`Source`, checked against ``expected``.
+
+    ``in_memory=False`` always spools a download to disk (an encrypted payload: its plaintext
+    is what goes to memory).
+
+    With ``overlap=True`` a local file is returned at once, its size checked, while a worker
+    thread hashes it: the caller must call :meth:`Source.check` before it trusts anything read
+    from it (see the rule in :mod:`lightning_ckpt.digest`).
 
     A local file is hashed in place and kept open. A remote one is downloaded (ranged reads, several
     in flight) into memory -- a memfd that ``torch.load`` then maps, so the download is the only
@@ -168,13 +191,15 @@ def fetch(
             if expected is not None and isinstance(exc.__cause__, IsADirectoryError):
                 raise CorruptCheckpointError(f"{url} is a directory, but its manifest describes a file") from None
             raise
+        if overlap and expected is not None:
+            return _hash_behind(source, digest, expected, url, progress)
         try:
             n = hash_file(source.file, digest, limit, progress, lambda exc: translate(exc, "read", url))
         except BaseException:
             source.close()
             raise
     else:
-        source = _spool(storage, name, url, expected, spool_dir)
+        source = _spool(storage, name, url, expected, spool_dir, in_memory)
         spool = source.file
         if digest is not None:
             digest = ChunkHasher(hasher)  # ranges arrive as bytes: hashed in a worker, in order
@@ -214,6 +239,47 @@ def fetch(
     return source
 
 
+def _hash_behind(source: Source, digest: Any, expected: Expected, url: str, progress: Progress | None) -> Source:
+    """``source`` with its size checked now and its digest checked by a worker thread (``pending``).
+
+    The worker reads with ``pread`` on the source's descriptor, so the caller may read or map
+    the same file meanwhile; a file longer than expected is found too."""
+    try:
+        size = os.fstat(source.file.fileno()).st_size
+    except OSError as exc:
+        source.close()
+        raise translate(exc, "read", url) from exc
+    if size != expected.size:
+        source.close()
+        _check(url, size, None, expected)
+    source.size = size
+    fd = source.file.fileno()
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            block = bytearray(CHUNK)
+            view, total = memoryview(block), 0
+            while True:
+                n = os.preadv(fd, [view], total)
+                if n == 0:
+                    break
+                digest.update(view[:n])
+                total += n
+                if progress is not None:
+                    progress(min(total, expected.size), expected.size)
+            _check(url, total, digest, expected)
+            done.set_result(None)
+        except OSError as exc:
+            done.set_exception(exc if isinstance(exc, CheckpointError) else translate(exc, "read", url))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the check
+            done.set_exception(exc)
+
+    threading.Thread(target=work, name="lckpt-verify", daemon=True).start()
+    source.pending = done
+    return source
+
+
 def _check(url: str, n: int, digest: Any, expected: Expected) -> None:
     if n != expected.size:
         raise CorruptCheckpointError(
@@ -242,7 +308,8 @@ def _open_local(storage: Storage, name: str, url: str) -> Source:
     return Source(file=f, path=path, stamp=stamp(st))
 
 
-def _spool(storage: Storage, name: str, url: str, expected: Expected | None, spool_dir: str | None) -> Source:
+def _spool(storage: Storage, name: str, url: str, expected: Expected | None, spool_dir: str | None,
+           in_memory: bool = True) -> Source:
     where = spool_dir or tempfile.gettempdir()
     if expected is not None:
         try:
@@ -255,7 +322,7 @@ def _spool(storage: Storage, name: str, url: str, expected: Expected | None, spo
             raise CorruptCheckpointError(
                 f"{url} is {stored} bytes; its manifest says {expected.size} bytes (truncated or overwritten)"
             )
-        if expected.size <= memory_budget():
+        if in_memory and expected.size <= memory_budget():
             memory = memory_file("lckpt-download")
             path = fd_path(memory)
             if path is not None:  # a memfd: torch maps it, the download stays the only copy
