@@ -242,6 +242,11 @@ class ChunkHasher:
             future.result()
         self._pending = []
 
+    @property
+    def name(self) -> str:
+        """The algorithm's name, as the hasher reports it (``hashlib``'s ``name``)."""
+        return str(getattr(self._hash, "name", ""))
+
     def hexdigest(self) -> str:
         return self.result()[1]
 

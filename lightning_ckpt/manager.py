@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from lightning_ckpt import digest as digests
 from lightning_ckpt import layout, pieces, policies
 from lightning_ckpt.commit import CommitProtocol, SaveResult
 from lightning_ckpt.errors import (

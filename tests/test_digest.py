@@ -321,3 +321,56 @@ def test_the_overlapped_load_returns_what_was_saved_and_leaves_no_thread(tmp_pat
         out = manager.load("a.ckpt")
         assert torch.equal(out["w"], state["w"]) and out["step"] == 3
     assert threading.active_count() == before
+
+
+def test_concurrent_overlapped_loads_each_verify_their_own_bytes(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    manager = CheckpointManager(str(tmp_path))
+    states = {f"{i}.ckpt": {"w": torch.full((2**18,), float(i))} for i in range(4)}
+    for name, state in states.items():
+        manager.save(state, name)
+    before = threading.active_count()
+    with ThreadPoolExecutor(4) as pool:
+        loaded = dict(zip(states, pool.map(lambda n: CheckpointManager(str(tmp_path)).load(n), [*states] * 1)))
+    assert all(torch.equal(loaded[n]["w"], states[n]["w"]) for n in states)
+    assert threading.active_count() <= before + 4  # the pool's own threads at most, no hashing thread left
+
+
+def test_a_save_failing_midway_leaves_no_hashing_thread(faulty) -> None:  # noqa: ANN001
+    manager, plan = faulty
+    before = {t.name for t in threading.enumerate()}
+    plan.add(Fault("write", path="*b.ckpt*", nth=2, exc=OSError(28, "No space left on device")))
+    with pytest.raises(StorageError):
+        manager.save({"w": torch.randn(4 * 2**20)}, "b.ckpt")
+    assert not [t for t in threading.enumerate() if t.name.startswith("lckpt-digest") and t.name not in before]
+    assert [m.name for m in manager.manifests()] == ["a.ckpt"]
+
+
+# -- the pipelined local save: the disk writes while the checkpoint is still being serialized --------
+
+
+def test_a_failed_background_flush_fails_the_save_even_if_the_last_fsync_succeeds(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The kernel reports a failed write-back to one fsync only: the background flush's error
+    must not be lost because the final fsync (called later) comes back clean."""
+    import errno
+    import os
+
+    import lightning_ckpt.storage.backends as backends
+
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"w": torch.zeros(10)}, "a.ckpt")
+    monkeypatch.setattr(backends, "WRITEBACK_EVERY", 2**20)
+    calls = []
+
+    def failing_fdatasync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "write-back failed")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    with pytest.raises(StorageError, match="write-back failed"):
+        manager.save({"w": torch.randn(2**20)}, "a.ckpt")  # 4 MiB: several background flushes due
+    assert calls
+    monkeypatch.undo()
+    assert torch.equal(manager.load("a.ckpt")["w"], torch.zeros(10))  # the previous version, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.manifest.json"]

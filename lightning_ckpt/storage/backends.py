@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator
 from typing import IO, Any, Protocol, TypeVar
 
@@ -264,18 +265,21 @@ class LocalBackend(FsspecBackend):
                 f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
             except Exception as exc:
                 raise translate(exc, "open for writing", url) from exc
+            early = _Writeback(f)
             try:
-                yield f
-                f.flush()
+                yield early  # type: ignore[misc]  # a write-only stream
+                early.flush()
+                early.finish()
                 os.fsync(f.fileno())
-                f.close()
+                early.close()
                 os.replace(tmp, path)
                 fsync_dir(root)
             except BaseException as exc:
+                early.join()  # never close the descriptor under a running fdatasync
                 # closing flushes what is buffered: on a full disk that fails too, and the
                 # temporary file must still go
                 with contextlib.suppress(OSError):
-                    f.close()
+                    early.close()
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 if isinstance(exc, OSError) and not isinstance(exc, StorageError):
@@ -330,6 +334,65 @@ def choose(fs: Any) -> Backend:
     if package == "adlfs":
         return objectstores.AzureBackend(fs)
     return FsspecBackend(fs)
+
+
+#: bytes written between two background flushes of a local save (see :class:`_Writeback`)
+WRITEBACK_EVERY = 64 * 2**20
+
+
+class _Writeback:
+    """Writes through to ``f``; every :data:`WRITEBACK_EVERY` bytes it starts an ``fdatasync`` of
+    the file in a background thread (one at a time), so the disk writes while the checkpoint is
+    still being serialized and the final ``fsync`` finds little left to do.
+
+    An error of a background flush is kept and raised by :meth:`finish`: the kernel reports a
+    failed write-back to one ``fsync`` only, so the final one could otherwise succeed after it.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._since = 0
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        self._since += n
+        if self._since >= WRITEBACK_EVERY and (self._thread is None or not self._thread.is_alive()):
+            self._since = 0
+            self._f.flush()
+            self._thread = threading.Thread(target=self._sync, name="lckpt-writeback", daemon=True)
+            self._thread.start()
+        return n
+
+    def _sync(self) -> None:
+        try:
+            getattr(os, "fdatasync", os.fsync)(self._f.fileno())
+        except OSError as exc:
+            if self._error is None:
+                self._error = exc
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self) -> None:
+        """Wait for the background flush; raise what it met."""
+        self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def fsync_dir(path: str) -> None:

@@ -46,8 +46,8 @@ class Expected:
 
     size: int
     digest: str
-    #: the digest's algorithm, as named in messages (see :mod:`lightning_ckpt.digest`)
-    algorithm: str = "sha256"
+    #: the digest's algorithm, as named in messages (default: the hasher's ``name``)
+    algorithm: str | None = None
 
 
 @dataclass
@@ -287,7 +287,8 @@ def _check(url: str, n: int, digest: Any, expected: Expected) -> None:
             f"{expected.size} bytes (truncated or overwritten)"
         )
     if digest.hexdigest() != expected.digest:
-        raise CorruptCheckpointError(f"{url} does not match the {expected.algorithm} digest in its manifest (damaged)")
+        algorithm = expected.algorithm or getattr(digest, "name", "")
+        raise CorruptCheckpointError(f"{url} does not match the {algorithm} digest in its manifest (damaged)")
 
 
 def _open_local(storage: Storage, name: str, url: str) -> Source:
