@@ -356,6 +356,17 @@ def test_a_bare_protocol_names_no_file_and_its_root_joins_names_as_urls() -> Non
     root.delete(name)
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_directory_url_that_is_a_file_is_an_error_not_an_empty_directory(tmp_path: Path, where: str) -> None:
+    # dirpath="runs/last.ckpt" by mistake: "no checkpoint yet" would start a resume afresh
+    parent = str(tmp_path) if where == "local" else f"memory://a16-{uuid.uuid4().hex}"
+    Storage(parent).write_bytes("last.ckpt", b"payload")
+    with pytest.raises(StorageError, match="not a directory"):
+        Storage(f"{parent}/last.ckpt").list()
+    with pytest.raises(StorageError, match="not a directory"):
+        CheckpointManager(f"{parent}/last.ckpt").latest()
+
+
 def test_the_backend_is_chosen_once_by_the_filesystem() -> None:
     import s3fs
 
