@@ -8,6 +8,9 @@ Names are imported on first use (PEP 562), so ``import lightning_ckpt`` — and 
 ``lightning-ckpt`` command line, which starts with it — costs neither Lightning nor torch until
 something that needs them is touched. ``from lightning_ckpt import CheckpointCallback``,
 ``dir(lightning_ckpt)`` and ``__all__`` behave as with eager imports.
+
+Owns: the public API (``__all__``) and where each name lives. Must not: define behaviour of its
+own or import torch, Lightning or fsspec at import time.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ Only a real "not found" means "absent"; every other I/O failure is a :class:`Sto
 carrying the URL and the cause, so an outage is never mistaken for "no checkpoint yet". A missing
 bucket is not "no checkpoint yet" either (a typo in the URL must not start a run afresh), so
 :class:`BucketNotFoundError` is deliberately *not* a ``FileNotFoundError``.
+
+Owns: the exception and warning classes. Must not: raise anything itself or import any other
+module of lightning_ckpt.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Who does what: the protocol's names and the classification of a listing live in
 :mod:`lightning_ckpt.layout`, its write steps in :mod:`lightning_ckpt.commit` (the base class of
 :class:`CheckpointManager`), manifest fields in :mod:`lightning_ckpt.integrity`, turning verified
 bytes into objects in :mod:`lightning_ckpt.payload`, what to keep in :mod:`lightning_ckpt.policies`.
-This module ties them to one directory: reading and authenticating manifests, choosing (latest,
+This module owns what ties them to one directory: reading and authenticating manifests, choosing (latest,
 best), verifying, loading, pruning and cleaning. It must not import Lightning, touch fsspec
 (:class:`~lightning_ckpt.storage.Storage` does) or re-derive any of the above.
 """

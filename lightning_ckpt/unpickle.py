@@ -16,6 +16,9 @@ that loads them weights-only instead.
 
 (``torch.distributed``'s object collectives also unpickle, but only what the job's own ranks
 sent over its own process group; nothing from storage travels through them.)
+
+Owns: every unpickling of bytes from storage and its allow-lists. Must not: check digests or
+signatures (:mod:`lightning_ckpt.integrity` does) or decide what to do with the objects it returns.
 """
 
 from __future__ import annotations

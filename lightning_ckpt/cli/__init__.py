@@ -18,8 +18,8 @@ The package: :mod:`~lightning_ckpt.cli.parser` (the options), one module per gro
 :mod:`~lightning_ckpt.cli.prune`, :mod:`~lightning_ckpt.cli.export`, :mod:`~lightning_ckpt.cli.plan`),
 :mod:`~lightning_ckpt.cli.opening` (arguments to managers, exit codes) and
 :mod:`~lightning_ckpt.cli.render` (everything printed for people). This module owns :func:`main`:
-parsing, running one command, and turning every error into an exit code and one line. Nothing here
-may import torch or Lightning at module level (tests/test_cli_startup.py counts what ``--help``,
+parsing, running one command, and turning every error into an exit code and one line. It must not
+import torch or Lightning at module level (tests/test_cli_startup.py counts what ``--help``,
 ``ls`` and ``plan`` import), nor reach past the manager into storage internals.
 """
 

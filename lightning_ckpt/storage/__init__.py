@@ -13,8 +13,9 @@ opened (local) or spooled (remote) and checked against an expected size and dige
 - :mod:`.sources` -- fetching into an open, checked :class:`~.sources.Source`; memfds, spools;
 - :mod:`.base` -- the shared names (``FileInfo``, ``split_url``, ``Progress``).
 
-Nothing outside this package imports fsspec or reaches the filesystem object itself; nothing
-inside it knows the commit protocol or what a checkpoint contains.
+Owns: every use of fsspec. Nothing outside this package imports fsspec or reaches the filesystem
+object itself; code inside it must not know the commit protocol (it takes only the temporary
+names from :mod:`lightning_ckpt.layout`) or what a checkpoint contains.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ What differs between stores is a :class:`~lightning_ckpt.storage.backends.Backen
 here, at construction (:mod:`.backends` for local disks and generic fsspec, :mod:`.objectstores`
 for S3, GCS and Azure); the facade itself branches on nothing but the backend's ``local``
 capability (paths of this machine). Every operation runs through :func:`.retry.call`. A missing
-bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory. Must
-not know the commit protocol (the manager does) nor decide what a checkpoint should contain.
+bucket is a :class:`~lightning_ckpt.errors.BucketNotFoundError`, never an empty directory.
+Owns: the one directory URL and its operations. Must not know the commit protocol (the manager does) nor decide what a checkpoint should contain.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from lightning_ckpt.storage.base import CHUNK, Progress
 from lightning_ckpt.storage.reads import open_regular, read_blocks
 from lightning_ckpt.storage.retry import translate
 
-__all__ = ["Expected", "Source", "fd_path", "fetch", "hash_file", "memory_file", "stamp"]
+__all__ = ["Expected", "Source", "fd_path", "fetch", "hash_file", "memory_budget", "memory_file", "stamp"]
 
 if TYPE_CHECKING:
     from lightning_ckpt.storage.facade import Storage
