@@ -112,8 +112,11 @@ class _ResumeMixin:
             return {stock if not self.storage_options else io.resume_pointer(stock)}
         url = manager.url_of(latest.name)
         # Lightning stats the path with a filesystem built without storage options (and a sharded
-        # checkpoint is a directory, which object stores cannot stat)
-        return {url if not (self.storage_options or latest.sharded) else io.resume_pointer(url)}
+        # checkpoint is a directory, which object stores cannot stat); a re-save committed under its
+        # fresh name (killed, or its tidying failed, before it got the plain name, which cleanup
+        # then removed) has no file at the plain name: Lightning would not find it and start afresh
+        fresh = latest.payload not in (None, latest.name)
+        return {url if not (self.storage_options or latest.sharded or fresh) else io.resume_pointer(url)}
 
     def _earlier_version_checkpoint(self, trainer: pl.Trainer) -> tuple[CheckpointManager, Manifest] | None:
         """With the default dirpath, the newest resumable checkpoint of the logger's earlier versions.
