@@ -13,7 +13,7 @@ One process, the save-stall benchmark's state by default (an MLP of width 2048 x
 
 Usage::
 
-    python benchmarks/persist_breakdown.py [--repeat 5] [--dir /tmp]
+    python benchmarks/persist_breakdown.py [--repeat 5] [--dir /tmp] [--quick]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class _Discard(io.RawIOBase):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a 3 MiB state, one repeat: the smoke test")
     p.add_argument("--dir", default=None)
     args = p.parse_args(argv)
     import torch
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_ckpt.digest import BLAKE3, SHA256, XXH3_128, hash_chunks
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(7)])
+    width = 256 if args.quick else 2048
+    repeat = 1 if args.quick else args.repeat
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(7)])
     opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(4, 2048)).sum().backward()
+    model(torch.randn(4, width)).sum().backward()
     opt.step()
     state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
     buf = io.BytesIO()
@@ -89,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         "ours: CheckpointManager.save": lambda: manager.save(state, "a.ckpt"),
     }
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for name, fn in steps.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     floor = statistics.median(times["raw write+fsync"])
-    print(f"{len(data) / 2**20:.0f} MiB serialized, medians of {args.repeat}, {os.cpu_count()} CPUs")
+    print(f"{len(data) / 2**20:.0f} MiB serialized, medians of {repeat}, {os.cpu_count()} CPUs")
     print("| step | s | ÷ raw write+fsync |\n|---|---:|---:|")
     for name, xs in times.items():
         print(f"| {name} | {statistics.median(xs):.3f} | {statistics.median(xs) / floor:.2f}× |")

@@ -1,4 +1,4 @@
-"""The resume benchmark runs end to end (a smoke test: no timing is asserted)."""
+"""The resume benchmark and the persist breakdown run end to end (smoke tests: no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from s3_server import find_weed
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.s3
 def test_short_resume_benchmark_measures_both_methods_on_both_backends(tmp_path: Path) -> None:
     if find_weed() is None:
         if os.environ.get("CI"):
@@ -39,3 +40,15 @@ def test_short_resume_benchmark_measures_both_methods_on_both_backends(tmp_path:
     assert all(s["seconds"] > 0 for s in report["samples"])
     assert set(report["medians"]) == {"local/resume", "local/load", "s3/resume", "s3/load"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("lckpt-resume-")]  # cleaned up
+
+
+def test_quick_persist_breakdown_prints_every_step(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "persist_breakdown.py"), "--quick", "--dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in ("raw write+fsync", "torch.save -> discard, no CRC-32", "xxh3-128 of the bytes",
+                 "ours: CheckpointManager.save"):
+        assert f"| {step} |" in proc.stdout, proc.stdout
+    assert not list(tmp_path.iterdir())  # its directory is removed
