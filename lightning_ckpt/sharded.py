@@ -49,6 +49,7 @@ from lightning_ckpt.errors import (
 from lightning_ckpt.digest import SHA256
 from lightning_ckpt.integrity import HashingWriter, Manifest, versions
 from lightning_ckpt.manager import CheckpointManager, SaveResult
+from lightning_ckpt.storage import dcp as dcp_files
 from lightning_ckpt.unpickle import dcp_planner, dcp_reader, refused_global
 
 __all__ = ["META_FILE", "ShardedCheckpointer", "ShardedPendingSave", "consolidate"]
@@ -397,16 +398,14 @@ def _write_meta(directory: Any, extras: Mapping[str, Any]) -> tuple[int, str]:
 
 def _dcp_save(state: dict[str, Any], target: str, options: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    dcp.save(state, storage_writer=FsspecWriter(target, **options))
+    dcp.save(state, storage_writer=dcp_files.writer(target, options))
 
 
 def _dcp_async_save(state: dict[str, Any], target: str, options: dict[str, Any], group: Any) -> Any:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return dcp.async_save(state, storage_writer=FsspecWriter(target, **options), process_group=group)
+    return dcp.async_save(state, storage_writer=dcp_files.writer(target, options), process_group=group)
 
 
 def _dcp_load(state: dict[str, Any], target: str, options: dict[str, Any], files: Any = None) -> None:

@@ -7,7 +7,7 @@ would run code is an :class:`~lightning_ckpt.errors.UnsafeCheckpointError` whate
 message says, and a merely damaged pickle stays a
 :class:`~lightning_ckpt.errors.CorruptCheckpointError`. A sharded checkpoint's ``.metadata`` is
 DCP's index, a plain pickle that DCP's own reader unpickles with any global; :func:`dcp_reader`
-returns DCP's fsspec reader with that one read replaced by :func:`load_dcp_metadata`, an
+returns DCP's reader (built by :mod:`lightning_ckpt.storage.dcp`) with that one read replaced by :func:`load_dcp_metadata`, an
 unpickler that resolves only an allow-list of DCP's metadata classes and torch's dtypes, and
 whose index may name only plain file names of the checkpoint's own directory. DCP stores every
 non-tensor value (an optimizer's ``param_groups``, any object) as a ``torch.save`` blob that its
@@ -157,42 +157,20 @@ def _check_tensor_sizes(metadata: Any, where: str, files: Any) -> None:
 
 
 def dcp_reader(target: str, options: dict[str, Any], files: Any = None) -> Any:
-    """DCP's ``FsspecReader`` for ``target`` whose metadata is read by :func:`load_dcp_metadata`.
+    """DCP's reader for ``target`` (:func:`lightning_ckpt.storage.dcp.reader`) whose ``.metadata``
+    is read by :func:`load_dcp_metadata` and must describe only ``files`` (when given).
 
-    DCP swallows an exception raised while reading metadata into an ``AssertionError`` of its
-    own; ours is kept on the reader as ``error``, for the caller to raise instead.
+    A metadata error is kept on the reader as ``error`` (DCP would swallow it), for the caller.
     """
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from lightning_ckpt.storage import dcp
 
-    from lightning_ckpt.storage import Storage, open_regular
+    def read(open_file: Any, path: str) -> Any:
+        with open_file(path) as f:
+            metadata = load_dcp_metadata(f, f"{target}/.metadata")
+        _check_storage_data(metadata, f"{target}/.metadata", files)
+        return metadata
 
-    local = Storage(target, options).is_local
-
-    class RestrictedReader(FsspecReader):  # type: ignore[misc]
-        error: BaseException | None = None
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                # a local FIFO or device named .metadata is refused, never read (it would hang)
-                opened = open_regular(str(path)) if local else self.fs.create_stream(path, "rb")
-                with opened as f:
-                    metadata = load_dcp_metadata(f, f"{target}/.metadata")
-                _check_storage_data(metadata, f"{target}/.metadata", files)
-                if local:  # DCP opens the shard files itself: a FIFO among them would hang it
-                    for shard in {info.relative_path for info in metadata.storage_data.values()}:
-                        open_regular(f"{str(path).rsplit('/', 1)[0]}/{shard}").close()
-            except BaseException as exc:
-                if self.error is None:
-                    self.error = exc
-                raise
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return RestrictedReader(target, **options)
+    return dcp.reader(target, options, read)
 
 
 def dcp_planner(target: str, everything: bool = False) -> Any:

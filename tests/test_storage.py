@@ -403,3 +403,20 @@ def test_read_range(backend) -> None:  # noqa: F811
     assert s.read_range("a.bin", 4, 0) == b""
     with pytest.raises(CheckpointNotFoundError):
         s.read_range("missing.bin", 0, 1)
+
+
+def test_the_dcp_internals_the_storage_package_uses_are_where_it_expects(tmp_path: Any) -> None:
+    """storage/dcp.py reaches torch's private ``_fsspec_filesystem``: fail here, naming torch's
+    version, the day it moves, instead of at a user's first sharded save or load."""
+    import torch
+    from torch.distributed.checkpoint import _fsspec_filesystem as private
+
+    from lightning_ckpt.storage import dcp
+
+    assert hasattr(private, "FsspecWriter") and hasattr(private, "FsspecReader"), torch.__version__
+    read = dcp.reader(str(tmp_path), {}, lambda open_file, path: None)
+    assert isinstance(read, private.FsspecReader), torch.__version__
+    assert callable(getattr(read, "_get_metadata_path", None)), torch.__version__
+    assert hasattr(read, "fs") and hasattr(read, "load_id"), torch.__version__
+    assert str(read._get_metadata_path(None)).endswith(".metadata"), torch.__version__
+    assert isinstance(dcp.writer(str(tmp_path), {}), private.FsspecWriter), torch.__version__
