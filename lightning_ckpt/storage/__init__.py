@@ -11,6 +11,7 @@ opened (local) or spooled (remote) and checked against an expected size and dige
 - :mod:`.uploads` -- the S3/Azure parallel writers and the stream wrappers of every write;
 - :mod:`.reads` -- opening regular files only, block and ranged reads;
 - :mod:`.sources` -- fetching into an open, checked :class:`~.sources.Source`; memfds, spools;
+- :mod:`.dcp` -- DCP's fsspec reader and writer for sharded checkpoints (torch's private module);
 - :mod:`.base` -- the shared names (``FileInfo``, ``split_url``, ``Progress``).
 
 Owns: every use of fsspec. Nothing outside this package imports fsspec or reaches the filesystem
