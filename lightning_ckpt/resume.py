@@ -28,6 +28,7 @@ from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
 from lightning_ckpt.integrity import Manifest
@@ -86,6 +87,7 @@ class _ResumeMixin:
                                f"{stock}, written without a manifest (by ModelCheckpoint?): it is not verified",
                                category=CheckpointWarning)
                 return {stock if not self.storage_options else io.resume_pointer(stock)}
+            self._refuse_all_damaged()
             earlier = self._earlier_version_checkpoint(trainer)
             if earlier is None:
                 self._refuse_unverified_only()
@@ -168,6 +170,18 @@ class _ResumeMixin:
         modified = {self.manager.url_of(n): self.manager.storage.modified(n) for n in names}
         newest = max(modified, key=modified.__getitem__)
         return newest if newer_than is None or modified[newest] > newer_than else None
+
+    def _refuse_all_damaged(self) -> None:
+        """``"last"`` where committed checkpoints exist but none verifies (each skipped with a
+        warning; e.g. the pack every incremental checkpoint shares deleted or damaged): fail,
+        never take the directory for empty and start afresh beside them."""
+        names = [m.name for m in self.manager.scan().committed if not m.weights_only or self.save_weights_only]
+        if names:
+            raise CorruptCheckpointError(
+                f'ckpt_path="last": none of the {len(names)} committed checkpoint(s) in {self.dirpath} verifies '
+                f"({', '.join(names[-3:])}{', ...' if len(names) > 3 else ''}; see the warnings); refusing to start "
+                "afresh: repair or remove them, or pass ckpt_path=None to start a new run"
+            )
 
     def _refuse_unverified_only(self) -> None:
         """``"last"`` in a directory holding only checkpoints without manifests (and no stock

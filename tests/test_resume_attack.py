@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import lightning.pytorch as pl
 import pytest
 from faulty_fs import Fault, FaultPlan, register
 from helpers import fit
 
-from lightning_ckpt import CheckpointCallback, CheckpointManager
+from lightning_ckpt import CheckpointCallback, CheckpointManager, CorruptCheckpointError, Incremental, pieces
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -20,7 +23,7 @@ def test_last_resumes_a_committed_replacement_whose_plain_name_cleanup_removed(t
     from it, never start afresh."""
     register()
     url = str(tmp_path)
-    kw = dict(save_top_k=-1, save_last=True, incremental=incremental)
+    kw = {"save_top_k": -1, "save_last": True, "incremental": incremental}
     fit(CheckpointCallback(dirpath=url, **kw), max_epochs=2)
     # the third save's retire fails where the kill would land: after the commit, before the rename
     plan = FaultPlan(Fault(op="copy", path="*/last.ckpt", times=None))
@@ -33,11 +36,39 @@ def test_last_resumes_a_committed_replacement_whose_plain_name_cleanup_removed(t
 
     steps = {}
 
-    class Probe(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
-        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
             steps["start"] = trainer.global_step
 
     cb = CheckpointCallback(dirpath=url, **kw)
     fit(cb, max_epochs=4, ckpt_path="last", extra_callbacks=[Probe()])
     assert steps["start"] == 24
     assert cb.resumed_from == manager.url_of("last.ckpt")
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_last_refuses_to_start_afresh_when_the_shared_pack_is_damaged(tmp_path, damage) -> None:
+    """Every incremental checkpoint references the first save's pack (the frozen weights): a pack
+    deleted, truncated or flipped by hand fails every checkpoint's verification at once. "last" must
+    fail loudly, naming the damage, not take the directory for empty and start afresh (which would
+    then save beside the run)."""
+    url = str(tmp_path)
+    kw = {"save_top_k": -1, "save_last": True, "incremental": Incremental(min_bytes=64)}  # TinyModel is small
+    fit(CheckpointCallback(dirpath=url, **kw), max_epochs=2)
+    manager = CheckpointManager(url)
+    for pack in [f.name for f in manager.storage.list() if pieces.is_pack(f.name)]:
+        path = tmp_path / pack
+        if damage == "delete":
+            path.unlink()
+        elif damage == "truncate":
+            os.truncate(path, path.stat().st_size // 2)
+        else:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+    before = sorted(f.name for f in manager.storage.list())
+    cb = CheckpointCallback(dirpath=url, **kw)
+    with pytest.warns(Warning), pytest.raises(CorruptCheckpointError, match="refusing to start afresh"):
+        fit(cb, max_epochs=3, ckpt_path="last")
+    assert sorted(f.name for f in manager.storage.list()) == before  # nothing saved, nothing deleted
+
