@@ -38,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +49,7 @@ if str(REPO) not in sys.path:
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(1, str(REPO / "tests"))
 
+from benchmarks import forked
 from benchmarks.machine import describe
 
 METHODS = ("ours", "lightning")
@@ -201,35 +201,9 @@ def _load_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start}
 
 
-def _child(case: dict[str, Any], conn: Any) -> None:
-    try:
-        fn = {"prepare": _prepare_case, "resume": _resume_case, "load": _load_case}[case["phase"]]
-        conn.send({"ok": True, **fn(case)})
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        conn.send({"ok": False, "error": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
 def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(case, child), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(_CHILD_TIMEOUT_S):
-            raise RuntimeError(f"case {case['method']}/{case['backend']}/{case['phase']} timed out")
-        result = parent.recv()
-    except EOFError:
-        result = {"ok": False, "error": "the case process died without a result"}
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if not result.pop("ok"):
-        raise RuntimeError(f"case {case['method']}/{case['backend']}/{case['phase']} failed:\n{result['error']}")
-    return result
+    """Run ``case`` in a fresh process; raise with the child's traceback if it failed."""
+    return forked.run_case(ctx, case, {"prepare": _prepare_case, "resume": _resume_case, "load": _load_case}, _CHILD_TIMEOUT_S)
 
 
 @contextlib.contextmanager

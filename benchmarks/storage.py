@@ -57,7 +57,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,6 +68,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: find lightning_c
 if str(REPO / "tests") not in sys.path:  # the server helpers import each other by module name
     sys.path.insert(1, str(REPO / "tests"))
 
+from benchmarks import forked
 from benchmarks.machine import describe
 from benchmarks.peak_memory import PeakRSS
 
@@ -238,43 +238,11 @@ def _load_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "extra_rss": mem.extra, "rss_method": mem.method}
 
 
-def _child(case: dict[str, Any], conn: Any) -> None:
-    """Entry point of one forked case: run it and send back the result or the traceback."""
-    try:
-        fn = _save_case if case["phase"] == "save" else _load_case
-        conn.send({"ok": True, **fn(case)})
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent, with its traceback
-        conn.send({"ok": False, "error": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
 def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
     """Run ``case`` in a fresh process; raise with the child's traceback if it failed."""
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(case, child), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(_CHILD_TIMEOUT_S):
-            raise RuntimeError(f"case {case['method']}/{case['backend']}/{case['phase']} timed out")
-        result = parent.recv()
-    except EOFError:
-        result = {"ok": False, "error": "the case process died without a result"}
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if not result.pop("ok"):
-        raise RuntimeError(
-            f"case {case['method']}/{case['backend']}/{case['phase']} failed (exit {proc.exitcode}):\n"
-            f"{result['error']}"
-        )
-    return result
+    return forked.run_case(ctx, case, {"save": _save_case, "load": _load_case}, _CHILD_TIMEOUT_S)
 
 
-# ------------------------------------------------------------------------------ the run
 def machine() -> dict[str, Any]:
     """What this ran on."""
     return describe("torch", "lightning", "fsspec", "s3fs", "gcsfs", "adlfs")
