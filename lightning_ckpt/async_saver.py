@@ -39,6 +39,7 @@ import torch
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, ConfigurationError
 from lightning_ckpt.manager import CheckpointManager, SaveResult
+from lightning_ckpt.tensors import is_dense
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -454,15 +455,7 @@ def _find_tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def _is_plain(t: torch.Tensor) -> bool:
-    return (
-        type(t) in _PLAIN_TENSOR_TYPES
-        and t.layout == torch.strided
-        and t.device.type != "meta"
-        and not t.is_quantized
-        and not t.is_nested
-        and not t.is_conj()
-        and not t.is_neg()
-    )
+    return type(t) in _PLAIN_TENSOR_TYPES and is_dense(t)
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:

@@ -49,8 +49,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_ckpt import layout, pieces
-from lightning_ckpt.errors import CheckpointError, CheckpointWarning, ConfigurationError, CorruptCheckpointError
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+)
 from lightning_ckpt.pieces import PieceRef, PieceTable
+from lightning_ckpt.tensors import is_dense
 
 if TYPE_CHECKING:
     from lightning_ckpt.security import Encryptor
@@ -159,12 +165,7 @@ class Incremental:
     def _candidate(self, t: torch.Tensor) -> bool:
         return (
             type(t) is torch.Tensor
-            and t.layout == torch.strided
-            and t.device.type != "meta"
-            and not t.is_quantized
-            and not t.is_nested
-            and not t.is_conj()
-            and not t.is_neg()
+            and is_dense(t)
             and not t.is_inference()
             and t.is_contiguous()
             and t.storage_offset() == 0
