@@ -33,8 +33,9 @@ thread (:class:`ChunkHasher`) while further ranges download. The rule for loads:
 may start before the digest is complete only when nothing unverified is returned to the caller
 and nothing unverified is unpickled outside the weights-only allow-list** -- so only a
 ``weights_only=True`` load overlaps ``torch.load`` with the digest, and its result is handed
-back only after the digest matched; a ``weights_only=False`` load (full pickle, which runs code)
-and a decryption wait for the digest first.
+back only after the digest matched; a ``weights_only=False`` load (full pickle, which runs code),
+a decryption, and a load with a ``map_location`` function (the caller's code, handed each
+storage) wait for the digest first.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from lightning_ckpt.errors import (
 )
 from lightning_ckpt.integrity import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from lightning_ckpt.layout import PENDING_SUFFIX, DirectoryScan, manifest_name, pending_name
-from lightning_ckpt.payload import MapLocation, check_device, deserialize
+from lightning_ckpt.payload import MapLocation, calls_caller_code, check_device, deserialize
 from lightning_ckpt.policies import KeepTopK, RetentionPolicy, best_of, recency
 from lightning_ckpt.security import Encryptor, Signer
 from lightning_ckpt.storage import Expected, Progress, RetryPolicy, Source, Storage, split_url
@@ -320,8 +320,10 @@ class CheckpointManager(CommitProtocol):
                     "file of it with lightning_ckpt.sharded.consolidate() or `lightning-ckpt export`"
                 )
             # a local weights-only load maps the file while a worker hashes it (digest's rule)
-            # (not under a signer: there no byte reaches torch's parsers before its digest matched)
-            overlap = verify and weights_only and self.signer is None and not manifest.extra.get("encryption")
+            # (not under a signer: there no byte reaches torch's parsers before its digest matched;
+            # not with a map_location callable: that is the caller's code, handed each storage)
+            overlap = (verify and weights_only and self.signer is None and not manifest.extra.get("encryption")
+                       and not calls_caller_code(map_location))
             with self._progress("loading", name, progress) as bar:
                 source = self._fetch(name, manifest if verify else None, bar, overlap=overlap)
                 return self._deserialize(name, manifest, source, map_location, weights_only)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lightning_ckpt.integrity import Manifest
     from lightning_ckpt.security import Encryptor
 
-__all__ = ["MapLocation", "check_device", "deserialize"]
+__all__ = ["MapLocation", "calls_caller_code", "check_device", "deserialize"]
 
 MapLocation = Any  # whatever torch.load accepts
 
@@ -223,6 +223,12 @@ _DEVICE_MISSING = re.compile(
     r"Attempting to deserialize object on|device module is not registered|don't know how to restore data location"
     r"|Storage device not recognized|Torch not compiled with \w+ enabled"
 )
+
+
+def calls_caller_code(map_location: MapLocation) -> bool:
+    """Whether ``map_location`` (as :func:`check_device` returned it) is the caller's own function,
+    which torch hands every storage it loads: such a load must not overlap with the digest check."""
+    return isinstance(map_location, _CallerMapLocation)
 
 
 def check_device(map_location: MapLocation, url: str) -> MapLocation:

@@ -374,3 +374,26 @@ def test_a_failed_background_flush_fails_the_save_even_if_the_last_fsync_succeed
     monkeypatch.undo()
     assert torch.equal(manager.load("a.ckpt")["w"], torch.zeros(10))  # the previous version, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.manifest.json"]
+
+
+def test_a_map_location_callable_never_sees_bytes_before_their_digest_matched(tmp_path: Path) -> None:
+    # the caller's own map_location function is code of the caller's: handing it a storage of a
+    # payload still being hashed would hand unverified bytes to the caller
+    manager = CheckpointManager(str(tmp_path))
+    manager.save({"w": torch.arange(4 * 2**20, dtype=torch.float32)}, "a.ckpt")
+    data = bytearray((tmp_path / "a.ckpt").read_bytes())
+    data[len(data) // 2] ^= 1  # inside the tensor's bytes
+    (tmp_path / "a.ckpt").write_bytes(bytes(data))
+    seen: list[int] = []
+
+    def keep(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        seen.append(storage.nbytes())
+        return storage
+
+    with pytest.raises(CorruptCheckpointError, match="xxh3-128 digest"):
+        manager.load("a.ckpt", map_location=keep)
+    assert seen == []
+    data[len(data) // 2] ^= 1
+    (tmp_path / "a.ckpt").write_bytes(bytes(data))
+    assert torch.equal(manager.load("a.ckpt", map_location=keep)["w"], torch.arange(4 * 2**20, dtype=torch.float32))
+    assert seen
