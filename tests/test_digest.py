@@ -397,3 +397,33 @@ def test_a_map_location_callable_never_sees_bytes_before_their_digest_matched(tm
     (tmp_path / "a.ckpt").write_bytes(bytes(data))
     assert torch.equal(manager.load("a.ckpt", map_location=keep)["w"], torch.arange(4 * 2**20, dtype=torch.float32))
     assert seen
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_download_held_in_memory_fits_the_containers_memory_limit(tmp_path: Path, monkeypatch, version: int) -> None:  # noqa: ANN001
+    # in a container the kernel's MemAvailable is the host's: a checkpoint "fitting" it would be
+    # downloaded into a memfd charged to the container's cgroup, and the OOM killer ends the resume
+    from lightning_ckpt.storage import sources
+
+    root = tmp_path / "cgroup"
+    if version == 2:
+        (tmp_path / "self").write_text("0::/pod/job\n")
+        group = root / "pod" / "job"
+        group.mkdir(parents=True)
+        (group / "memory.max").write_text(f"{2**30}\n")
+        (group / "memory.current").write_text(f"{900 * 2**20}\n")
+        (group / "memory.stat").write_text(f"anon 1\ninactive_file {100 * 2**20}\n")
+        (root / "pod" / "memory.max").write_text("max\n")
+    else:
+        (tmp_path / "self").write_text("5:cpu:/\n4:memory:/pod/job\n")
+        group = root / "memory" / "pod" / "job"
+        group.mkdir(parents=True)
+        (group / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+        (group / "memory.usage_in_bytes").write_text(f"{900 * 2**20}\n")
+        (group / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {100 * 2**20}\n")
+    monkeypatch.setattr(sources, "PROC_SELF_CGROUP", str(tmp_path / "self"))
+    monkeypatch.setattr(sources, "CGROUP_ROOT", str(root))
+    # 1 GiB limit, 900 MiB used of which 100 MiB reclaimable page cache: 224 MiB of room, half of it
+    assert sources.memory_budget() == (2**30 - 800 * 2**20) // 2
+    (tmp_path / "self").write_text("0::/elsewhere\n")  # a cgroup without a limit: the kernel's figure
+    assert sources.memory_budget() > (2**30 - 800 * 2**20) // 2

@@ -103,17 +103,77 @@ def fd_path(f: Any) -> str | None:
     return path if os.path.exists(path) else None
 
 
+#: where this process's control groups are listed, and where the cgroup filesystem is mounted
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
 def memory_budget() -> int:
     """The largest download held in memory rather than spooled to disk: half the memory the
-    kernel reports available now (``MemAvailable``), 0 where it reports none (no memfd there)."""
+    kernel reports available now (``MemAvailable``), or half the room left under this process's
+    cgroup memory limit where that is less (a container: there ``MemAvailable`` is the host's,
+    and a memfd beyond the limit ends the process); 0 where the kernel reports none (no memfd)."""
+    available = 0
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    room = _cgroup_room()
+    return (available if room is None else min(available, room)) // 2
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under the tightest cgroup memory limit of this process and its ancestors
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``), reclaimable page cache counted as
+    free; None where no limit applies or nothing can be read."""
+    try:
+        with open(PROC_SELF_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    room: int | None = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, limit_file, usage_file, cache_key = CGROUP_ROOT, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):
+            base = os.path.join(CGROUP_ROOT, "memory")
+            limit_file, usage_file, cache_key = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):
+            group = os.path.join(base, *parts[:depth])
+            left = _room_in(group, limit_file, usage_file, cache_key)
+            if left is not None:
+                room = left if room is None else min(room, left)
+    return room
+
+
+def _room_in(group: str, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    try:
+        with open(os.path.join(group, limit_file)) as f:
+            text = f.read().strip()
+        if text == "max" or int(text) >= 2**62:  # no limit (v1 writes "unlimited" as ~2^63)
+            return None
+        limit = int(text)
+        with open(os.path.join(group, usage_file)) as f:
+            usage = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    cache = 0
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(group, "memory.stat")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+                    break
+    return max(0, limit - max(0, usage - cache))
 
 
 def memory_file(label: str = "lckpt-plaintext") -> Any:
