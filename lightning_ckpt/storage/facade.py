@@ -174,8 +174,10 @@ class Storage:
             except FileNotFoundError as exc:
                 self._check_bucket(exc)
                 return []
+            # an object store's directory marker ("run/", left by a filer such as SeaweedFS) is no file
+            entries = [e for e in entries if not str(e["name"]).endswith("/")]
             if len(entries) == 1 and entries[0].get("type") == "file" and \
-                    str(entries[0]["name"]).rstrip("/") == self.root.rstrip("/"):
+                    str(entries[0]["name"]) == self.root.rstrip("/"):
                 # ls of a file lists the file: a dirpath naming a checkpoint file is no empty directory
                 raise NotADirectoryError(errno.ENOTDIR, "a file, not a directory", self.root)
             out = []
