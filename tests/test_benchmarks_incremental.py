@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_short_incremental_benchmark_reports_both_models_and_modes(tmp_path: Path) -> None:
     out = tmp_path / "incr.json"
     proc = subprocess.run(

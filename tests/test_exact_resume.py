@@ -50,6 +50,7 @@ def test_resume_is_bit_identical(tmp_path: Path, workers: int) -> None:
         assert_identical(full, resumed)
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_really_interrupted_run_resumes_identically(tmp_path: Path) -> None:
     full = run(tmp_path / "full", TOTAL, 0, tmp_path / "full.pt")
     run(tmp_path / "cut", 13, 0, tmp_path / "cut.pt")  # the process ends at step 13, mid-epoch

@@ -62,6 +62,7 @@ def test_the_cli_imports_neither_lightning_nor_torch() -> None:
     assert "torch" not in loaded
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_names_are_imported_on_first_use() -> None:
     assert "lightning" not in _imported_after("import lightning_ckpt; lightning_ckpt.CheckpointError")
     assert "lightning" in _imported_after("from lightning_ckpt import CheckpointCallback")

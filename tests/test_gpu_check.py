@@ -62,6 +62,7 @@ def test_a_phase_leaves_its_log_and_the_summary(tmp_path: Path) -> None:
 GRANDCHILD = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_a_phase_past_its_limit_is_stopped_with_its_children(tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
     code = (f"import subprocess, sys; subprocess.run([sys.executable, '-c', {GRANDCHILD!r}, {str(pid_file)!r}]); "

@@ -476,6 +476,7 @@ for i in range(n):
 """
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_two_processes_share_a_directory_and_lose_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag, "6"], env=env,

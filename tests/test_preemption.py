@@ -102,6 +102,7 @@ def test_no_time_left_keeps_weights_and_last_skips_them(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out.json").read_text())["start_step"] == full[-1].global_step
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_repeated_signals_do_not_change_the_outcome(tmp_path: Path) -> None:
     proc = start(tmp_path, {"grace_seconds": 60})
     log = signal_when_ready(proc, tmp_path, signal.SIGTERM, again_after=(0.3, 0.3, 0.3))
@@ -109,6 +110,7 @@ def test_repeated_signals_do_not_change_the_outcome(tmp_path: Path) -> None:
     CheckpointManager(str(tmp_path / "ckpts")).verify("preempted.ckpt")
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_sigterm_in_the_sanity_check_exits_75_and_saves_nothing(tmp_path: Path) -> None:
     proc = start(tmp_path, {}, run={"ready": "sanity", "sanity_steps": 4})
     log = signal_when_ready(proc, tmp_path, signal.SIGTERM, again_after=(0.3,))

@@ -257,6 +257,7 @@ def own_server(s3_server: SeaweedS3) -> Iterator[SeaweedS3]:
         yield server
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_server_dies_during_an_upload(own_server: SeaweedS3) -> None:
     url = f"{own_server.make_bucket()}/run"
     options = own_server.storage_options

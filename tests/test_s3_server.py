@@ -104,6 +104,7 @@ def test_each_test_gets_a_fresh_empty_bucket(s3_bucket_url: tuple[str, dict[str,
     assert not fs.exists(s3_url)
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_stop_leaves_no_process_and_no_files_behind(private_s3_server: SeaweedS3) -> None:
     server = private_s3_server
     pid, root = server.pid, server.root
@@ -229,6 +230,7 @@ def test_leaving_a_write_block_by_an_exception_commits_the_partial_object(
     assert not fs.exists(f"{root}/discarded")
 
 
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_a_crash_keeps_committed_objects_and_drops_the_cut_upload(
     private_s3_server: SeaweedS3,
 ) -> None:

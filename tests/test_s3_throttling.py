@@ -35,6 +35,7 @@ def test_a_40_mib_multipart_save_survives_every_third_write_failing(bucket, faul
 
 
 @pytest.mark.parametrize("fault", ["503", "reset"])
+@pytest.mark.slow  # long for the default run; .ci/run runs it with -m slow
 def test_small_writes_and_reads_survive_faults_too(bucket, fault: str) -> None:
     url, options, server = bucket
     with FaultyProxy(server.endpoint_url, every(2, fault, methods=("PUT", "POST", "GET", "HEAD", "DELETE"))) as proxy:
