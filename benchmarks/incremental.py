@@ -67,46 +67,59 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
-def run(mode: str, frozen: float, args: argparse.Namespace, root: str) -> dict[str, Any]:
-    directory = os.path.join(root, f"{mode}-{int(frozen * 100)}")
-    os.makedirs(directory)
-    manager = CheckpointManager(directory)
-    inc = Incremental() if mode == "incremental" else None
+def run(frozen: float, args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
+    """Both modes side by side: every epoch the same state is saved full and incremental, the
+    order alternating, so the disk's write-back and the machine's load fall on both alike."""
     model, opt = build(args.layers, args.width, frozen, args.optimizer)
-    saver = AsyncSaver(manager)
-    stalls, persists, written = [], [], []
+    modes: dict[str, dict[str, Any]] = {}
+    for mode in ("full", "incremental"):
+        directory = os.path.join(root, f"{mode}-{int(frozen * 100)}")
+        os.makedirs(directory)
+        manager = CheckpointManager(directory)
+        modes[mode] = {"dir": directory, "manager": manager, "saver": AsyncSaver(manager),
+                       "inc": Incremental() if mode == "incremental" else None,
+                       "stalls": [], "persists": [], "written": []}
     try:
         for epoch in range(args.saves):
             train(model, opt, args.width)
-            before = {f: os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)}
-            state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": epoch}
-            meta: dict[str, Any] = {"global_step": epoch}
-            if inc is not None:
-                meta["incremental"] = inc
-            start = time.perf_counter()
-            pending = saver.save(state, f"epoch={epoch}.ckpt", **meta)
-            stalls.append(time.perf_counter() - start)
-            assert pending is not None
-            pending.wait()
-            persists.append(pending.persist_seconds)
-            after = {f: os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)}
-            written.append(sum(n for f, n in after.items() if before.get(f) != n))
-            manager.prune(KeepLatest(args.keep))
+            order = ("full", "incremental") if epoch % 2 else ("incremental", "full")
+            for mode in order:
+                m = modes[mode]
+                directory = m["dir"]
+                before = {f: os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)}
+                state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": epoch}
+                meta: dict[str, Any] = {"global_step": epoch}
+                if m["inc"] is not None:
+                    meta["incremental"] = m["inc"]
+                start = time.perf_counter()
+                pending = m["saver"].save(state, f"epoch={epoch}.ckpt", **meta)
+                m["stalls"].append(time.perf_counter() - start)
+                assert pending is not None
+                pending.wait()
+                m["persists"].append(pending.persist_seconds)
+                after = {f: os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)}
+                m["written"].append(sum(n for f, n in after.items() if before.get(f) != n))
+                m["manager"].prune(KeepLatest(args.keep))
     finally:
-        saver.close()
-    for m in manager.manifests():  # every checkpoint left is complete and verifies
-        manager.verify(m.name)
+        for m in modes.values():
+            m["saver"].close()
     later = slice(1, None) if args.saves > 1 else slice(None)
-    return {
-        "mode": mode,
-        "frozen": frozen,
-        "bytes_per_save": statistics.median(written[later]),
-        "first_save_bytes": written[0],
-        "stall_s": statistics.median(stalls[later]),
-        "persist_s": statistics.median(persists[later]),
-        "storage_bytes": dir_bytes(directory),
-        "checkpoints_kept": len(manager.manifests()),
-    }
+    results = []
+    for mode, m in modes.items():
+        manager = m["manager"]
+        for manifest in manager.manifests():  # every checkpoint left is complete and verifies
+            manager.verify(manifest.name)
+        results.append({
+            "mode": mode,
+            "frozen": frozen,
+            "bytes_per_save": statistics.median(m["written"][later]),
+            "first_save_bytes": m["written"][0],
+            "stall_s": statistics.median(m["stalls"][later]),
+            "persist_s": statistics.median(m["persists"][later]),
+            "storage_bytes": dir_bytes(m["dir"]),
+            "checkpoints_kept": len(manager.manifests()),
+        })
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for frozen in (0.95, 0.0):
-            for mode in ("full", "incremental"):
-                results.append(run(mode, frozen, args, root))
+            results.extend(run(frozen, args, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     size = args.layers * args.width * args.width * 4
