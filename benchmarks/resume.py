@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ if str(REPO / "tests") not in sys.path:
 
 from benchmarks import forked
 from benchmarks.machine import describe
+from benchmarks.storage import s3_server
 
 METHODS = ("ours", "lightning")
 PHASES = ("resume", "load")
@@ -203,18 +202,8 @@ def _load_case(case: dict[str, Any]) -> dict[str, Any]:
 
 def run_case(ctx: Any, case: dict[str, Any]) -> dict[str, Any]:
     """Run ``case`` in a fresh process; raise with the child's traceback if it failed."""
-    return forked.run_case(ctx, case, {"prepare": _prepare_case, "resume": _resume_case, "load": _load_case}, _CHILD_TIMEOUT_S)
-
-
-@contextlib.contextmanager
-def _s3(needed: bool) -> Iterator[Any]:
-    if not needed:
-        yield None
-        return
-    from tests.s3_server import SeaweedS3
-
-    with SeaweedS3(volume_size_limit_mb=1024) as server:
-        yield server
+    phases = {"prepare": _prepare_case, "resume": _resume_case, "load": _load_case}
+    return forked.run_case(ctx, case, phases, _CHILD_TIMEOUT_S)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = tempfile.mkdtemp(prefix="lckpt-resume-", dir=args.local_dir)
     samples: list[dict[str, Any]] = []
     try:
-        with _s3("s3" in backends) as s3:
+        with s3_server("s3" in backends) as s3:
             places: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {}
             if "local" in backends:
                 places["local"] = (scratch, {}, {})
